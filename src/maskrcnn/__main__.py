@@ -1,0 +1,3 @@
+from maskrcnn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""Typed, frozen configuration: the only home of default values.
+
+A `Config` is four sections (model, data, train, eval). `load_config` reads YAML, applies dotted overrides
+(`train.lr=0.01`) and checks every key and type, so a typo is an error naming the key rather than a silent default.
+Model modules never import this file: `build_model` turns a `ModelConfig` into constructor arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an invalid value; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    depth: int = 50  # ResNet depth: 18, 34, 50 or 101
+    weights: str = "none"  # none | imagenet (torchvision's ImageNet ResNet) | path to a backbone state dict (.pt)
+    norm: str = "batch"  # normalisation when trained from scratch: batch | group (pretrained weights use FrozenBatchNorm)
+    trainable_layers: int = 3  # ResNet stages left trainable when pretrained, 0..5 (torchvision's default is 3)
+    fpn_channels: int = 256  # channels of every FPN output level p2..p6
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    min_size: int | None = 800  # shortest image edge after resize; None keeps the image size
+    max_size: int | None = 1333  # longest image edge after resize is at most this; None: no limit
+    size_divisible: int = 32  # batch canvas padded to a multiple of this (static-ish shapes for cudnn.benchmark)
+    fixed_canvas: tuple[int, int] | None = None  # (H, W): pad every batch to this canvas instead, e.g. (800, 1088)
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean, images in 0..1
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet std
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one anchor size per FPN level p2..p6, pixels
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # anchor height / width ratios at every level
+    fg_iou_thresh: float = 0.7  # anchor is positive at IoU >= this with a GT box
+    bg_iou_thresh: float = 0.3  # anchor is negative at IoU < this with every GT box
+    batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    positive_fraction: float = 0.5  # at most this fraction of the sampled anchors is positive
+    pre_nms_top_n_train: int = 2000  # top-scoring anchors kept per FPN level before NMS, training
+    pre_nms_top_n_test: int = 1000  # same, inference
+    post_nms_top_n_train: int = 2000  # proposals kept per image after NMS, training
+    post_nms_top_n_test: int = 1000  # same, inference
+    nms_thresh: float = 0.7  # IoU threshold of the proposal NMS
+    min_size: float = 1e-3  # proposals narrower or shorter than this (pixels) are removed
+    score_thresh: float = 0.0  # proposals with objectness probability below this are removed
+
+
+@dataclass(frozen=True)
+class BoxHeadConfig:
+    pooler_size: int = 7  # RoIAlign output size
+    sampling_ratio: int = 2  # RoIAlign sampling points per bin side
+    representation_size: int = 1024  # width of the two FC layers
+    fg_iou_thresh: float = 0.5  # proposal is foreground at IoU >= this
+    bg_iou_thresh: float = 0.5  # proposal is background at IoU < this
+    batch_size_per_image: int = 512  # RoIs sampled per image for the loss
+    positive_fraction: float = 0.25  # at most this fraction of the sampled RoIs is foreground
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)  # box coder weights (wx, wy, ww, wh)
+    score_thresh: float = 0.05  # detections scoring below this are dropped at inference
+    nms_thresh: float = 0.5  # per-class NMS IoU threshold at inference
+    detections_per_img: int = 100  # detections kept per image at inference
+
+
+@dataclass(frozen=True)
+class MaskHeadConfig:
+    pooler_size: int = 14  # RoIAlign output size; the predicted mask is twice this (28)
+    sampling_ratio: int = 2  # RoIAlign sampling points per bin side
+    conv_channels: int = 256  # channels of the four 3x3 convs
+    num_convs: int = 4  # number of 3x3 convs before the deconv
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int = 3  # foreground classes; background (label 0) is added by the model
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # ResNet + FPN
+    transform: TransformConfig = field(default_factory=TransformConfig)  # normalise, resize, pad
+    rpn: RPNConfig = field(default_factory=RPNConfig)  # region proposal network
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)  # RoI classification and box refinement
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # RoI masks
+    weights: str = "none"  # whole-model weights: none | torchvision-coco | path to one of our checkpoints or state dicts
+    roi_align_aligned: bool = True  # half-pixel-correct RoIAlign (Detectron2); False reproduces torchvision v1
+    paste_mode: str = "exact"  # mask paste: exact (sub-pixel, bilinear) | torchvision (its integer-rounded paste)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: str = "synthetic"  # synthetic | coco | pennfudan | cis680
+    root: str = ""  # pennfudan: the PennFudanPed folder; cis680: the folder of the h5/npy files; coco: unused
+    train_images: str = ""  # coco: folder of the training images
+    train_annotations: str = ""  # coco: instances json of the training images
+    val_images: str = ""  # coco: folder of the validation images
+    val_annotations: str = ""  # coco: instances json of the validation images
+    num_val: int = 50  # pennfudan: images held out for validation (the last ones of a seeded permutation)
+    val_fraction: float = 0.2  # cis680: fraction held out for validation (seeded random split)
+    split_seed: int = 1  # seed of the train/val split (pennfudan, cis680)
+    drop_empty: bool = True  # coco: drop training images without usable annotations
+    synthetic_train_size: int = 200  # synthetic: number of training images
+    synthetic_val_size: int = 50  # synthetic: number of validation images
+    synthetic_image_size: tuple[int, int] = (128, 128)  # synthetic: (H, W) of every image
+    synthetic_num_classes: int = 3  # synthetic: number of shape classes
+    synthetic_seed: int = 0  # synthetic: seed; validation images use a different stream
+    flip_prob: float = 0.5  # probability of a horizontal flip of a training image
+    num_workers: int = 0  # DataLoader worker processes
+    aspect_ratio_grouping: bool = True  # batch images of the same orientation together
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.02  # base learning rate (for the whole batch)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # L2 / decoupled weight decay
+    batch_size: int = 2  # images per iteration
+    max_iters: int = 1000  # iterations to train
+    max_minutes: float | None = None  # stop after this much wall-clock time even if max_iters is not reached
+    warmup_iters: int = 200  # iterations of linear warm-up
+    warmup_factor: float = 0.001  # learning rate at the first warm-up iteration, as a fraction of lr
+    schedule: str = "step"  # step | cosine (after warm-up)
+    steps: tuple[int, ...] = ()  # step schedule: iterations at which the lr is multiplied by gamma
+    gamma: float = 0.1  # step schedule decay factor
+    clip_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clipping
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU, which trains in fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # seed of every random generator
+    log_period: int = 10  # iterations between progress-bar / metrics.jsonl records
+    eval_period: int = 0  # iterations between evaluations; 0: only at the end
+    checkpoint_period: int = 500  # iterations between checkpoints (last.pt); the end always writes one
+    out_dir: str = "runs/default"  # run directory: checkpoints, metrics, figures, report
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 2  # images per inference batch
+    iou_thresh: float = 0.5  # IoU of the original project's per-class AP (its mAP)
+    max_images: int | None = None  # evaluate only the first N images; None: all
+    num_vis: int = 2  # images drawn per stage (RPN, BoxHead, MaskHead) in the report
+    vis_score_thresh: float = 0.5  # detections drawn in the report's pictures score at least this
+    vis_proposals: int = 20  # top proposals drawn in the RPN picture
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)  # network
+    data: DataConfig = field(default_factory=DataConfig)  # data set and loading
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation and pictures
+
+
+# ------------------------------------------------------------------------------------- load and check
+
+_CHOICES = {
+    "model.backbone.depth": (18, 34, 50, 101),
+    "model.backbone.norm": ("batch", "group"),
+    "model.paste_mode": ("exact", "torchvision"),
+    "data.format": ("synthetic", "coco", "pennfudan", "cis680"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("step", "cosine"),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Checks `value` against a type annotation (after `from __future__ import annotations`, a string
+    resolved by `typing.get_type_hints`) and converts lists to tuples and ints to floats where the type says so."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key}: null is not allowed")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(annotation, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {annotation!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a (possibly partial) nested dict, naming the first bad key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        coerced = _coerce(value, hints[name], key)
+        if key in _CHOICES and coerced not in _CHOICES[key]:
+            raise ConfigError(f"{key}: must be one of {_CHOICES[key]}, got {coerced!r}")
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for name, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = _merge(merged[name], value)
+        else:
+            merged[name] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=0.01' -> {'train': {'lr': 0.01}}; the value is parsed as YAML (numbers, lists, null, true)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({error})") from None
+    nested: dict = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        nested = {key: nested}
+    return nested
+
+
+def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """Builds a checked `Config` from nested dict values plus dotted overrides."""
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return _build(Config, values)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Loads a YAML file (None: all defaults), applies `key.path=value` overrides and checks the result.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: invalid YAML, an unknown key, a wrong type or a value outside its choices; names the key.
+    """
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
+
+
+def config_to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML / JSON / checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
