@@ -1,0 +1,116 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from maskrcnn.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+    save_config,
+)
+
+
+def _all_dataclass_fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        yield f"{prefix}{f.name}", f
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _all_dataclass_fields(type(default), f"{prefix}{f.name}.")
+
+
+def test_every_field_has_a_comment():
+    import inspect
+
+    import maskrcnn.config as module
+
+    source = inspect.getsource(module)
+    for name, _ in _all_dataclass_fields(Config):
+        leaf = name.rsplit(".", 1)[-1]
+        lines = [line for line in source.splitlines() if line.strip().startswith(f"{leaf}:")]
+        assert lines and all("#" in line for line in lines), f"config field {name} has no comment"
+
+
+def test_defaults_are_torchvisions():
+    config = load_config()
+    assert config.model.rpn.pre_nms_top_n_train == 2000 and config.model.rpn.post_nms_top_n_test == 1000
+    assert config.model.box_head.bbox_reg_weights == (10.0, 10.0, 5.0, 5.0)
+    assert config.model.transform.min_size == 800 and config.model.transform.max_size == 1333
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.1, "steps": [10, 20]}, "model": {"num_classes": 1}}))
+    config = load_config(path, ["train.lr=0.01", "model.transform.fixed_canvas=[800, 1088]", "train.clip_grad_norm=null"])
+    assert config.train.lr == 0.01
+    assert config.train.steps == (10, 20)
+    assert config.model.num_classes == 1
+    assert config.model.transform.fixed_canvas == (800, 1088)
+    assert config.train.clip_grad_norm is None
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lrr=0.1", "train.lrr"),
+        ("model.backbone.dept=50", "model.backbone.dept"),
+        ("train.max_iters=1.5", "train.max_iters"),
+        ("train.max_iters=true", "train.max_iters"),
+        ("train.amp=1", "train.amp"),
+        ("model.transform.fixed_canvas=[800]", "model.transform.fixed_canvas"),
+        ("model.backbone.depth=42", "model.backbone.depth"),
+        ("data.format=voc", "data.format"),
+        ("train.lr=null", "train.lr"),
+        ("train.lr=.nan", "train.lr"),
+        ("model=3", "model"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("train..lr=1")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listing)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trian: {lr: 1}\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml.*'trian'"):
+        load_config(unknown)
+
+
+def test_round_trip(tmp_path):
+    config = load_config(None, ["model.transform.fixed_canvas=[64, 96]", "train.steps=[5]"])
+    path = tmp_path / "saved.yaml"
+    save_config(config, path)
+    assert load_config(path) == config
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_config_is_frozen():
+    config = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.lr = 1.0
