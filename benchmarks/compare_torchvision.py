@@ -1,0 +1,178 @@
+"""Ours against torchvision's maskrcnn_resnet50_fpn, same weights, same images, same run.
+
+Builds a seeded random-init torchvision model, converts it with `from_torchvision`, and times a training step
+(forward + backward + SGD step) and inference for each batch size and precision, plus the backbone+FPN alone so
+the table shows what the heads cost. Prints one table and writes JSON.
+
+    python benchmarks/compare_torchvision.py                       # CPU: batch 1 and 2, fp32
+    python benchmarks/compare_torchvision.py --device cuda         # GPU: batch 1 and 8, fp32 and bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+from maskrcnn.model.convert import from_torchvision
+
+HEIGHT, WIDTH = 800, 1088  # the original project's canvas; the transform keeps this size at min 800 / max 1333
+
+
+def pennfudan_root() -> Path | None:
+    root = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).resolve().parents[1] / "../shared/data/PennFudanPed"))
+    return root if (root / "PNGImages").is_dir() else None
+
+
+def load_batch(batch_size: int, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    """Penn-Fudan photos (synthetic noise when absent) resized to 800x1088, with their boxes and masks."""
+    from maskrcnn.config import DataConfig
+    from maskrcnn.data import build_dataset
+
+    root = pennfudan_root()
+    config = DataConfig(format="pennfudan", root=str(root), num_val=0, flip_prob=0.0) if root else DataConfig(synthetic_image_size=(HEIGHT, WIDTH), flip_prob=0.0)
+    dataset = build_dataset(config, "train")
+    images, targets = [], []
+    for index in range(batch_size):
+        image, target = dataset[index % len(dataset)]
+        h, w = image.shape[-2:]
+        image = F.interpolate(image[None].float() / 255, size=(HEIGHT, WIDTH), mode="bilinear", align_corners=False)[0]
+        masks = F.interpolate(target["masks"][None].float(), size=(HEIGHT, WIDTH), mode="nearest")[0].to(torch.uint8)
+        boxes = target["boxes"] * torch.tensor([WIDTH / w, HEIGHT / h, WIDTH / w, HEIGHT / h])
+        images.append(image.to(device))
+        targets.append({"boxes": boxes.to(device), "labels": target["labels"].to(device), "masks": masks.to(device)})
+    return images, targets
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of `iters` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def train_step_fn(model, images, targets, autocast_dtype, device):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    model.train()
+
+    def step():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            losses = model(images, targets)
+        total = sum(value for key, value in losses.items() if key.startswith("loss"))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    return step
+
+
+def inference_fn(model, images, autocast_dtype, device, counts: list):
+    model.eval()
+
+    def infer():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(images)
+        counts.append(sum(len(o["boxes"]) for o in outputs) / len(outputs))
+
+    return infer
+
+
+def backbone_fn(model, images, autocast_dtype, device, channels_last: bool):
+    model.eval()
+    batch = torch.stack(images)
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            model.backbone(batch)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 2 on CPU, 1 8 on GPU")
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="default: fp32 on CPU, fp32 bf16 on GPU")
+    parser.add_argument("--modes", nargs="+", default=["train", "infer", "backbone"], choices=["train", "infer", "backbone"])
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 CPU, 5 GPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 3 CPU, 20 GPU)")
+    parser.add_argument("--num-classes", type=int, default=2, help="classes including background, as torchvision counts")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/compare_torchvision.json"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    batch_sizes = args.batch_sizes or ([1, 8] if on_gpu else [1, 2])
+    dtypes = args.dtypes or (["fp32", "bf16"] if on_gpu else ["fp32"])
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    iters = args.iters if args.iters is not None else (20 if on_gpu else 3)
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(0)
+    torchvision_model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=args.num_classes).to(device)
+    ours = from_torchvision(torchvision_model, channels_last=True).to(device)
+    models = {"torchvision": torchvision_model, "ours": ours}
+
+    rows = []
+    for mode in args.modes:
+        for batch_size in batch_sizes:
+            images, targets = load_batch(batch_size, device)
+            for dtype_name in dtypes:
+                autocast_dtype = torch.bfloat16 if dtype_name == "bf16" else None
+                row = {"mode": mode, "batch": batch_size, "dtype": dtype_name}
+                for name, model in models.items():
+                    counts: list = []
+                    if mode == "train":
+                        fn = train_step_fn(model, images, targets, autocast_dtype, device)
+                    elif mode == "infer":
+                        fn = inference_fn(model, images, autocast_dtype, device, counts)
+                    else:
+                        fn = backbone_fn(model, images, autocast_dtype, device, channels_last=name == "ours")
+                    ms = time_call(fn, device, warmup, iters)
+                    row[f"{name}_ms"] = ms
+                    row[f"{name}_img_s"] = 1000 * batch_size / ms
+                    if counts:
+                        row[f"{name}_detections"] = statistics.mean(counts)
+                row["ratio"] = row["ours_ms"] / row["torchvision_ms"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {iters}\n")
+    print("| mode | batch | dtype | torchvision ms | ours ms | torchvision img/s | ours img/s | ours / torchvision |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(
+            f"| {row['mode']} | {row['batch']} | {row['dtype']} | {row['torchvision_ms']:.0f} | {row['ours_ms']:.0f} "
+            f"| {row['torchvision_img_s']:.2f} | {row['ours_img_s']:.2f} | {row['ratio']:.2f} |"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""COCO-format instance segmentation: an images folder plus an `instances_*.json`.
+
+Supported: polygons (several parts per object), RLE (compressed and uncompressed), `iscrowd` annotations (kept in
+`coco` for evaluation, never in the training targets), images without annotations (kept unless `drop_empty`).
+Category ids map to contiguous labels 1..K in sorted id order. Everything a later `__getitem__` relies on is checked
+once at construction, so a bad json fails at start-up with the file and the id named, not hours into training.
+
+Shape letters: N objects of one image, H/W image size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path, PurePath
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from maskrcnn.data.common import DatasetError, read_rgb, warn_degenerate
+
+DEFAULT_SUBSET_CLASSES: dict[str, dict] = {
+    "vehicles": {"supercategories": ["vehicle"]},
+    "people": {"names": ["person"]},
+    "animals": {"supercategories": ["animal"]},
+}
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: the top level must be an object with images, annotations, categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path}: missing required key '{key}' (a list)")
+    return data
+
+
+def _require(record: object, keys: tuple[str, ...], what: str, path: Path) -> None:
+    if not isinstance(record, dict):
+        raise DatasetError(f"{path}: every entry of '{what}s' must be an object, got {record!r:.80}")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise DatasetError(f"{path}: {what} {record.get('id', '(no id)')} is missing required key(s) {missing}")
+
+
+def _check_file_name(file_name: object, image_id: object, path: Path) -> None:
+    """Rejects names that would read outside the images folder (absolute paths, '..')."""
+    if not isinstance(file_name, str) or not file_name:
+        raise DatasetError(f"{path}: image {image_id}: file_name must be a non-empty string, got {file_name!r}")
+    parts = PurePath(file_name)
+    if parts.is_absolute() or file_name.startswith(("/", "\\")) or ".." in parts.parts or ".." in file_name.split("\\"):
+        raise DatasetError(f"{path}: image {image_id}: file_name {file_name!r} escapes the images folder")
+
+
+def _check_segmentation(segmentation: object, size: tuple[int, int], ann_id: object, path: Path) -> None:
+    """Polygons need >= 3 points each; an RLE must have the size of its image (h, w)."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise DatasetError(f"{path}: annotation {ann_id}: segmentation has no polygon")
+        for j, polygon in enumerate(segmentation):
+            if not isinstance(polygon, list) or len(polygon) % 2 or len(polygon) < 6:
+                count = len(polygon) / 2 if isinstance(polygon, list) else "no"
+                raise DatasetError(f"{path}: annotation {ann_id}: polygon {j} has {count} points, needs at least 3 "
+                                   f"(a flat list of x, y pairs)")
+    elif isinstance(segmentation, dict):
+        if "size" not in segmentation or "counts" not in segmentation:
+            raise DatasetError(f"{path}: annotation {ann_id}: RLE segmentation needs 'size' and 'counts'")
+        if tuple(segmentation["size"]) != tuple(size):
+            raise DatasetError(f"{path}: annotation {ann_id}: RLE size {list(segmentation['size'])} differs from its "
+                               f"image's (height, width) {list(size)}")
+    else:
+        raise DatasetError(f"{path}: annotation {ann_id}: segmentation must be a polygon list or an RLE object")
+
+
+def _to_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """One compressed RLE per object, whatever its encoding in the json."""
+    if isinstance(segmentation, list):  # polygons: one object may have several parts
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+class CocoDataset(Dataset):
+    """A COCO-format instance segmentation data set.
+
+    Args:
+        images_dir: folder the images' `file_name`s are relative to.
+        annotations: the instances json.
+        drop_empty: drop images without a usable annotation (non-crowd, box at least 1 px wide and high).
+        transform: optional paired transform applied to (image, target).
+
+    Attributes:
+        coco: pycocotools `COCO` of the whole json (crowd annotations included, image ids as in the json).
+        class_names: K category names, label k is class_names[k - 1].
+        label_to_category_id / category_id_to_label: the contiguous-label maps.
+        image_ids: json image id of every sample, in data set order.
+    """
+
+    def __init__(self, *, images_dir: str | Path, annotations: str | Path, drop_empty: bool = False,
+                 transform: Callable[[Tensor, dict], tuple[Tensor, dict]] | None = None):
+        self.images_dir = Path(images_dir)
+        self.annotations_path = path = Path(annotations)
+        self.transform = transform
+        data = _load_json(path)
+
+        for category in data["categories"]:
+            _require(category, ("id", "name"), "category", path)
+        category_ids = sorted(c["id"] for c in data["categories"])
+        if len(set(category_ids)) != len(category_ids):
+            raise DatasetError(f"{path}: duplicate category ids")
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        self.label_to_category_id = {label: cid for label, cid in enumerate(category_ids, start=1)}
+        self.category_id_to_label = {cid: label for label, cid in self.label_to_category_id.items()}
+        self.class_names = [names[cid] for cid in category_ids]
+
+        images = {}
+        for image in data["images"]:
+            _require(image, ("id", "file_name", "height", "width"), "image", path)
+            if image["id"] in images:
+                raise DatasetError(f"{path}: duplicate image id {image['id']}")
+            _check_file_name(image["file_name"], image["id"], path)
+            images[image["id"]] = image
+
+        objects_per_image: dict[object, list] = {image_id: [] for image_id in images}
+        degenerate = 0
+        for ann in data["annotations"]:
+            _require(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), "annotation", path)
+            image = images.get(ann["image_id"])
+            if image is None:
+                raise DatasetError(f"{path}: annotation {ann['id']} points to unknown image id {ann['image_id']}")
+            if ann["category_id"] not in self.category_id_to_label:
+                raise DatasetError(f"{path}: annotation {ann['id']} has unknown category id {ann['category_id']}")
+            height, width = image["height"], image["width"]
+            _check_segmentation(ann["segmentation"], (height, width), ann["id"], path)
+            if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
+                raise DatasetError(f"{path}: annotation {ann['id']}: bbox must be [x, y, width, height]")
+            ann.setdefault("iscrowd", 0)  # COCOeval needs both fields
+            if "area" not in ann:
+                ann["area"] = float(mask_utils.area(_to_rle(ann["segmentation"], height, width)))
+            if ann["iscrowd"]:
+                continue
+            x, y, w, h = ann["bbox"]
+            # xywh -> xyxy, clipped to the image: COCO boxes can overshoot the border by a fraction of a pixel.
+            box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                degenerate += 1
+                continue
+            objects_per_image[ann["image_id"]].append((box, self.category_id_to_label[ann["category_id"]],
+                                                       ann["segmentation"]))
+        warn_degenerate(degenerate, path)
+
+        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
+
+        self._records = []
+        for image_id, image in images.items():
+            objects = objects_per_image[image_id]
+            if drop_empty and not objects:
+                continue
+            boxes = np.array([o[0] for o in objects], dtype=np.float32).reshape(-1, 4)
+            labels = np.array([o[1] for o in objects], dtype=np.int64)
+            self._records.append((image, boxes, labels, [o[2] for o in objects]))
+        self.image_ids = [record[0]["id"] for record in self._records]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        image = self._records[index][0]
+        return image["height"], image["width"]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+        image, boxes, labels, segmentations = self._records[index]
+        height, width = image["height"], image["width"]
+        file = self.images_dir / image["file_name"]
+        pixels = read_rgb(file, image["id"])
+        if tuple(pixels.shape[1:]) != (height, width):
+            raise DatasetError(f"{file}: image {image['id']} decodes to (h, w) {tuple(pixels.shape[1:])} but "
+                               f"{self.annotations_path} says {(height, width)}")
+        if segmentations:
+            rles = [_to_rle(s, height, width) for s in segmentations]
+            masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).contiguous()  # (H, W, N) -> (N, H, W)
+        else:
+            masks = torch.zeros((0, height, width), dtype=torch.uint8)
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(labels),
+            "masks": masks,
+            "image_id": image["id"],
+        }
+        if self.transform is not None:
+            pixels, target = self.transform(pixels, target)
+        return pixels, target
+
+
+def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,
+                      classes: dict[str, dict] | None = None) -> dict:
+    """Writes a COCO json whose categories are merged groups of an official one's, as the original project did
+    (vehicles / people / animals).
+
+    Only images with at least one kept annotation (crowd ones included) are written; images, annotations (with
+    every field, `iscrowd` and `area` included) and their ids are otherwise copied unchanged. The file is written
+    to a temporary name and renamed, so a crash never leaves half a json.
+
+    Args:
+        instances_json: an official `instances_*.json`.
+        out_json: the file to write.
+        classes: new class name -> {"supercategories": [...], "names": [...]} (either or both); new category ids
+            are 1..len(classes) in this order. None: DEFAULT_SUBSET_CLASSES (vehicles = supercategory vehicle,
+            people = category person, animals = supercategory animal).
+    Returns:
+        the written json as a dict.
+    Raises:
+        DatasetError: bad input json, a class that matches no category, or a category matched by two classes.
+    """
+    instances_json = Path(instances_json)
+    classes = DEFAULT_SUBSET_CLASSES if classes is None else classes
+    data = _load_json(instances_json)
+    new_id_of: dict[object, int] = {}
+    for new_id, (name, spec) in enumerate(classes.items(), start=1):
+        unknown = set(spec) - {"supercategories", "names"}
+        if unknown or not spec:
+            raise DatasetError(f"class {name!r}: give 'supercategories' and/or 'names', got keys {sorted(spec)}")
+        matched = [c for c in data["categories"]
+                   if c.get("supercategory") in spec.get("supercategories", ()) or c.get("name") in spec.get("names", ())]
+        if not matched:
+            raise DatasetError(f"{instances_json}: class {name!r} matches no category ({spec})")
+        for category in matched:
+            if category["id"] in new_id_of:
+                raise DatasetError(f"{instances_json}: category {category['name']!r} is matched by two classes")
+            new_id_of[category["id"]] = new_id
+
+    annotations = []
+    for ann in data["annotations"]:
+        _require(ann, ("id", "image_id", "category_id"), "annotation", instances_json)
+        if ann["category_id"] in new_id_of:
+            annotations.append({**ann, "category_id": new_id_of[ann["category_id"]]})
+    kept_images = {ann["image_id"] for ann in annotations}
+    subset = {key: value for key, value in data.items() if key not in ("images", "annotations", "categories")}
+    subset["images"] = [image for image in data["images"] if image.get("id") in kept_images]
+    subset["annotations"] = annotations
+    subset["categories"] = [{"id": i, "name": name, "supercategory": name}
+                            for i, name in enumerate(classes, start=1)]
+
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_json.name}.", dir=out_json.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump(subset, file)
+        os.replace(tmp, out_json)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return subset

@@ -1,0 +1,75 @@
+"""torchrun / DistributedDataParallel helpers.
+
+Every function works without a process group too (one process: rank 0 of world size 1), so the trainer calls them
+unconditionally. Only rank 0 writes files; the other ranks train and wait at barriers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """True on the process that writes files, logs and evaluates (rank 0)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Waits for every rank; a no-op in a single process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def init_distributed() -> torch.device | None:
+    """Joins the process group described by torchrun's environment variables.
+
+    torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. NCCL is used when CUDA is available
+    (each rank on GPU LOCAL_RANK), gloo otherwise.
+
+    Returns:
+        The device of this rank when a process group was joined (world size > 1), else None (single process).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or is_distributed():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group(backend="gloo")
+    return torch.device("cpu")
+
+
+def reduce_loss_dict(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Averages each scalar loss over all ranks (for logging; the gradients are already averaged by DDP).
+
+    Args:
+        losses: name -> scalar tensor, the same names on every rank.
+    Returns:
+        name -> detached scalar tensor, the mean over ranks.
+    """
+    names = sorted(losses)
+    if not names:
+        return {}
+    stacked = torch.stack([losses[name].detach().float() for name in names])  # (L,)
+    if is_distributed():
+        dist.all_reduce(stacked)
+        stacked = stacked / get_world_size()
+    return dict(zip(names, stacked))
