@@ -1,0 +1,58 @@
+"""Data sets (COCO json, Penn-Fudan, the original CIS680 files, synthetic shapes), paired transforms and loaders.
+
+Every data set returns (image uint8[3, H, W], target) with target = {"boxes": f32[N, 4] xyxy px, "labels": i64[N]
+in 1..K, "masks": u8[N, H, W], "image_id": int}, and has `class_names` and `image_size(i) -> (h, w)`.
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from maskrcnn.config import DataConfig
+from maskrcnn.data.cis680 import CIS680Dataset
+from maskrcnn.data.coco import CocoDataset, build_coco_subset
+from maskrcnn.data.common import DatasetError
+from maskrcnn.data.loader import build_eval_loader, build_train_loader, collate
+from maskrcnn.data.pennfudan import PennFudanDataset, default_pennfudan_root, fetch_pennfudan
+from maskrcnn.data.synthetic import SyntheticShapes
+from maskrcnn.data.transforms import Compose, RandomHorizontalFlip, ResizeShortestEdge
+
+__all__ = [
+    "CIS680Dataset", "CocoDataset", "Compose", "DatasetError", "PennFudanDataset", "RandomHorizontalFlip",
+    "ResizeShortestEdge", "SyntheticShapes", "build_coco_subset", "build_dataset", "build_eval_loader",
+    "build_train_loader", "collate", "fetch_pennfudan",
+]
+
+
+def build_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """The data set `cfg.format` names, for split "train" (horizontal flips with `cfg.flip_prob`) or "val" (no
+    augmentation; COCO validation keeps images without annotations).
+
+    Raises:
+        DatasetError: a path the format needs is not set in the config, or the data are bad.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    train = split == "train"
+    transform = RandomHorizontalFlip(cfg.flip_prob) if train and cfg.flip_prob > 0 else None
+    if cfg.format == "synthetic":
+        return SyntheticShapes(num_images=cfg.synthetic_train_size if train else cfg.synthetic_val_size,
+                               image_size=cfg.synthetic_image_size, num_classes=cfg.synthetic_num_classes,
+                               seed=cfg.synthetic_seed, split=split, transform=transform)
+    if cfg.format == "coco":
+        images, annotations = (cfg.train_images, cfg.train_annotations) if train else (cfg.val_images,
+                                                                                          cfg.val_annotations)
+        for key, value in ((f"data.{split}_images", images), (f"data.{split}_annotations", annotations)):
+            if not value:
+                raise DatasetError(f"{key} must be set for data.format=coco")
+        return CocoDataset(images_dir=images, annotations=annotations, drop_empty=cfg.drop_empty and train,
+                           transform=transform)
+    if cfg.format == "pennfudan":
+        return PennFudanDataset(root=cfg.root or default_pennfudan_root(), split=split, num_val=cfg.num_val,
+                                split_seed=cfg.split_seed, transform=transform)
+    if cfg.format == "cis680":
+        if not cfg.root:
+            raise DatasetError("data.root must name the folder of the CIS680 h5/npy files for data.format=cis680")
+        return CIS680Dataset(root=cfg.root, split=split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                             transform=transform)
+    raise DatasetError(f"data.format: unknown format {cfg.format!r}")

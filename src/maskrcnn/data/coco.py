@@ -74,9 +74,9 @@ def _check_segmentation(segmentation: object, size: tuple[int, int], ann_id: obj
             raise DatasetError(f"{path}: annotation {ann_id}: segmentation has no polygon")
         for j, polygon in enumerate(segmentation):
             if not isinstance(polygon, list) or len(polygon) % 2 or len(polygon) < 6:
-                count = len(polygon) / 2 if isinstance(polygon, list) else "no"
-                raise DatasetError(f"{path}: annotation {ann_id}: polygon {j} has {count} points, needs at least 3 "
-                                   f"(a flat list of x, y pairs)")
+                count = len(polygon) if isinstance(polygon, list) else "no"
+                raise DatasetError(f"{path}: annotation {ann_id}: polygon {j} has {count} coordinates; a polygon "
+                                   f"needs at least 3 points as a flat list of x, y pairs")
     elif isinstance(segmentation, dict):
         if "size" not in segmentation or "counts" not in segmentation:
             raise DatasetError(f"{path}: annotation {ann_id}: RLE segmentation needs 'size' and 'counts'")
@@ -137,8 +137,8 @@ class CocoDataset(Dataset):
             _check_file_name(image["file_name"], image["id"], path)
             images[image["id"]] = image
 
-        objects_per_image: dict[object, list] = {image_id: [] for image_id in images}
-        degenerate = 0
+        # Non-crowd annotations, gathered for one vectorised box conversion: M of them.
+        owners, boxes_xywh, labels, segmentations = [], [], [], []
         for ann in data["annotations"]:
             _require(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), "annotation", path)
             image = images.get(ann["image_id"])
@@ -153,17 +153,22 @@ class CocoDataset(Dataset):
             ann.setdefault("iscrowd", 0)  # COCOeval needs both fields
             if "area" not in ann:
                 ann["area"] = float(mask_utils.area(_to_rle(ann["segmentation"], height, width)))
-            if ann["iscrowd"]:
-                continue
-            x, y, w, h = ann["bbox"]
-            # xywh -> xyxy, clipped to the image: COCO boxes can overshoot the border by a fraction of a pixel.
-            box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
-            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-                degenerate += 1
-                continue
-            objects_per_image[ann["image_id"]].append((box, self.category_id_to_label[ann["category_id"]],
-                                                       ann["segmentation"]))
-        warn_degenerate(degenerate, path)
+            if not ann["iscrowd"]:
+                owners.append(image)
+                boxes_xywh.append(ann["bbox"])
+                labels.append(self.category_id_to_label[ann["category_id"]])
+                segmentations.append(ann["segmentation"])
+
+        xywh = np.array(boxes_xywh, dtype=np.float32).reshape(-1, 4)  # [M, 4]
+        limits = np.array([[o["width"], o["height"]] for o in owners], dtype=np.float32).reshape(-1, 2)  # [M, 2]
+        # xywh -> xyxy, clipped to the image: COCO boxes can overshoot the border by a fraction of a pixel.
+        xyxy = np.concatenate([np.clip(xywh[:, :2], 0, limits), np.clip(xywh[:, :2] + xywh[:, 2:], 0, limits)], 1)
+        usable = ((xyxy[:, 2:] - xyxy[:, :2]) >= 1).all(axis=1)  # [M]
+        warn_degenerate(int((~usable).sum()), path)
+        objects_per_image: dict[object, list[int]] = {image_id: [] for image_id in images}
+        for m in np.flatnonzero(usable).tolist():
+            objects_per_image[owners[m]["id"]].append(m)
+        labels_array = np.array(labels, dtype=np.int64)
 
         with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
             self.coco = COCO()
@@ -172,12 +177,10 @@ class CocoDataset(Dataset):
 
         self._records = []
         for image_id, image in images.items():
-            objects = objects_per_image[image_id]
-            if drop_empty and not objects:
+            rows = objects_per_image[image_id]
+            if drop_empty and not rows:
                 continue
-            boxes = np.array([o[0] for o in objects], dtype=np.float32).reshape(-1, 4)
-            labels = np.array([o[1] for o in objects], dtype=np.int64)
-            self._records.append((image, boxes, labels, [o[2] for o in objects]))
+            self._records.append((image, xyxy[rows], labels_array[rows], [segmentations[m] for m in rows]))
         self.image_ids = [record[0]["id"] for record in self._records]
 
     def __len__(self) -> int:
@@ -227,7 +230,8 @@ def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,
             are 1..len(classes) in this order. None: DEFAULT_SUBSET_CLASSES (vehicles = supercategory vehicle,
             people = category person, animals = supercategory animal).
     Returns:
-        the written json as a dict.
+        a summary: {"images": count, "annotations": count, "crowd_annotations": count,
+        "annotations_per_class": {class name: count}}.
     Raises:
         DatasetError: bad input json, a class that matches no category, or a category matched by two classes.
     """
@@ -239,8 +243,8 @@ def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,
         unknown = set(spec) - {"supercategories", "names"}
         if unknown or not spec:
             raise DatasetError(f"class {name!r}: give 'supercategories' and/or 'names', got keys {sorted(spec)}")
-        matched = [c for c in data["categories"]
-                   if c.get("supercategory") in spec.get("supercategories", ()) or c.get("name") in spec.get("names", ())]
+        supercategories, names = spec.get("supercategories", ()), spec.get("names", ())
+        matched = [c for c in data["categories"] if c.get("supercategory") in supercategories or c.get("name") in names]
         if not matched:
             raise DatasetError(f"{instances_json}: class {name!r} matches no category ({spec})")
         for category in matched:
@@ -270,4 +274,10 @@ def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return subset
+    per_class = {name: 0 for name in classes}
+    names = list(classes)
+    for ann in annotations:
+        per_class[names[ann["category_id"] - 1]] += 1
+    return {"images": len(subset["images"]), "annotations": len(annotations),
+            "crowd_annotations": sum(1 for ann in annotations if ann.get("iscrowd")),
+            "annotations_per_class": per_class}

@@ -25,6 +25,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from tqdm import tqdm
 
+from maskrcnn.data import build_eval_loader
+
 # COCOeval.stats indices 0..5 and their usual names.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -358,8 +360,6 @@ def evaluate_dataset(
     """`evaluate` over a data set of the package: batches from `build_eval_loader`; the dataset's `coco` and
     `label_to_category_id` (COCO format) are the ground truth when present. Other keyword arguments go to
     `evaluate`."""
-    from maskrcnn.data.loader import build_eval_loader
-
     loader = build_eval_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     return evaluate(
         model,

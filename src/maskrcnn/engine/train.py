@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from maskrcnn.config import Config, config_to_dict, save_config
+from maskrcnn.data import build_dataset, build_train_loader
 from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import EvalResult, autocast, evaluate_dataset, images_to_model
 
@@ -219,13 +221,16 @@ class MetricsLogger:
 
 @dataclass
 class TrainResult:
-    """What `train` leaves behind: the run directory, iterations done, the final evaluation (rank 0) and
-    whether the time budget stopped the run early."""
+    """What `train` leaves behind: the run directory, iterations done, the final evaluation (rank 0, None on the
+    other ranks), whether the time budget stopped the run early, and the trained model (unwrapped from DDP) with
+    its device."""
 
     out_dir: Path
     iterations: int
     evaluation: EvalResult | None
     stopped_early: bool
+    model: torch.nn.Module
+    device: torch.device
 
 
 def mask_ap(result: EvalResult) -> float:
@@ -257,10 +262,7 @@ def train(
         NonFiniteLossError: a loss term became NaN/inf; no step is taken with it and last.pt stays as it was.
         CheckpointError: `resume` without a readable last.pt.
     """
-    from maskrcnn.data import build_dataset
-    from maskrcnn.data.loader import build_train_loader
     from maskrcnn.model import build_model
-    from tqdm import tqdm
 
     tc = cfg.train
     out_dir = Path(tc.out_dir)
@@ -387,7 +389,8 @@ def train(
     finally:
         bar.close()
         logger.close()
-    return TrainResult(out_dir=out_dir, iterations=iteration, evaluation=evaluation, stopped_early=stopped_early)
+    return TrainResult(out_dir=out_dir, iterations=iteration, evaluation=evaluation, stopped_early=stopped_early,
+                       model=unwrap(model), device=device)
 
 
 def with_out_dir(cfg: Config, out_dir: str | Path) -> Config:

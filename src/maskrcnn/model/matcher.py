@@ -107,3 +107,24 @@ class BalancedSampler:
         num_neg = self.batch_size_per_image - num_pos  # (B,)
         negative = self._take_random(is_neg, num_neg, self.batch_size_per_image)
         return positive, negative
+
+
+def pairwise_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+    """IoU of every box of `boxes_a` with every box of `boxes_b`, per image of a batch.
+
+    Same formula as `torchvision.ops.box_iou` (areas without +1), batched over the leading dimension.
+
+    Args:
+        boxes_a: f32[B, G, 4] xyxy.
+        boxes_b: f32[B, A, 4] xyxy.
+    Returns:
+        f32[B, G, A]; 0 where the union is empty (degenerate padding boxes).
+    """
+    area_a = (boxes_a[..., 2] - boxes_a[..., 0]) * (boxes_a[..., 3] - boxes_a[..., 1])  # (B, G)
+    area_b = (boxes_b[..., 2] - boxes_b[..., 0]) * (boxes_b[..., 3] - boxes_b[..., 1])  # (B, A)
+    top_left = torch.maximum(boxes_a[:, :, None, :2], boxes_b[:, None, :, :2])  # (B, G, A, 2)
+    bottom_right = torch.minimum(boxes_a[:, :, None, 2:], boxes_b[:, None, :, 2:])  # (B, G, A, 2)
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]  # (B, G, A)
+    union = area_a[:, :, None] + area_b[:, None, :] - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter))

@@ -48,8 +48,9 @@ class ImageTransform(nn.Module):
         self.size_divisible = size_divisible
         self.fixed_canvas = tuple(fixed_canvas) if fixed_canvas is not None else None
         # buffers follow .to(device) without a host->device copy per call; not persistent, so no state-dict keys
-        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32)[:, None, None], persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32)[:, None, None], persistent=False)
+        mean, std = torch.tensor(image_mean, dtype=torch.float32), torch.tensor(image_std, dtype=torch.float32)
+        self.register_buffer("image_mean", mean[:, None, None], persistent=False)  # (3,) -> (3, 1, 1)
+        self.register_buffer("image_std", std[:, None, None], persistent=False)
 
     def scale_factor(self, height: int, width: int) -> float:
         """The resize factor of an image of size (height, width); 1.0 means no resize."""
@@ -91,7 +92,9 @@ class ImageTransform(nn.Module):
             if not image.is_floating_point():
                 raise TypeError(f"ImageTransform: image {index} must be float in 0..1, got {image.dtype}")
             # normalise before resizing, in this order, to reproduce torchvision's pixels bit for bit
-            image = (image - self.image_mean.to(image.dtype)) / self.image_std.to(image.dtype)
+            mean = self.image_mean.to(device=image.device, dtype=image.dtype)
+            std = self.image_std.to(device=image.device, dtype=image.dtype)
+            image = (image - mean) / std
             resized_per_image.append(self.resize(image))
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized_per_image]

@@ -1,0 +1,326 @@
+"""The `maskrcnn` command: demo, train, evaluate, predict, data. The only module that reads argv.
+
+Heavy modules (torch, the model, the data sets) are imported inside the commands, so that `maskrcnn --help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from maskrcnn.config import Config, ConfigError, config_from_dict, load_config
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+# The demo preset, built in code because an installed package has no configs/ folder; configs/demo.yaml holds
+# the same values (a test keeps the two equal). Synthetic 128 px shapes, a ResNet-18-FPN from scratch with thin
+# heads and few proposals: trains on a 2-core CPU in minutes.
+DEMO_PRESET: dict = {
+    "model": {
+        "num_classes": 3,
+        "backbone": {"depth": 18, "weights": "none", "norm": "group", "fpn_channels": 64},
+        "transform": {"min_size": 128, "max_size": 128},
+        "rpn": {
+            "anchor_sizes": [16, 32, 64, 128, 256],
+            "batch_size_per_image": 128,
+            "pre_nms_top_n_train": 600,
+            "pre_nms_top_n_test": 300,
+            "post_nms_top_n_train": 300,
+            "post_nms_top_n_test": 100,
+        },
+        "box_head": {"representation_size": 256, "batch_size_per_image": 128, "detections_per_img": 20},
+        "mask_head": {"conv_channels": 64, "num_convs": 2},
+    },
+    "data": {
+        "format": "synthetic",
+        "synthetic_train_size": 1000,
+        "synthetic_val_size": 50,
+        "synthetic_image_size": [128, 128],
+        "synthetic_num_classes": 3,
+    },
+    "train": {
+        "optimizer": "sgd",
+        "lr": 0.02,
+        "batch_size": 4,
+        "max_iters": 1500,
+        "max_minutes": 9.0,
+        "warmup_iters": 100,
+        "schedule": "cosine",
+        "clip_grad_norm": 10.0,
+        "log_period": 10,
+        "checkpoint_period": 250,
+        "out_dir": "runs/demo",
+    },
+    "eval": {"batch_size": 8, "num_vis": 2, "vis_score_thresh": 0.5},
+}
+
+
+class CommandError(Exception):
+    """A user error found by the command line itself (e.g. no image in the given folders)."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _out_dir(cfg: Config, out: str | None) -> Config:
+    return cfg if out is None else replace(cfg, train=replace(cfg.train, out_dir=str(out)))
+
+
+def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[str]):
+    """(config, model with the checkpoint's weights, device) for evaluate / predict."""
+    import torch
+
+    from maskrcnn.config import config_to_dict
+    from maskrcnn.engine.train import load_checkpoint, resolve_device
+    from maskrcnn.model import build_model
+
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise CommandError(f"{path}: checkpoint has no config; it was not written by `maskrcnn train`")
+    values = state["config"]
+    if data_config is not None:
+        values = dict(values, data=config_to_dict(load_config(data_config).data))
+    cfg = config_from_dict(values, overrides)
+    # The weights come from the checkpoint: never load (or download) the ones the config names.
+    model_cfg = replace(cfg.model, weights="none", backbone=replace(cfg.model.backbone, weights="none"))
+    model = build_model(model_cfg)
+    model.load_state_dict(state["model"])
+    device = resolve_device(cfg.train.device)
+    model.to(device).eval()
+    torch.set_grad_enabled(False)
+    return cfg, model, device
+
+
+def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
+    """Trains, evaluates, writes the report; prints where everything is."""
+    from maskrcnn.data import build_dataset
+    from maskrcnn.engine import distributed
+    from maskrcnn.engine.train import train
+    from maskrcnn.viz.report import build_report
+
+    val_set = build_dataset(cfg.data, "val")
+    result = train(cfg, val_set=val_set, resume=resume)
+    if not distributed.is_main():
+        return 0
+    md, html = build_report(result.out_dir, config=cfg, evaluation=result.evaluation, model=result.model,
+                            dataset=val_set, device=result.device, title=title)
+    voc = result.evaluation.metrics["voc"]
+    print(f"trained {result.iterations} iterations" + (" (stopped by the time budget)" if result.stopped_early else ""))
+    print(_summary(result.evaluation.metrics))
+    print(f"mask mAP@{voc['iou_thresh']:g} (original metric): {_fmt(voc['segm']['mAP'])}")
+    print(f"report: {html}\n        {md}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _summary(metrics: dict) -> str:
+    voc = metrics["voc"]
+    lines = [f"{'':6} {'AP':>6} {'AP50':>6} {'AP75':>6} {'mAP@' + format(voc['iou_thresh'], 'g'):>8}"]
+    for label, kind in (("boxes", "bbox"), ("masks", "segm")):
+        stats = metrics[kind]
+        lines.append(f"{label:6} {_fmt(stats['AP']):>6} {_fmt(stats['AP50']):>6} {_fmt(stats['AP75']):>6} "
+                     f"{_fmt(voc[kind]['mAP']):>8}")
+    return "\n".join(lines)
+
+
+def _image_paths(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CommandError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise CommandError(f"image or folder not found: {path}")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = config_from_dict(DEMO_PRESET, args.set)
+    cfg = _out_dir(cfg, args.out)
+    if args.minutes is not None:
+        cfg = replace(cfg, train=replace(cfg.train, max_minutes=args.minutes))
+    return _run_training(cfg, resume=False, title="Mask R-CNN demo (synthetic shapes)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _out_dir(load_config(args.config, args.set), args.out)
+    return _run_training(cfg, resume=args.resume, title=f"Mask R-CNN run ({Path(args.config).name})")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from maskrcnn.data import build_dataset
+    from maskrcnn.engine.evaluate import evaluate_dataset
+    from maskrcnn.viz.report import build_report
+
+    cfg, model, device = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.parent / f"eval_{checkpoint.stem}"
+    dataset = build_dataset(cfg.data, "val")
+    result = evaluate_dataset(model, dataset, batch_size=cfg.eval.batch_size, device=device,
+                              num_workers=cfg.data.num_workers, iou_thresh=cfg.eval.iou_thresh,
+                              max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out, progress=True)
+    md, html = build_report(out, config=cfg, evaluation=result, model=model, dataset=dataset, device=device,
+                            metrics_jsonl=checkpoint.parent / "metrics.jsonl", title=f"Evaluation of {checkpoint}")
+    print(_summary(result.metrics))
+    print(f"metrics: {out / 'metrics.json'}\nreport: {html}\n        {md}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from torchvision.io import ImageReadMode, decode_image
+
+    from maskrcnn.engine.evaluate import autocast, detections_to_coco, images_to_model
+    from maskrcnn.viz.draw import draw_detections, save_png
+
+    paths = _image_paths(args.inputs)
+    cfg, model, device = _build_for_checkpoint(args.checkpoint, None, args.set)
+    class_names = _class_names(cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for image_id, path in enumerate(paths, start=1):
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except RuntimeError as error:
+            raise CommandError(f"{path}: not a readable image ({error})") from None
+        with autocast(device, cfg.train.amp):
+            output = model(images_to_model([image], device))[0]
+        output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
+        keep = output["scores"] >= args.score_thresh
+        output = {k: v[keep] for k, v in output.items()}
+        overlay = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=class_names,
+                                  masks=output["masks"])
+        save_png(overlay, out / f"{path.stem}_pred.png")
+        for det in detections_to_coco(output, image_id, {k: k for k in range(1, len(class_names) + 1)}):
+            results.append({**det, "file_name": str(path)})
+        print(f"{path}: {int(keep.sum())} detections")
+    (out / "predictions.json").write_text(json.dumps(results))
+    print(f"overlays and predictions.json (COCO results, category_id = label) in {out}")
+    return 0
+
+
+def _class_names(cfg: Config) -> list[str]:
+    """Class names of the training data without loading it when possible (synthetic: the shape names)."""
+    from maskrcnn.data import build_dataset
+
+    try:
+        return list(build_dataset(cfg.data, "val").class_names)
+    except (OSError, ValueError):  # the training data are not on this machine: fall back to numbered classes
+        return [f"class {k}" for k in range(1, cfg.model.num_classes + 1)]
+
+
+def cmd_data_coco_subset(args: argparse.Namespace) -> int:
+    from maskrcnn.data import build_coco_subset
+
+    summary = build_coco_subset(args.instances_json, args.out_json)
+    print(json.dumps(summary, indent=2) if summary else "")
+    print(f"wrote {args.out_json}")
+    return 0
+
+
+def cmd_data_pennfudan(args: argparse.Namespace) -> int:
+    from maskrcnn.data import fetch_pennfudan
+
+    root = fetch_pennfudan(args.dir, source=args.source)
+    print(f"Penn-Fudan ready at {root}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskrcnn",
+        description="Mask R-CNN instance segmentation: train, evaluate, visualise and report, end to end.",
+        epilog="Start with `maskrcnn demo`: synthetic data, a CPU-sized model, a report in minutes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_set(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+
+    demo = sub.add_parser("demo", help="train and evaluate a small model on synthetic shapes, write a report",
+                          description="Train a small Mask R-CNN on synthetic shapes on the CPU, evaluate it on "
+                                      "held-out images and write report.md / report.html.")
+    demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo)")
+    demo.add_argument("--minutes", type=float, metavar="M", help="training time budget in minutes (default: 9)")
+    add_set(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train from a YAML config",
+                           description="Train from a YAML config; evaluates at the end and writes the report.")
+    train.add_argument("config", metavar="CONFIG", help="YAML config, e.g. configs/pennfudan.yaml")
+    add_set(train)
+    train.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
+    train.add_argument("--out", metavar="DIR", help="run directory (default: the config's train.out_dir)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint (COCO AP and per-class AP@0.5)",
+                              description="Evaluate a checkpoint on the validation split of its data (or of "
+                                          "--data-config) and write metrics.json and a report.")
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by `maskrcnn train`")
+    evaluate.add_argument("--data-config", metavar="CONFIG", help="take the data section from this YAML instead")
+    evaluate.add_argument("--out", metavar="DIR", help="output folder (default: eval_<name> next to the checkpoint)")
+    add_set(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="detect objects in images, write overlays and a results json",
+                             description="Run a checkpoint on images; write <name>_pred.png overlays and "
+                                         "predictions.json (COCO results format).")
+    predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by `maskrcnn train`")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    predict.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
+                         help="keep detections scoring at least S (default: 0.5)")
+    add_set(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    data = sub.add_parser("data", help="prepare data sets", description="Prepare data sets.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    subset = data_sub.add_parser("coco-subset", help="write the 3-class COCO subset (vehicles, people, animals)",
+                                 description="Write a COCO instances json restricted to the original project's "
+                                             "3 classes: vehicles, people, animals.")
+    subset.add_argument("instances_json", metavar="INSTANCES_JSON", help="COCO instances json, e.g. instances_val2017.json")
+    subset.add_argument("out_json", metavar="OUT_JSON", help="where to write the subset json")
+    subset.set_defaults(func=cmd_data_coco_subset)
+    penn = data_sub.add_parser("pennfudan", help="fetch and unpack the Penn-Fudan pedestrian data set",
+                               description="Put the Penn-Fudan data set into DIR, from a local zip or folder or "
+                                           "(without --source) from its official address.")
+    penn.add_argument("dir", metavar="DIR", help="destination folder")
+    penn.add_argument("--source", metavar="ZIP_OR_DIR", help="local PennFudanPed.zip or unpacked folder")
+    penn.set_defaults(func=cmd_data_pennfudan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `maskrcnn` and `python -m maskrcnn`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from maskrcnn.data.common import DatasetError
+    from maskrcnn.engine.train import CheckpointError, NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except (CommandError, ConfigError, CheckpointError, DatasetError, NonFiniteLossError, FileNotFoundError,
+            NotADirectoryError, PermissionError, ValueError) as error:
+        print(f"maskrcnn: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("maskrcnn: interrupted", file=sys.stderr)
+        return 130

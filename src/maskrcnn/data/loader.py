@@ -1,0 +1,118 @@
+"""Batching: collate, an endless shuffled training stream (distributed sharding, aspect-ratio grouping, resume)
+and an in-order evaluation loader.
+
+Images stay a list of uint8[3, H, W] of uneven sizes; the model pads them into one canvas.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+def collate(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
+    """[(image, target), ...] -> ([image, ...], [target, ...]), without padding or stacking."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def orientation_groups(dataset: Dataset) -> list[int]:
+    """Per image: 1 for portrait (h > w), 0 for landscape or square, from `dataset.image_size` (no decoding)."""
+    return [int(h > w) for h, w in (dataset.image_size(i) for i in range(len(dataset)))]
+
+
+class TrainBatchSampler:
+    """Endless stream of index batches for one rank of a (possibly) distributed run.
+
+    Every epoch is a fresh permutation from one generator seeded with `seed`, identical on all ranks; rank r takes
+    entries r, r + world_size, ... of it (the permutation is first extended by wrapping around to a multiple of
+    world_size, so every rank sees the same number of images per epoch and the ranks' shares are disjoint within
+    the original length). With `group_ids`, images wait in one bucket per group until the bucket holds a full
+    batch (detectron2's aspect-ratio grouping; buckets carry over between epochs, so no image is dropped).
+
+    Args:
+        num_images: data set length (at least 1).
+        batch_size: images per batch on this rank.
+        seed: seed of the permutations.
+        rank / world_size: this process's index and the number of processes.
+        group_ids: optional group per image (e.g. `orientation_groups`); None: no grouping.
+        start_iter: batches to skip at the start, to resume a run where it stopped.
+    """
+
+    def __init__(self, *, num_images: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 group_ids: list[int] | None = None, start_iter: int = 0):
+        if num_images < 1:
+            raise ValueError("cannot train on an empty data set")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_iter < 0:
+            raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size, start_iter >= 0; got batch_size="
+                             f"{batch_size}, rank={rank}, world_size={world_size}, start_iter={start_iter}")
+        if group_ids is not None and len(group_ids) != num_images:
+            raise ValueError(f"{len(group_ids)} group ids for {num_images} images")
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.group_ids = group_ids
+        self.start_iter = start_iter
+
+    def _indices(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        per_rank = -(-self.num_images // self.world_size)  # ceil
+        while True:
+            order = torch.randperm(self.num_images, generator=generator)
+            order = order.repeat(-(-per_rank * self.world_size // self.num_images))[:per_rank * self.world_size]
+            yield from order[self.rank::self.world_size].tolist()
+
+    def _batches(self) -> Iterator[list[int]]:
+        indices = self._indices()
+        if self.group_ids is None:
+            while True:
+                yield list(itertools.islice(indices, self.batch_size))
+        buckets: dict[int, list[int]] = {}
+        for index in indices:
+            bucket = buckets.setdefault(self.group_ids[index], [])
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(self._batches(), self.start_iter, None)
+
+
+def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 0, aspect_ratio_grouping: bool = True,
+                       seed: int = 0, rank: int = 0, world_size: int = 1,
+                       start_iter: int = 0) -> Iterator[tuple[list[Tensor], list[dict]]]:
+    """An endless iterator of (images, targets) training batches, reshuffled every epoch.
+
+    The index stream is deterministic by `seed` (see `TrainBatchSampler`). Random augmentations draw from torch's
+    generator: the global one when num_workers == 0 (seed it), else per-worker seeds derived from `seed` and `rank`.
+
+    Args:
+        dataset: any data set of this package (needs `image_size` when grouping).
+        batch_size: images per batch on this rank.
+        num_workers: DataLoader worker processes.
+        aspect_ratio_grouping: batch portrait and landscape images separately.
+        seed, rank, world_size: see `TrainBatchSampler`.
+        start_iter: batches already consumed (resume).
+    Returns:
+        iterator of (list of uint8[3, H, W], list of target dicts).
+    """
+    sampler = TrainBatchSampler(num_images=len(dataset), batch_size=batch_size, seed=seed, rank=rank,
+                                world_size=world_size, start_iter=start_iter,
+                                group_ids=orientation_groups(dataset) if aspect_ratio_grouping else None)
+    # Worker seeds differ per rank and per resume point, so a resumed run does not replay the first augmentations.
+    worker_seed = int(np.random.SeedSequence([seed, rank, start_iter]).generate_state(1)[0])
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(worker_seed))
+    return iter(loader)
+
+
+def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Batches of (images, targets) in data set order, the last one possibly smaller."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)

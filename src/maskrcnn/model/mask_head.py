@@ -1,0 +1,122 @@
+"""Mask head of Mask R-CNN (He et al. 2017, sec. 3 and fig. 4, right): RoIAlign 14x14, four 3x3 convs,
+a 2x deconv and a per-class 1x1 conv to 28x28 logits; targets, loss and inference.
+
+Shape letters: B images, R RoIs of the whole batch, N GT masks of the whole batch, K foreground classes,
+C channels, S pooled size (14), M mask size (2 S = 28), Hm/Wm the largest original image of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from maskrcnn.model.box_head import LevelRoIAlign, image_index_rois
+
+
+class MaskHead(nn.Module):
+    """Predicts a 28x28 mask per RoI and class; only the channel of the RoI's class is used (sec. 3: the
+    mask loss is defined on the GT class only, decoupling masks from classification).
+
+    The predictor has K + 1 channels (background included, never used) so that torchvision's weights load
+    unchanged.
+
+    Args:
+        pooler: RoIAlign over the FPN levels (14x14).
+        in_channels: C of the pooled features.
+        conv_channels: channels of the 3x3 convs and of the deconv.
+        num_convs: number of 3x3 convs (4).
+        num_classes: K foreground classes.
+    """
+
+    def __init__(self, *, pooler: LevelRoIAlign, in_channels: int, conv_channels: int, num_convs: int,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.num_classes = num_classes
+        self.convs = nn.ModuleList()
+        for index in range(num_convs):
+            self.convs.append(nn.Conv2d(in_channels if index == 0 else conv_channels, conv_channels, 3, padding=1))
+        self.deconv = nn.ConvTranspose2d(conv_channels, conv_channels, 2, stride=2)
+        self.logits = nn.Conv2d(conv_channels, num_classes + 1, 1)
+        for layer in [*self.convs, self.deconv]:  # torchvision's / Detectron2's init
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        # small predictor (Detectron2): logits start near 0, so the first mask loss is about log 2, not ~10
+        nn.init.normal_(self.logits.weight, std=0.001)
+        nn.init.zeros_(self.logits.bias)
+
+    @property
+    def mask_size(self) -> int:
+        """M, the side of the predicted masks."""
+        return 2 * self.pooler.output_size
+
+    def forward(self, features: dict[str, Tensor], rois: Tensor, labels: Tensor) -> Tensor:
+        """Mask logits of the given class of every RoI.
+
+        Args:
+            features: FPN maps {"p2".."p5"}.
+            rois: f32[R, 5] (image index, x1, y1, x2, y2) in resized-image pixels.
+            labels: i64[R] class 1..K of each RoI.
+        Returns:
+            f32[R, M, M] logits of the channel `labels`.
+        """
+        x = self.pooler(features, rois)  # (R, C, S, S)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        x = F.relu(self.deconv(x))  # (R, C, S, S) -> (R, C, M, M)
+        logits = self.logits(x)  # (R, K+1, M, M)
+        return logits[torch.arange(logits.shape[0], device=logits.device), labels]  # (R, M, M)
+
+    @torch.no_grad()
+    def targets(self, rois: Tensor, gt_index: Tensor, gt_masks: Tensor, scales: Tensor) -> Tensor:
+        """Mask targets: the GT mask cut out inside each RoI, resampled to M x M and binarised at 0.5.
+
+        One `roi_align` over the GT masks of the whole batch at their original resolution, so a target is
+        the mask cropped to the proposal box (the original project resized the whole image mask instead).
+
+        Args:
+            rois: f32[R, 5] (image index, box) in resized-image pixels.
+            gt_index: i64[R] row of `gt_masks` matched by each RoI (global over the batch).
+            gt_masks: u8/bool/float[N, 1, Hm, Wm] GT masks of the batch, each at its original size, zero padded.
+            scales: f32[B, 2] (resized / original) for (y, x) of every image (`ImageBatch.scales`).
+        Returns:
+            f32[R, M, M] of 0 and 1.
+        """
+        image = rois[:, 0].to(torch.int64)
+        scale_xyxy = scales[image][:, [1, 0, 1, 0]]  # (R, 2) -> (R, 4) as (x, y, x, y)
+        boxes = rois[:, 1:] / scale_xyxy  # back to original-image pixels
+        mask_rois = image_index_rois(gt_index, boxes)
+        # adaptive sampling (ratio -1) averages over the whole bin: the target is the area covered at 0.5
+        cut = roi_align(gt_masks.to(boxes.dtype), mask_rois, self.mask_size, spatial_scale=1.0,
+                        sampling_ratio=-1, aligned=self.pooler.aligned)  # (R, 1, M, M)
+        return (cut[:, 0] >= 0.5).to(boxes.dtype)
+
+    @staticmethod
+    def loss(mask_logits: Tensor, mask_targets: Tensor) -> Tensor:
+        """Mean per-pixel binary cross-entropy of f32[R, M, M] logits; 0 connected to the graph when R = 0."""
+        if mask_logits.shape[0] == 0:
+            return mask_logits.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(mask_logits, mask_targets)
+
+
+def stack_masks(masks_per_image: Sequence[Tensor]) -> Tensor:
+    """GT masks of a batch in one tensor for `MaskHead.targets`.
+
+    Args:
+        masks_per_image: B tensors u8/bool[N_i, H_i, W_i] at the original image sizes.
+    Returns:
+        u8[sum N_i, 1, max H_i, max W_i], zero padded bottom / right, images in order.
+    """
+    height = max(m.shape[-2] for m in masks_per_image)
+    width = max(m.shape[-1] for m in masks_per_image)
+    total = sum(m.shape[0] for m in masks_per_image)
+    stacked = masks_per_image[0].new_zeros((total, 1, height, width), dtype=torch.uint8)
+    start = 0
+    for masks in masks_per_image:  # uneven sizes: one copy per image
+        stacked[start:start + masks.shape[0], 0, : masks.shape[-2], : masks.shape[-1]] = masks
+        start += masks.shape[0]
+    return stacked

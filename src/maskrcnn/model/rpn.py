@@ -1,0 +1,230 @@
+"""Region proposal network (Faster R-CNN sec. 3.1, on FPN levels as in Lin et al. 2017 sec. 4.1), batched.
+
+Matching, sampling, losses and proposal selection run on the whole batch at once: IoU as one [B, G, A] tensor
+against anchors shared by the batch, one `topk` per level over [B, n_level], one `batched_nms` for all images
+and levels (group = image * L + level), and a scatter into padded [B, P] outputs. Proposals equal torchvision's
+`RegionProposalNetwork` for the same weights (same boxes, same order up to score ties).
+
+Shape letters: B images, L pyramid levels, A anchors over all levels of one image (shared by the batch),
+A_l anchors of level l, Ak anchors per location, G ground-truth boxes per image (padded), K candidates per image
+after the per-level top-k, P proposals per image (padded), C channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou
+
+from maskrcnn.model.anchors import AnchorGenerator
+from maskrcnn.model.box_coder import BoxCoder
+from maskrcnn.model.matcher import BalancedSampler, Matcher
+from maskrcnn.model.transform import sizes_tensor
+from maskrcnn.structures import ImageBatch
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU shared by all levels, then 1x1 objectness logits and 1x1 box deltas.
+
+    Parameter names are torchvision's (`conv.0.0.*`, `cls_logits.*`, `bbox_pred.*`), so its weights load as is.
+
+    Args:
+        in_channels: C, channels of every pyramid level.
+        num_anchors: Ak, anchors per location.
+    """
+
+    def __init__(self, *, in_channels: int, num_anchors: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(Conv2dNormActivation(in_channels, in_channels, kernel_size=3, norm_layer=None))
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.constant_(layer.bias, 0)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """L tensors f32[B, C, Hi, Wi] -> (L logits f32[B, Ak, Hi, Wi], L deltas f32[B, Ak*4, Hi, Wi])."""
+        logits, deltas = [], []
+        for feature in features:
+            hidden = self.conv(feature)
+            logits.append(self.cls_logits(hidden))
+            deltas.append(self.bbox_pred(hidden))
+        return logits, deltas
+
+
+class RPN(nn.Module):
+    """Anchors, objectness and box losses, and proposals for a batch.
+
+    Args:
+        head: an `RPNHead`.
+        anchor_generator: an `AnchorGenerator` with one size per level.
+        box_coder: deltas <-> boxes; weights (1, 1, 1, 1) as in the paper.
+        matcher: anchor-to-GT matcher (0.7 / 0.3, low-quality matches allowed).
+        sampler: anchors per image for the loss (256, half positive at most).
+        pre_nms_top_n_train, pre_nms_top_n_test: top-scoring anchors kept per level and image before NMS.
+        post_nms_top_n_train, post_nms_top_n_test: proposals kept per image after NMS.
+        nms_thresh: IoU threshold of the NMS (per image and level, as torchvision).
+        min_size: proposals with a side shorter than this (pixels, after clipping) are removed.
+        score_thresh: proposals of objectness probability below this are removed.
+    """
+
+    def __init__(self, *, head: RPNHead, anchor_generator: AnchorGenerator, box_coder: BoxCoder, matcher: Matcher,
+                 sampler: BalancedSampler, pre_nms_top_n_train: int, pre_nms_top_n_test: int,
+                 post_nms_top_n_train: int, post_nms_top_n_test: int, nms_thresh: float, min_size: float,
+                 score_thresh: float) -> None:
+        super().__init__()
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.box_coder = box_coder
+        self.matcher = matcher
+        self.sampler = sampler
+        self.pre_nms_top_n_train, self.pre_nms_top_n_test = pre_nms_top_n_train, pre_nms_top_n_test
+        self.post_nms_top_n_train, self.post_nms_top_n_test = post_nms_top_n_train, post_nms_top_n_test
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+        self.score_thresh = score_thresh
+
+    def forward(self, batch: ImageBatch, features: dict[str, Tensor], gt_boxes: Tensor | None = None,
+                gt_valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """Proposals (and losses in training) for a batch.
+
+        Args:
+            batch: the ImageBatch the features were computed on (canvas and per-image sizes).
+            features: {"p2".."p6": f32[B, C, Hi, Wi]}, used in order, finest first.
+            gt_boxes: f32[B, G, 4] in resized-image pixels, padded; required in training.
+            gt_valid: bool[B, G], False for padding rows; required in training.
+        Returns:
+            proposals: f32[B, P, 4] xyxy in resized-image pixels, detached, sorted by score per image.
+            proposal_scores: f32[B, P] objectness probabilities (0 in padding rows).
+            proposal_valid: bool[B, P], False for padding rows (an image may have fewer than P proposals).
+                P = min(post_nms_top_n, K) is fixed by the shapes alone, so no host sync is spent on it.
+            losses: {"loss_rpn_cls", "loss_rpn_box"} in training, {} in eval.
+        """
+        if self.training and (gt_boxes is None or gt_valid is None):
+            raise ValueError("RPN: gt_boxes and gt_valid are required in training mode")
+        feature_list = list(features.values())
+        logits_per_level, deltas_per_level = self.head(feature_list)
+        anchors_per_level = self.anchor_generator(
+            tuple(batch.tensor.shape[-2:]), [tuple(f.shape[-2:]) for f in feature_list], batch.tensor.device)
+        B = batch.tensor.shape[0]
+        # float32 for box arithmetic and losses also when the head ran under bf16 autocast
+        logits = torch.cat([_flatten(x, B, 1) for x in logits_per_level], dim=1).squeeze(-1).float()  # (B, A)
+        deltas = torch.cat([_flatten(x, B, 4) for x in deltas_per_level], dim=1).float()  # (B, A, 4)
+        anchors = torch.cat(anchors_per_level)  # (A, 4)
+
+        proposals, scores, valid = self._select_proposals(
+            logits.detach(), deltas.detach(), anchors, [a.shape[0] for a in anchors_per_level], batch)
+
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            positive, negative, box_targets = self._assign_targets(anchors, gt_boxes, gt_valid)
+            losses = self._losses(logits, deltas, positive, negative, box_targets)
+        return proposals, scores, valid, losses
+
+    @torch.no_grad()
+    def _assign_targets(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Matches anchors to GT and samples the loss anchors.
+
+        Args:
+            anchors: f32[A, 4]; gt_boxes: f32[B, G, 4]; gt_valid: bool[B, G].
+        Returns:
+            positive, negative: bool[B, A] sampled anchors.
+            box_targets: f32[B, A, 4] encoded deltas to the matched GT box, 0 where not positive.
+        """
+        B, G = gt_valid.shape
+        if G == 0:
+            # no GT in the whole batch: one invalid row keeps the gather below well defined
+            gt_boxes = gt_boxes.new_zeros((B, 1, 4))
+            gt_valid = gt_valid.new_zeros((B, 1))
+            G = 1
+        iou = box_iou(gt_boxes.reshape(B * G, 4), anchors).view(B, G, -1)  # (B*G, A) -> (B, G, A)
+        matched_idx, match_label = self.matcher(iou, gt_valid)
+        positive, negative = self.sampler(match_label)
+        matched_boxes = torch.gather(gt_boxes, 1, matched_idx[:, :, None].expand(-1, -1, 4))  # (B, A, 4)
+        box_targets = self.box_coder.encode(matched_boxes, anchors[None])  # (B, A, 4)
+        # non-positive anchors may match padding (zero boxes, log 0): zero them so no inf/nan reaches the loss
+        box_targets = torch.where(positive[:, :, None], box_targets, 0.0)
+        return positive, negative, box_targets
+
+    def _losses(self, logits: Tensor, deltas: Tensor, positive: Tensor, negative: Tensor,
+                box_targets: Tensor) -> dict[str, Tensor]:
+        """Objectness BCE over the sampled anchors and smooth L1 (beta 1/9) over the positive ones, both divided by
+        the number of sampled anchors of the batch (torchvision's normalisation), over all levels.
+
+        Masked sums instead of indexing keep the shapes static (no nonzero, no host sync), and an image without
+        GT still yields losses connected to the graph (box loss 0 * deltas).
+        """
+        sampled = positive | negative  # (B, A)
+        num_sampled = sampled.sum().clamp(min=1)
+        cls_loss = F.binary_cross_entropy_with_logits(logits, positive.to(logits.dtype), reduction="none")
+        loss_cls = torch.where(sampled, cls_loss, 0.0).sum() / num_sampled
+        box_loss = F.smooth_l1_loss(deltas, box_targets, beta=1 / 9, reduction="none").sum(dim=2)  # (B, A, 4) -> (B, A)
+        loss_box = torch.where(positive, box_loss, 0.0).sum() / num_sampled
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
+
+    def _select_proposals(self, logits: Tensor, deltas: Tensor, anchors: Tensor, num_per_level: list[int],
+                          batch: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k per level, decode, clip, filter, NMS per image and level, top P per image.
+
+        Args:
+            logits: f32[B, A]; deltas: f32[B, A, 4]; anchors: f32[A, 4]; num_per_level: L counts A_l.
+        Returns:
+            proposals f32[B, P, 4], scores f32[B, P], valid bool[B, P].
+        """
+        pre_nms_top_n = self.pre_nms_top_n_train if self.training else self.pre_nms_top_n_test
+        post_nms_top_n = self.post_nms_top_n_train if self.training else self.post_nms_top_n_test
+        B, device = logits.shape[0], logits.device
+        L = len(num_per_level)
+
+        top_idx_per_level, level_per_level, start = [], [], 0
+        for level, (level_logits, count) in enumerate(zip(logits.split(num_per_level, dim=1), num_per_level)):
+            k = min(pre_nms_top_n, count)
+            top_idx_per_level.append(level_logits.topk(k, dim=1).indices + start)  # (B, A_l) -> (B, k)
+            level_per_level.append(torch.full((k,), level, dtype=torch.int64, device=device))
+            start += count
+        top_idx = torch.cat(top_idx_per_level, dim=1)  # (B, K)
+        levels = torch.cat(level_per_level)  # (K,)
+        K = top_idx.shape[1]
+
+        top_logits = torch.gather(logits, 1, top_idx)  # (B, K)
+        top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, K, 4)
+        boxes = self.box_coder.decode(top_deltas, anchors[top_idx])  # (B, K, 4)
+        sizes = sizes_tensor(batch.image_sizes, device)  # (B, 2) as (h, w)
+        max_xyxy = sizes[:, [1, 0, 1, 0]][:, None, :]  # (B, 2) -> (B, 1, 4)
+        boxes = torch.minimum(boxes.clamp(min=0), max_xyxy)  # clip to each image, not to the padded canvas
+        scores = torch.sigmoid(top_logits)  # (B, K)
+
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        keep = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)  # (B, K)
+        groups = torch.arange(B, device=device)[:, None] * L + levels  # (B, K): image * L + level
+        flat = keep.view(-1).nonzero().squeeze(1)  # (B*K,) -> (M,), the host sync that NMS needs anyway
+        flat_boxes, flat_scores, flat_groups = boxes.view(-1, 4)[flat], scores.view(-1)[flat], groups.view(-1)[flat]
+        kept = batched_nms(flat_boxes, flat_scores, flat_groups, self.nms_thresh)  # sorted by decreasing score
+
+        # per image, the first P survivors in score order: stable sort by image keeps the score order inside it
+        kept_image = torch.div(flat_groups[kept], L, rounding_mode="floor")
+        kept_image, order = torch.sort(kept_image, stable=True)
+        kept = kept[order]
+        # (B,) position of each image's first survivor; unlike bincount on CUDA, searchsorted needs no host sync
+        first = torch.searchsorted(kept_image, torch.arange(B, device=device))
+        rank = torch.arange(kept.shape[0], device=device) - first[kept_image]
+        P = min(post_nms_top_n, K)
+        # ranks >= P go to a spare column that is cut off: no boolean indexing, no host sync
+        slot = kept_image * (P + 1) + rank.clamp(max=P)
+        proposals = boxes.new_zeros((B * (P + 1), 4))
+        proposals[slot] = flat_boxes[kept]
+        proposal_scores = scores.new_zeros(B * (P + 1))
+        proposal_scores[slot] = flat_scores[kept]
+        valid = torch.zeros(B * (P + 1), dtype=torch.bool, device=device)
+        valid[slot] = True
+        return (proposals.view(B, P + 1, 4)[:, :P], proposal_scores.view(B, P + 1)[:, :P],
+                valid.view(B, P + 1)[:, :P])
+
+
+def _flatten(x: Tensor, B: int, values: int) -> Tensor:
+    """Head output f32[B, Ak*values, Hi, Wi] -> f32[B, Hi*Wi*Ak, values], the anchors' location-major order."""
+    _, channels, height, width = x.shape
+    x = x.view(B, channels // values, values, height, width)  # (B, Ak, values, Hi, Wi)
+    return x.permute(0, 3, 4, 1, 2).reshape(B, -1, values)  # (B, Hi, Wi, Ak, values) -> (B, Hi*Wi*Ak, values)

@@ -1,0 +1,126 @@
+"""Boxes and masks drawn on images (torchvision.utils.draw_bounding_boxes / draw_segmentation_masks).
+
+Every function takes and returns uint8 [3, H, W] images on the CPU, so the results can be saved or stacked.
+Shape letters: D drawn items, H/W image size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib import font_manager
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+PROPOSAL_COLOR = (255, 215, 0)  # RPN proposals: one colour, they have no class
+
+
+def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
+    """One RGB colour per foreground class (label k -> colors[k-1]), from matplotlib's tab10 / tab20 palette."""
+    cmap = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
+    return [tuple(int(255 * c) for c in cmap(k % cmap.N)[:3]) for k in range(num_classes)]
+
+
+def _font(image: Tensor) -> dict:
+    """Label font arguments: matplotlib's bundled DejaVu Sans (always installed with matplotlib) scaled to the
+    image; torchvision's built-in bitmap font cannot be resized."""
+    path = font_manager.findfont("DejaVu Sans", fallback_to_default=True)
+    return {"font": path, "font_size": max(8, min(image.shape[-2:]) // 16)}
+
+
+def draw_proposals(image: Tensor, proposals: Tensor, *, top_n: int = 20, width: int = 1) -> Tensor:
+    """The `top_n` first proposals (they are sorted by objectness) as boxes in one colour.
+
+    Args:
+        image: uint8 [3, H, W].
+        proposals: f32 [P, 4] xyxy in image pixels, highest objectness first.
+        top_n: how many to draw.
+        width: line width.
+    Returns:
+        uint8 [3, H, W].
+    """
+    boxes = proposals[:top_n].detach().float().cpu()
+    if boxes.shape[0] == 0:
+        return image.clone()
+    return draw_bounding_boxes(image, boxes, colors=[PROPOSAL_COLOR] * boxes.shape[0], width=width)
+
+
+def draw_detections(
+    image: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor | None,
+    *,
+    class_names: list[str],
+    masks: Tensor | None = None,
+    score_thresh: float = 0.0,
+    alpha: float = 0.5,
+    width: int = 2,
+) -> Tensor:
+    """Detections in their class colours: optional masks underneath, boxes labelled "name score" on top.
+
+    Args:
+        image: uint8 [3, H, W].
+        boxes: f32 [D, 4] xyxy; labels: i64 [D] in 1..K; scores: f32 [D] or None (ground truth: names only).
+        class_names: K names.
+        masks: f32 [D, 1, H, W] probabilities or bool/uint8 [D, H, W]; drawn where >= 0.5. None: boxes only.
+        score_thresh: detections scoring below this are not drawn.
+        alpha: mask opacity.
+        width: box line width.
+    Returns:
+        uint8 [3, H, W].
+    """
+    keep = torch.ones(boxes.shape[0], dtype=torch.bool) if scores is None else scores.detach().cpu() >= score_thresh
+    boxes, labels = boxes.detach().float().cpu()[keep], labels.detach().cpu()[keep]
+    colors = class_colors(len(class_names))
+    item_colors = [colors[int(label) - 1] for label in labels]
+    out = image.clone()
+    if masks is not None and keep.any():
+        binary = masks.detach().cpu()[keep]
+        binary = (binary[:, 0] if binary.ndim == 4 else binary).float() >= 0.5  # (D, 1, H, W) -> (D, H, W)
+        out = draw_segmentation_masks(out, binary, alpha=alpha, colors=item_colors)
+    if boxes.shape[0] == 0:
+        return out
+    names = [class_names[int(label) - 1] for label in labels]
+    if scores is not None:
+        names = [f"{name} {score:.2f}" for name, score in zip(names, scores.detach().cpu()[keep].tolist())]
+    return draw_bounding_boxes(out, boxes, labels=names, colors=item_colors, width=width, **_font(image))
+
+
+def draw_masks(
+    image: Tensor, masks: Tensor, labels: Tensor, scores: Tensor, *, class_names: list[str], score_thresh: float = 0.0,
+    alpha: float = 0.6,
+) -> Tensor:
+    """Masks only, in class colours (the MaskHead picture). Args as `draw_detections`; masks are drawn where the
+    probability is >= 0.5. Returns uint8 [3, H, W]."""
+    keep = scores.detach().cpu() >= score_thresh
+    if not keep.any():
+        return image.clone()
+    labels = labels.detach().cpu()[keep]
+    binary = masks.detach().cpu()[keep]
+    binary = (binary[:, 0] if binary.ndim == 4 else binary).float() >= 0.5  # (D, 1, H, W) -> (D, H, W)
+    colors = class_colors(len(class_names))
+    return draw_segmentation_masks(image, binary, alpha=alpha, colors=[colors[int(k) - 1] for k in labels])
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """Writes uint8 [3, H, W] as a PNG (creating the folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).save(path)  # (3, H, W) -> (H, W, 3)
+    return path
+
+
+def side_by_side(images: list[Tensor], gap: int = 4) -> Tensor:
+    """Pads uint8 [3, H_i, W_i] images to one height and joins them left to right with white gaps."""
+    height = max(image.shape[-2] for image in images)
+    padded = []
+    for i, image in enumerate(images):
+        canvas = torch.full((3, height, image.shape[-1] + (gap if i < len(images) - 1 else 0)), 255, dtype=torch.uint8)
+        canvas[:, : image.shape[-2], : image.shape[-1]] = image
+        padded.append(canvas)
+    return torch.cat(padded, dim=-1)

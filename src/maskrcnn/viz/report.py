@@ -1,0 +1,225 @@
+"""One report per run, `report.md` and `report.html` with PNG figures, in the order of the original project's
+README: RPN (loss curves, proposals), BoxHead (loss curves, detections), MaskHead (loss curve, masks),
+precision-recall curves; then the metrics (COCO AP next to the original per-class AP@0.5 and its mAP) and the
+config."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from maskrcnn.config import Config, config_to_dict
+from maskrcnn.engine.evaluate import COCO_STAT_NAMES, EvalResult, autocast, images_to_model
+from maskrcnn.viz.draw import draw_detections, draw_masks, draw_proposals, save_png, side_by_side
+from maskrcnn.viz.plots import plot_loss_curves, plot_pr_curves, read_metrics_jsonl
+
+ORIGINAL_BOX_MAP = 0.503  # the original project's BoxHead mAP (per-class AP at IoU 0.5, 3 classes; SEED.md)
+FIGURES_DIR = "figures"
+
+
+@dataclass
+class Section:
+    """A report section: a title, paragraphs of text, tables (header + rows) and figures (caption, path)."""
+
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
+    figures: list[tuple[str, Path]] = field(default_factory=list)
+    code: str | None = None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@torch.inference_mode()
+def render_stage_pictures(
+    model: torch.nn.Module,
+    dataset,
+    out_dir: str | Path,
+    *,
+    num_images: int,
+    score_thresh: float,
+    top_proposals: int,
+    device: torch.device,
+    amp: bool = True,
+) -> dict[str, list[Path]]:
+    """Per-stage pictures of the first `num_images` images of `dataset`.
+
+    Each picture shows the ground truth on the left and the stage's output on the right: RPN the top proposals,
+    BoxHead the final boxes with class name and score, MaskHead the masks in class colours.
+
+    Args:
+        model: our MaskRCNN (needs `inference(images, return_proposals=True)`).
+        dataset: items (uint8 [3,H,W], target) and `class_names`.
+        out_dir: folder of the PNGs.
+        num_images: images per stage.
+        score_thresh: detections drawn score at least this.
+        top_proposals: proposals drawn in the RPN picture.
+        device: where the model runs.
+        amp: bf16 autocast on CUDA.
+    Returns:
+        {"rpn": [paths], "box_head": [paths], "mask_head": [paths]}.
+    """
+    model.eval()
+    names = list(dataset.class_names)
+    samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
+    paths: dict[str, list[Path]] = {"rpn": [], "box_head": [], "mask_head": []}
+    if not samples:
+        return paths
+    images = [image for image, _ in samples]
+    with autocast(device, amp):
+        outputs = model.inference(images_to_model(images, device), return_proposals=True)
+    out_dir = Path(out_dir)
+    for i, ((image, target), output) in enumerate(zip(samples, outputs)):
+        output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
+        truth = draw_detections(image, target["boxes"], target["labels"], None, class_names=names, masks=target["masks"])
+        rpn = draw_proposals(image, output["proposals"], top_n=top_proposals)
+        boxes = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=names,
+                                score_thresh=score_thresh)
+        masks = draw_masks(image, output["masks"], output["labels"], output["scores"], class_names=names,
+                           score_thresh=score_thresh)
+        paths["rpn"].append(save_png(side_by_side([truth, rpn]), out_dir / f"rpn_{i}.png"))
+        paths["box_head"].append(save_png(side_by_side([truth, boxes]), out_dir / f"box_head_{i}.png"))
+        paths["mask_head"].append(save_png(side_by_side([truth, masks]), out_dir / f"mask_head_{i}.png"))
+    return paths
+
+
+def metrics_sections(metrics: dict) -> list[Section]:
+    """The metrics table (COCO AP and the original mAP, boxes and masks) and the per-class AP@0.5 table."""
+    voc = metrics["voc"]
+    iou = voc["iou_thresh"]
+    header = ["", *COCO_STAT_NAMES, f"mAP@{iou:g} (original metric)"]
+    rows = [
+        [label, *(_fmt(metrics[kind][name]) for name in COCO_STAT_NAMES), _fmt(voc[kind]["mAP"])]
+        for label, kind in (("boxes", "bbox"), ("masks", "segm"))
+    ]
+    rows.append(["original project (BoxHead)", *(["-"] * len(COCO_STAT_NAMES)), _fmt(ORIGINAL_BOX_MAP)])
+    per_class_header = ["class", f"box AP@{iou:g}", f"mask AP@{iou:g}"]
+    per_class_rows = [
+        [name, _fmt(voc["bbox"]["per_class"][name]), _fmt(voc["segm"]["per_class"][name])]
+        for name in voc["bbox"]["per_class"]
+    ]
+    text = [
+        f"{metrics['num_images']} images, {metrics['num_detections']} detections. COCO AP averages IoU 0.5:0.95 "
+        f"(pycocotools); the original project's metric is the per-class area under the precision-recall curve at "
+        f"IoU {iou:g} (all-point interpolated, greedy matching by score), averaged over classes (mAP). The original "
+        f"project reported a BoxHead mAP of {ORIGINAL_BOX_MAP} on its 3-class COCO subset; compare only on the "
+        f"same data.",
+    ]
+    return [Section("Metrics", text=text, tables=[(header, rows), (per_class_header, per_class_rows)])]
+
+
+def build_report(
+    run_dir: str | Path,
+    *,
+    config: Config,
+    evaluation: EvalResult,
+    model: torch.nn.Module,
+    dataset,
+    device: torch.device,
+    metrics_jsonl: str | Path | None = None,
+    title: str = "Mask R-CNN run",
+) -> tuple[Path, Path]:
+    """Writes every figure into run_dir/figures and the report as run_dir/report.md and run_dir/report.html.
+
+    Args:
+        run_dir: the run directory (its metrics.jsonl gives the loss curves when present).
+        config: the run's config (printed at the end, and the picture settings of `config.eval`).
+        evaluation: the evaluation to report (metrics and PR curves).
+        model: the trained model, for the per-stage pictures.
+        dataset: images for the pictures (the validation set).
+        device: where the model runs.
+        metrics_jsonl: training log for the loss curves; None: run_dir/metrics.jsonl (no curves if absent).
+        title: the report's heading.
+    Returns:
+        (report.md path, report.html path).
+    """
+    run_dir = Path(run_dir)
+    fig_dir = run_dir / FIGURES_DIR
+    metrics_path = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
+    losses = plot_loss_curves(read_metrics_jsonl(metrics_path), fig_dir) if metrics_path.is_file() else {}
+    pictures = render_stage_pictures(
+        model, dataset, fig_dir, num_images=config.eval.num_vis, score_thresh=config.eval.vis_score_thresh,
+        top_proposals=config.eval.vis_proposals, device=device, amp=config.train.amp,
+    )
+    pr = {
+        kind: plot_pr_curves(evaluation.pr_curves[kind], fig_dir / f"pr_{kind}.png",
+                             title=f"{label} precision-recall at IoU {evaluation.metrics['voc']['iou_thresh']:g}")
+        for kind, label in (("bbox", "BoxHead"), ("segm", "MaskHead"))
+    }
+
+    def stage(title: str, text: str, loss_key: str, picture_key: str, what: str) -> Section:
+        section = Section(title, text=[text])
+        if loss_key in losses:
+            section.figures.append((f"{title} loss curves", losses[loss_key]))
+        section.figures += [(f"{title} {what}, image {i} (left: ground truth)", p) for i, p in enumerate(pictures[picture_key])]
+        return section
+
+    sections = [
+        stage("RPN", f"Top {config.eval.vis_proposals} proposals by objectness on held-out images.", "loss_rpn", "rpn",
+              "proposals"),
+        stage("BoxHead", f"Final detections scoring at least {config.eval.vis_score_thresh:g}, with class and score.",
+              "loss_box_head", "box_head", "detections"),
+        stage("MaskHead", f"Predicted masks in class colours (detections scoring at least "
+              f"{config.eval.vis_score_thresh:g}).", "loss_mask_head", "mask_head", "masks"),
+        Section("Precision-recall", text=["Per-class precision-recall curves, AP in the legend."],
+                figures=[("BoxHead precision-recall", pr["bbox"]), ("MaskHead precision-recall", pr["segm"])]),
+        *metrics_sections(evaluation.metrics),
+    ]
+    if "loss_total" in losses:
+        sections.append(Section("Total loss", figures=[("Sum of all loss terms", losses["loss_total"])]))
+    sections.append(Section("Config", code=yaml.safe_dump(config_to_dict(config), sort_keys=False)))
+
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path.write_text(to_markdown(title, sections, run_dir))
+    html_path.write_text(to_html(title, sections, run_dir))
+    return md_path, html_path
+
+
+def to_markdown(title: str, sections: list[Section], run_dir: Path) -> str:
+    lines = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for paragraph in section.text:
+            lines += [paragraph, ""]
+        for header, rows in section.tables:
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "---|" * len(header))
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")
+        for caption, path in section.figures:
+            lines += [f"![{caption}]({path.relative_to(run_dir).as_posix()})", ""]
+        if section.code is not None:
+            lines += ["```yaml", section.code.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def to_html(title: str, sections: list[Section], run_dir: Path) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}</style>",
+        "</head><body>", f"<h1>{esc(title)}</h1>",
+    ]
+    for section in sections:
+        parts.append(f"<h2>{esc(section.title)}</h2>")
+        parts += [f"<p>{esc(paragraph)}</p>" for paragraph in section.text]
+        for header, rows in section.tables:
+            parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+            parts.append("</table>")
+        for caption, path in section.figures:
+            src = esc(path.relative_to(run_dir).as_posix())
+            parts.append(f"<figure><img src='{src}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>")
+        if section.code is not None:
+            parts.append(f"<pre>{esc(section.code)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,145 @@
+"""Training loop: exact resume, atomic checkpoints, the non-finite loss error, schedule, time budget, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import maskrcnn.engine.train as train_module
+from maskrcnn.engine.train import (
+    NonFiniteLossError,
+    CheckpointError,
+    load_checkpoint,
+    lr_factor,
+    save_checkpoint,
+    train,
+)
+
+
+def test_lr_factor_warmup_step_and_cosine():
+    common = dict(max_iters=100, warmup_iters=10, warmup_factor=0.1, steps=(50, 80), gamma=0.1)
+    # Warm-up: 0.1 at iteration 0, halfway (iteration 5) 0.1 * 0.5 + 0.5 = 0.55, then 1.
+    assert lr_factor(0, schedule="step", **common) == pytest.approx(0.1)
+    assert lr_factor(5, schedule="step", **common) == pytest.approx(0.55)
+    assert lr_factor(10, schedule="step", **common) == pytest.approx(1.0)
+    assert lr_factor(50, schedule="step", **common) == pytest.approx(0.1)
+    assert lr_factor(99, schedule="step", **common) == pytest.approx(0.01)
+    # Cosine: 0.5 * (1 + cos(pi * 50 / 100)) = 0.5 at the middle, 0 at the end.
+    assert lr_factor(50, schedule="cosine", **common) == pytest.approx(0.5)
+    assert lr_factor(100, schedule="cosine", **common) == pytest.approx(0.0)
+    assert lr_factor(5, schedule="cosine", **common) == pytest.approx(0.55 * 0.5 * (1 + math.cos(math.pi * 0.05)))
+
+
+def test_train_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path / "run", "train.eval_period=2", "train.clip_grad_norm=5.0")
+    result = train(cfg, progress=False)
+    run = tmp_path / "run"
+    assert result.iterations == 4 and not result.stopped_early
+    state = load_checkpoint(run / "last.pt")
+    assert {"model", "optimizer", "scheduler", "iteration", "rng", "config"} <= set(state)
+    assert state["iteration"] == 4
+    assert state["config"]["train"]["out_dir"] == str(run)
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert load_checkpoint(run / "best.pt")["iteration"] in (2, 4)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in train_records] == [1, 2, 3, 4]
+    assert {"loss_rpn_cls", "loss_rpn_box", "loss_box_cls", "loss_box_reg", "loss_mask", "lr"} <= set(train_records[0])
+    assert [r["iteration"] for r in records if "eval" in r] == [2, 4]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"bbox", "segm", "voc"} <= set(metrics)
+    assert (run / "config.yaml").is_file()
+
+
+def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_config):
+    reference = train(tiny_config(tmp_path / "a", "data.flip_prob=0.5"), progress=False)
+
+    real_loader = train_module.build_train_loader
+
+    def crashing_loader(*args, **kwargs):
+        batches = real_loader(*args, **kwargs)
+        for count, batch in enumerate(batches):
+            if count == 3:  # the 4th batch: a crash after the checkpoint of iteration 2 and one more step
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(train_module, "build_train_loader", crashing_loader)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "b", "data.flip_prob=0.5"), progress=False)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 2
+    monkeypatch.setattr(train_module, "build_train_loader", real_loader)
+    resumed = train(tiny_config(tmp_path / "b", "data.flip_prob=0.5"), resume=True, progress=False)
+
+    assert resumed.iterations == 4
+    expected, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_without_checkpoint_names_the_file(tmp_path, tiny_config):
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(tiny_config(tmp_path / "none"), resume=True, progress=False)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "iteration": 1}, path)
+    real_save = torch.save
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "iteration": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    state = load_checkpoint(path)
+    assert state["iteration"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_load_checkpoint_rejects_foreign_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no 'model' entry"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_non_finite_loss_names_iteration_and_term(tmp_path, tiny_config):
+    from maskrcnn.model import build_model
+
+    cfg = tiny_config(tmp_path / "nan", "train.checkpoint_period=1")
+
+    class NanAtThirdStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = build_model(cfg.model)
+            self.calls = 0
+
+        def forward(self, images, targets=None):
+            losses = self.inner(images, targets)
+            if self.training:
+                self.calls += 1
+                if self.calls == 3:
+                    losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
+            return losses
+
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2: loss term loss_box_reg is nan"):
+        train(cfg, model=NanAtThirdStep(), progress=False)
+    state = load_checkpoint(tmp_path / "nan" / "last.pt")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_time_budget_stops_early_and_evaluates(tmp_path, tiny_config):
+    result = train(tiny_config(tmp_path / "t", "train.max_minutes=0.0", "train.max_iters=50"), progress=False)
+    assert result.stopped_early and result.iterations == 1
+    assert result.evaluation is not None and (tmp_path / "t" / "metrics.json").is_file()
+    assert load_checkpoint(tmp_path / "t" / "last.pt")["iteration"] == 1

@@ -1,0 +1,158 @@
+"""The `maskrcnn` command: every subcommand on tiny synthetic data, help texts, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from maskrcnn.cli import DEMO_PRESET, main
+from maskrcnn.config import config_from_dict, config_to_dict, load_config
+
+
+def flat_overrides(values: dict, prefix: str = "") -> list[str]:
+    """{"train": {"lr": 0.1}} -> ["train.lr=0.1"] (values as JSON, which YAML reads back)."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += flat_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_values):
+    """One tiny training run via `maskrcnn train` (2 iterations), shared by the commands that need a checkpoint."""
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_values))
+    out = root / "run"
+    assert main(["train", str(config), "--out", str(out), "--set", "train.max_iters=2"]) == 0
+    return config, out
+
+
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("demo", "train", "evaluate", "predict", "data"):
+        assert command in text
+    for argv in (["demo", "-h"], ["train", "-h"], ["evaluate", "-h"], ["predict", "-h"], ["data", "coco-subset", "-h"],
+                 ["data", "pennfudan", "-h"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        assert "usage: maskrcnn" in capsys.readouterr().out
+
+
+def test_demo_preset_matches_configs_demo_yaml():
+    shipped = load_config("configs/demo.yaml")
+    assert config_to_dict(shipped) == config_to_dict(config_from_dict(DEMO_PRESET))
+
+
+@pytest.mark.parametrize("name", ["demo", "seed", "pennfudan", "coco"])
+def test_presets_load(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.model.num_classes == {"demo": 3, "seed": 3, "pennfudan": 1, "coco": 80}[name]
+
+
+def test_demo_runs_and_writes_the_report(tmp_path, capsys, tiny_values):
+    overrides = flat_overrides(tiny_values) + ["train.max_iters=2"]
+    args = ["demo", "--out", str(tmp_path / "demo"), "--minutes", "5"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "demo" / "report.html") in out and "original metric" in out
+    assert (tmp_path / "demo" / "report.md").is_file()
+    assert load_config(tmp_path / "demo" / "config.yaml").train.max_minutes == 5.0
+
+
+def test_train_resume_evaluate_predict(trained_run, tmp_path, capsys):
+    config, out = trained_run
+    assert (out / "report.html").is_file() and (out / "last.pt").is_file()
+    assert main(["train", str(config), "--out", str(out), "--set", "train.max_iters=3", "--resume"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3]  # resumed at 2, not restarted
+
+    assert main(["evaluate", str(out / "last.pt"), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["num_images"] == 2 and "voc" in metrics
+    assert (tmp_path / "ev" / "report.md").is_file()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((48, 40, 3), 60 * i, dtype=np.uint8)).save(images / f"im{i}.png")
+    capsys.readouterr()
+    assert main(["predict", str(out / "last.pt"), str(images), "--out", str(tmp_path / "pred"),
+                 "--score-thresh", "0.0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == ["im0_pred.png", "im1_pred.png"]
+    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score", "segmentation", "file_name"} <= set(p) for p in predictions)
+    assert Image.open(tmp_path / "pred" / "im0_pred.png").size == (40, 48)
+
+
+def test_evaluate_with_data_config(trained_run, tmp_path):
+    config, out = trained_run
+    other = tmp_path / "other.yaml"
+    values = yaml.safe_load(config.read_text())
+    values["data"]["synthetic_val_size"] = 3
+    other.write_text(yaml.safe_dump(values))
+    assert main(["evaluate", str(out / "last.pt"), "--data-config", str(other), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_images"] == 3
+
+
+def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("maskrcnn: error:")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_errors_are_one_line(tmp_path, capsys, trained_run):
+    config, out = trained_run
+    one_line_error(capsys, ["train", str(tmp_path / "missing.yaml")], "missing.yaml")
+    one_line_error(capsys, ["train", str(config), "--set", "train.lr=fast"], "train.lr")
+    one_line_error(capsys, ["train", str(config), "--set", "train.nope=1"], "train.nope")
+    one_line_error(capsys, ["evaluate", str(tmp_path / "none.pt")], "none.pt")
+    one_line_error(capsys, ["predict", str(out / "last.pt"), str(tmp_path / "no.png"), "--out", str(tmp_path)], "no.png")
+    one_line_error(capsys, ["data", "pennfudan", str(tmp_path / "pf"), "--source", str(tmp_path)], "PNGImages")
+
+
+def test_data_coco_subset(tmp_path, capsys):
+    instances = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10},
+                   {"id": 2, "file_name": "b.jpg", "height": 10, "width": 10}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0,
+                         "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]]},
+                        {"id": 2, "image_id": 2, "category_id": 90, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0,
+                         "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]]}],
+        "categories": [{"id": 1, "name": "person", "supercategory": "person"},
+                       {"id": 3, "name": "car", "supercategory": "vehicle"},
+                       {"id": 18, "name": "dog", "supercategory": "animal"},
+                       {"id": 90, "name": "toothbrush", "supercategory": "indoor"}],
+    }
+    src = tmp_path / "instances.json"
+    src.write_text(json.dumps(instances))
+    assert main(["data", "coco-subset", str(src), str(tmp_path / "subset.json")]) == 0
+    subset = json.loads((tmp_path / "subset.json").read_text())
+    assert [c["name"] for c in subset["categories"]] == ["vehicles", "people", "animals"]
+    assert [a["id"] for a in subset["annotations"]] == [1]
+    assert "subset.json" in capsys.readouterr().out
+
+
+def test_data_pennfudan_from_folder(tmp_path, capsys):
+    source = tmp_path / "src" / "PennFudanPed"
+    (source / "PNGImages").mkdir(parents=True)
+    (source / "PedMasks").mkdir()
+    assert main(["data", "pennfudan", str(tmp_path / "dest"), "--source", str(tmp_path / "src")]) == 0
+    assert (tmp_path / "dest" / "PNGImages").is_dir()
+    assert str(tmp_path / "dest") in capsys.readouterr().out
