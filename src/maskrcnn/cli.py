@@ -182,7 +182,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
+    import torch
+    from PIL import Image
 
     from maskrcnn.engine.evaluate import autocast, detections_to_coco, images_to_model
     from maskrcnn.viz.draw import draw_detections, save_png
@@ -195,9 +197,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results = []
     for image_id, path in enumerate(paths, start=1):
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except RuntimeError as error:
+            with Image.open(path) as pil:
+                pixels = np.asarray(pil.convert("RGB"))
+        except OSError as error:
             raise CommandError(f"{path}: not a readable image ({error})") from None
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
         with autocast(device, cfg.train.amp):
             output = model(images_to_model([image], device))[0]
         output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}

@@ -34,7 +34,7 @@ def make_torchvision_rpn(*, pre=1000, post=1000, batch_size_per_image=256, posit
         TorchvisionAnchorGenerator(tuple((s,) for s in SIZES), (RATIOS,) * len(SIZES)),
         TorchvisionRPNHead(C, len(RATIOS)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
         batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
-        pre_nms_top_n=dict(training=pre, testing=pre), post_nms_top_n=dict(training=post, testing=post),
+        pre_nms_top_n={"training": pre, "testing": pre}, post_nms_top_n={"training": post, "testing": post},
         nms_thresh=0.7, score_thresh=score_thresh)
 
 
@@ -149,8 +149,8 @@ def test_losses_by_hand():
     features = {"p": torch.rand(1, C, 2, 2)}
     gt_boxes, gt_valid = torch.tensor([[[16.0, 16.0, 48.0, 48.0]]]), torch.tensor([[True]])
     _, _, _, losses = rpn(batch, features, gt_boxes, gt_valid)
-    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  BCE of logit x with label 0 is softplus(x)
-    expected_cls = (softplus(-0.5) + 3 * softplus(0.5)) / 4
+    # BCE of logit x is softplus(-x) with label 1 and softplus(x) with label 0
+    expected_cls = (math.log1p(math.exp(-0.5)) + 3 * math.log1p(math.exp(0.5))) / 4
     # smooth L1 with beta 1/9 of dx = 0.1 (< beta): 0.5 * 0.1^2 / (1/9) = 0.045, over 4 sampled anchors
     expected_box = 0.5 * 0.1**2 * 9 / 4
     assert losses["loss_rpn_cls"].item() == pytest.approx(expected_cls, rel=1e-6)
@@ -159,7 +159,7 @@ def test_losses_by_hand():
 
 def test_losses_equal_torchvision_when_every_anchor_is_sampled():
     # a budget larger than the anchors makes sampling deterministic: all positives and all negatives
-    kwargs = dict(batch_size_per_image=10**6, positive_fraction=1.0)
+    kwargs = {"batch_size_per_image": 10**6, "positive_fraction": 1.0}
     rpn = make_rpn(**kwargs).train()
     reference = make_torchvision_rpn(**kwargs).train()
     spread_head_weights(rpn.head, seed=2)

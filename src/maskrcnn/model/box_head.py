@@ -224,7 +224,7 @@ class BoxHead(nn.Module):
             return {"loss_box_cls": zero, "loss_box_reg": zero.clone()}
         loss_cls = F.cross_entropy(class_logits, sample.labels)
         num_pos = sample.num_positive
-        deltas = box_deltas[:num_pos].reshape(num_pos, -1, 4)  # (Rp, (K+1)*4) -> (Rp, K+1, 4)
+        deltas = box_deltas[:num_pos].reshape(num_pos, self.num_classes + 1, 4)  # (Rp, (K+1)*4) -> (Rp, K+1, 4)
         deltas = deltas[torch.arange(num_pos, device=deltas.device), sample.labels[:num_pos]]  # (Rp, 4)
         # beta 1/9 and the sum over positives divided by all sampled RoIs, as torchvision's fastrcnn_loss
         loss_reg = F.smooth_l1_loss(deltas, sample.regression_targets, beta=1.0 / 9, reduction="sum") / num_rois

@@ -219,8 +219,8 @@ class RPN(nn.Module):
         proposal_scores[slot] = flat_scores[kept]
         valid = torch.zeros(B * (P + 1), dtype=torch.bool, device=device)
         valid[slot] = True
-        return (proposals.view(B, P + 1, 4)[:, :P], proposal_scores.view(B, P + 1)[:, :P],
-                valid.view(B, P + 1)[:, :P])
+        return (proposals.view(B, P + 1, 4)[:, :P].contiguous(), proposal_scores.view(B, P + 1)[:, :P].contiguous(),
+                valid.view(B, P + 1)[:, :P].contiguous())
 
 
 def _flatten(x: Tensor, B: int, values: int) -> Tensor:

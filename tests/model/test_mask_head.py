@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from maskrcnn.model.box_head import LevelRoIAlign
+from maskrcnn.model.mask_head import MaskHead, stack_masks
+
+
+def _head(aligned=True, num_classes=3):
+    torch.manual_seed(0)
+    return MaskHead(pooler=LevelRoIAlign(output_size=14, sampling_ratio=2, aligned=aligned), in_channels=4,
+                    conv_channels=8, num_convs=4, num_classes=num_classes)
+
+
+def test_layout_matches_torchvision():
+    head = _head()
+    assert [tuple(c.weight.shape) for c in head.convs] == [(8, 4, 3, 3)] + [(8, 8, 3, 3)] * 3
+    assert tuple(head.deconv.weight.shape) == (8, 8, 2, 2)
+    assert tuple(head.logits.weight.shape) == (4, 8, 1, 1)  # K + 1 channels, background included
+
+
+def test_forward_selects_the_class_channel():
+    head = _head()
+    with torch.no_grad():
+        head.logits.weight.zero_()
+        head.logits.bias.copy_(torch.tensor([0.0, 10.0, 20.0, 30.0]))  # channel c outputs 10 c everywhere
+    features = {f"p{k}": torch.randn(2, 4, 64 // 2**k, 64 // 2**k) for k in (2, 3, 4, 5)}
+    rois = torch.tensor([[0.0, 0.0, 0.0, 20.0, 20.0], [1.0, 5.0, 5.0, 60.0, 40.0], [1.0, 1.0, 1.0, 9.0, 9.0]])
+    logits = head(features, rois, torch.tensor([2, 1, 3]))
+    assert logits.shape == (3, 28, 28)
+    assert logits[:, 0, 0].tolist() == [20.0, 10.0, 30.0]
+
+
+def test_targets_are_the_mask_cropped_to_the_box():
+    head = _head(aligned=True)
+    masks = torch.zeros(2, 60, 50, dtype=torch.uint8)
+    masks[1, 20:48, 10:24] = 1  # GT 1: the left half of the original box (10, 20, 38, 48)
+    masks[0, 0:5, 0:5] = 1  # GT 0 lies elsewhere
+    stacked = stack_masks([masks[:1], masks[1:]])  # image 0 has GT 0, image 1 has GT 1
+    # image 1 was resized 2x in y and 3x in x: the proposal is the box in resized pixels
+    scales = torch.tensor([[1.0, 1.0], [2.0, 3.0]])
+    rois = torch.tensor([[1.0, 30.0, 40.0, 114.0, 96.0]])
+    target = head.targets(rois, torch.tensor([1]), stacked, scales)
+    expected = torch.zeros(1, 28, 28)
+    expected[:, :, :14] = 1
+    torch.testing.assert_close(target, expected)
+
+
+def test_targets_binarised_and_partially_outside():
+    head = _head(aligned=True)
+    masks = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    masks[..., :, :] = 1
+    # box twice the mask: the right / bottom half lies outside the image and becomes 0
+    target = head.targets(torch.tensor([[0.0, 0.0, 0.0, 56.0, 56.0]]), torch.tensor([0]), masks,
+                          torch.ones(1, 2))
+    assert set(target.unique().tolist()) == {0.0, 1.0}
+    assert target[0, :13, :13].min().item() == 1.0 and target[0, 15:, :].max().item() == 0.0
+
+
+def test_loss_by_hand_and_empty():
+    logits = torch.zeros(2, 28, 28, requires_grad=True)
+    loss = MaskHead.loss(logits, torch.ones(2, 28, 28))
+    assert loss.item() == pytest.approx(math.log(2))
+    empty = MaskHead.loss(torch.zeros(0, 28, 28, requires_grad=True), torch.zeros(0, 28, 28))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_stack_masks_pads_uneven_images():
+    stacked = stack_masks([torch.ones(2, 4, 6, dtype=torch.uint8), torch.zeros(0, 8, 3, dtype=torch.uint8),
+                           torch.ones(1, 5, 5, dtype=torch.bool)])
+    assert stacked.shape == (3, 1, 8, 6) and stacked.dtype == torch.uint8
+    assert stacked[:2].sum().item() == 2 * 24 and stacked[2].sum().item() == 25

@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+
+from maskrcnn.config import BackboneConfig, BoxHeadConfig, MaskHeadConfig, ModelConfig, TransformConfig
+from maskrcnn.model import MaskRCNN, build_model
+from maskrcnn.model.maskrcnn import LOSS_KEYS
+
+
+def _tiny_config(**changes) -> ModelConfig:
+    values = dict(num_classes=2, backbone=BackboneConfig(depth=18, fpn_channels=32),
+                  transform=TransformConfig(min_size=None, max_size=None),
+                  box_head=BoxHeadConfig(representation_size=64, batch_size_per_image=64),
+                  mask_head=MaskHeadConfig(conv_channels=16))
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def _target(height, width, boxes, labels):
+    masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes):
+        mask[y1:y2, x1:x2] = 1
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64),
+            "masks": masks}
+
+
+def _synthetic_pair():
+    """Two images with bright rectangles (class 1) and a dark one (class 2) on noise, sizes differ."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 96, generator=generator) * 0.3, torch.rand(3, 80, 112, generator=generator) * 0.3]
+    targets = [_target(96, 96, [(10, 12, 50, 60), (60, 20, 90, 44)], [1, 2]),
+               _target(80, 112, [(30, 10, 100, 70)], [1])]
+    for image, target in zip(images, targets):
+        for box, label in zip(target["boxes"].int().tolist(), target["labels"].tolist()):
+            image[:, box[1]:box[3], box[0]:box[2]] = 0.9 if label == 1 else 0.5
+    return images, targets
+
+
+@pytest.fixture(scope="module")
+def model() -> MaskRCNN:
+    torch.manual_seed(0)
+    return build_model(_tiny_config())
+
+
+def test_train_mode_returns_the_five_losses(model):
+    images, targets = _synthetic_pair()
+    model.train()
+    losses = model(images, targets)
+    assert tuple(losses) == LOSS_KEYS
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    model.zero_grad()
+    sum(losses.values()).backward()
+    assert model.mask_head.logits.weight.grad.abs().sum() > 0
+    assert model.box_head.bbox_pred.weight.grad.abs().sum() > 0
+    assert model.rpn.head.cls_logits.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_objects", [0, 1])
+def test_no_gt_and_one_gt_give_finite_connected_losses(model, num_objects):
+    image = torch.rand(3, 64, 72)
+    target = _target(64, 72, [(5, 5, 40, 50)][:num_objects], [1][:num_objects])
+    model.train()
+    losses = model([image], [target])
+    for key, value in losses.items():
+        assert torch.isfinite(value), key
+        assert value.requires_grad, key
+    model.zero_grad()
+    sum(losses.values()).backward()
+    if num_objects == 0:
+        assert losses["loss_rpn_box"].item() == 0.0
+        assert losses["loss_box_reg"].item() == 0.0
+        assert losses["loss_mask"].item() == 0.0
+    else:
+        assert losses["loss_mask"].item() > 0.0
+
+
+def test_eval_output_format_and_sizes(model):
+    images, _ = _synthetic_pair()
+    model.eval()
+    outputs = model(images)
+    assert len(outputs) == 2
+    for image, output in zip(images, outputs):
+        assert set(output) == {"boxes", "labels", "scores", "masks"}
+        count = output["boxes"].shape[0]
+        assert 0 < count <= 100
+        assert output["boxes"].dtype == torch.float32 and output["labels"].dtype == torch.int64
+        assert output["scores"].shape == (count,) and output["labels"].shape == (count,)
+        assert output["masks"].shape == (count, 1, *image.shape[-2:])
+        assert output["masks"].min() >= 0 and output["masks"].max() <= 1
+        assert (output["labels"] >= 1).all() and (output["labels"] <= 2).all()
+        assert (output["scores"][:-1] >= output["scores"][1:]).all()
+        h, w = image.shape[-2:]
+        assert (output["boxes"][:, 0::2] <= w).all() and (output["boxes"][:, 1::2] <= h).all()
+        assert (output["boxes"] >= 0).all()
+
+
+def test_batch_equals_single_images_and_proposals(model):
+    images, _ = _synthetic_pair()
+    model.eval()
+    together = model.inference(images, return_proposals=True)
+    for image, batched in zip(images, together):
+        alone = model.inference([image], return_proposals=True)[0]
+        # the padded canvas differs, so features at the bottom / right border differ slightly
+        assert batched["proposals"].shape[1] == 4 and batched["proposal_scores"].ndim == 1
+        assert batched["proposals"].shape[0] == batched["proposal_scores"].shape[0] > 0
+        assert alone["boxes"].shape[1] == 4
+
+
+def test_resize_maps_outputs_back_to_the_original_size():
+    torch.manual_seed(0)
+    model = build_model(_tiny_config(transform=TransformConfig(min_size=128, max_size=200))).eval()
+    image = torch.rand(3, 60, 90)
+    output = model([image])[0]
+    assert output["masks"].shape[-2:] == (60, 90)
+    assert (output["boxes"][:, 2] <= 90).all() and (output["boxes"][:, 3] <= 60).all()
+
+
+def test_thirty_sgd_steps_halve_the_loss():
+    torch.manual_seed(0)
+    model = build_model(_tiny_config())
+    model.train()
+    images, targets = _synthetic_pair()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(30):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert all(math.isfinite(v) for v in history)
+    assert sum(history[-3:]) / 3 <= 0.5 * history[0], history
+
+
+def test_bad_input_errors(model):
+    model.train()
+    image = torch.rand(3, 32, 32)
+    with pytest.raises(ValueError, match="targets are required"):
+        model([image])
+    target = _target(32, 32, [(1, 1, 9, 9)], [1])
+    with pytest.raises(ValueError, match="target 0"):
+        model([image], [{**target, "labels": torch.tensor([0])}])
+    with pytest.raises(ValueError, match="masks"):
+        model([image], [{"boxes": target["boxes"], "labels": target["labels"]}])
+
+
+def test_weights_from_checkpoint_and_state_dict(tmp_path, model):
+    cfg = _tiny_config()
+    torch.save({"model": model.state_dict(), "iteration": 3}, tmp_path / "checkpoint.pt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    for name in ("checkpoint.pt", "bare.pt"):
+        loaded = build_model(ModelConfig(**{**cfg.__dict__, "weights": str(tmp_path / name)}))
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_model(ModelConfig(**{**cfg.__dict__, "weights": str(tmp_path / "missing.pt")}))
+    torch.save(model.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(RuntimeError, match="other.pt"):
+        build_model(ModelConfig(**{**cfg.__dict__, "num_classes": 5, "weights": str(tmp_path / "other.pt")}))
