@@ -22,5 +22,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+demo: $(STAMP)
+	$(BIN)/maskrcnn demo
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,11 +72,11 @@ def _out_dir(cfg: Config, out: str | None) -> Config:
 
 
 def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[str]):
-    """(config, model with the checkpoint's weights, device) for evaluate / predict."""
+    """(config, model with the checkpoint's weights, device, class names) for evaluate / predict."""
     import torch
 
     from maskrcnn.config import config_to_dict
-    from maskrcnn.engine.train import load_checkpoint, resolve_device
+    from maskrcnn.engine.train import CheckpointError, load_checkpoint, resolve_device
     from maskrcnn.model import build_model
 
     state = load_checkpoint(path)
@@ -88,11 +89,16 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
     # The weights come from the checkpoint: never load (or download) the ones the config names.
     model_cfg = replace(cfg.model, weights="none", backbone=replace(cfg.model.backbone, weights="none"))
     model = build_model(model_cfg)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing / unexpected keys or shape mismatches: name the first problem only
+        raise CheckpointError(f"{path}: its weights do not fit the model of its config "
+                              f"({str(error).strip().splitlines()[-1].strip()})") from None
     device = resolve_device(cfg.train.device)
     model.to(device).eval()
     torch.set_grad_enabled(False)
-    return cfg, model, device
+    class_names = state.get("class_names") or [f"class {k}" for k in range(1, cfg.model.num_classes + 1)]
+    return cfg, model, device, class_names
 
 
 def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
@@ -102,6 +108,7 @@ def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
     from maskrcnn.engine.train import train
     from maskrcnn.viz.report import build_report
 
+    started = time.perf_counter()
     val_set = build_dataset(cfg.data, "val")
     result = train(cfg, val_set=val_set, resume=resume)
     if not distributed.is_main():
@@ -109,7 +116,8 @@ def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
     md, html = build_report(result.out_dir, config=cfg, evaluation=result.evaluation, model=result.model,
                             dataset=val_set, device=result.device, title=title)
     voc = result.evaluation.metrics["voc"]
-    print(f"trained {result.iterations} iterations" + (" (stopped by the time budget)" if result.stopped_early else ""))
+    print(f"trained {result.iterations} iterations" + (" (stopped by the time budget)" if result.stopped_early else "")
+          + f", {(time.perf_counter() - started) / 60:.1f} minutes with evaluation and report")
     print(_summary(result.evaluation.metrics))
     print(f"mask mAP@{voc['iou_thresh']:g} (original metric): {_fmt(voc['segm']['mAP'])}")
     print(f"report: {html}\n        {md}")
@@ -167,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from maskrcnn.engine.evaluate import evaluate_dataset
     from maskrcnn.viz.report import build_report
 
-    cfg, model, device = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
+    cfg, model, device, _ = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent / f"eval_{checkpoint.stem}"
     dataset = build_dataset(cfg.data, "val")
@@ -190,8 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from maskrcnn.viz.draw import draw_detections, save_png
 
     paths = _image_paths(args.inputs)
-    cfg, model, device = _build_for_checkpoint(args.checkpoint, None, args.set)
-    class_names = _class_names(cfg)
+    cfg, model, device, class_names = _build_for_checkpoint(args.checkpoint, None, args.set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -216,16 +223,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     (out / "predictions.json").write_text(json.dumps(results))
     print(f"overlays and predictions.json (COCO results, category_id = label) in {out}")
     return 0
-
-
-def _class_names(cfg: Config) -> list[str]:
-    """Class names of the training data without loading it when possible (synthetic: the shape names)."""
-    from maskrcnn.data import build_dataset
-
-    try:
-        return list(build_dataset(cfg.data, "val").class_names)
-    except (OSError, ValueError):  # the training data are not on this machine: fall back to numbered classes
-        return [f"class {k}" for k in range(1, cfg.model.num_classes + 1)]
 
 
 def cmd_data_coco_subset(args: argparse.Namespace) -> int:

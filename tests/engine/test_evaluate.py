@@ -11,6 +11,7 @@ import torch
 from maskrcnn.engine.evaluate import (
     build_coco_ground_truth,
     evaluate,
+    evaluate_dataset,
     match_image,
     targets_to_coco_annotations,
     voc_average_precision,
@@ -148,3 +149,32 @@ def test_no_detections_score_zero():
     result = evaluate(Replay([[empty]]), [([image()], [target])], class_names=["x"], device=torch.device("cpu"))
     assert result.metrics["segm"]["AP"] == 0.0
     assert result.metrics["voc"]["bbox"]["mAP"] == 0.0
+
+
+def test_evaluate_dataset_uses_the_datasets_coco_ground_truth():
+    # The dataset's own ground truth (category id 4) has a second object that its targets lack: scoring against
+    # `coco` (recall 1/2, AP 0.5) and not against the targets (AP 1.0) shows which ground truth was used.
+    target = rect_target([[2, 2, 20, 20]], [1], image_id=8)
+    extra = rect_target([[25, 5, 45, 25]], [1], image_id=8)
+    annotations = [dict(a, category_id=4) for a in targets_to_coco_annotations(target, 8, 1)]
+    annotations += [dict(a, category_id=4) for a in targets_to_coco_annotations(extra, 8, 2)]
+    coco = build_coco_ground_truth([{"id": 8, "height": H, "width": W}], annotations, ["x"])
+    coco.dataset["categories"] = [{"id": 4, "name": "x"}]
+    coco.createIndex()
+
+    class OneImage(torch.utils.data.Dataset):
+        class_names = ["x"]
+        label_to_category_id = {1: 4}
+
+        def __init__(self):
+            self.coco = coco
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return image(), target
+
+    result = evaluate_dataset(Replay([[as_output(target, [0.9])]]), OneImage(), batch_size=1, device=torch.device("cpu"))
+    assert result.metrics["voc"]["segm"]["mAP"] == pytest.approx(0.5)
+    assert result.detections[0]["category_id"] == 4

@@ -39,7 +39,7 @@ def test_train_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_config):
     run = tmp_path / "run"
     assert result.iterations == 4 and not result.stopped_early
     state = load_checkpoint(run / "last.pt")
-    assert {"model", "optimizer", "scheduler", "iteration", "rng", "config"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "iteration", "rng", "config", "class_names"} <= set(state)
     assert state["iteration"] == 4
     assert state["config"]["train"]["out_dir"] == str(run)
     assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
@@ -74,6 +74,8 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_config):
     resumed = train(tiny_config(tmp_path / "b", "data.flip_prob=0.5"), resume=True, progress=False)
 
     assert resumed.iterations == 4
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4]  # iteration 3 of the crashed run dropped
     expected, got = reference.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys()
     for name in expected:

@@ -95,16 +95,16 @@ def test_eval_output_format_and_sizes(model):
         assert (output["boxes"] >= 0).all()
 
 
-def test_batch_equals_single_images_and_proposals(model):
+def test_return_proposals_in_original_pixels(model):
     images, _ = _synthetic_pair()
     model.eval()
-    together = model.inference(images, return_proposals=True)
-    for image, batched in zip(images, together):
-        alone = model.inference([image], return_proposals=True)[0]
-        # the padded canvas differs, so features at the bottom / right border differ slightly
-        assert batched["proposals"].shape[1] == 4 and batched["proposal_scores"].ndim == 1
-        assert batched["proposals"].shape[0] == batched["proposal_scores"].shape[0] > 0
-        assert alone["boxes"].shape[1] == 4
+    outputs = model.inference(images, return_proposals=True)
+    for image, output in zip(images, outputs):
+        proposals, scores = output["proposals"], output["proposal_scores"]
+        assert proposals.shape[1] == 4 and proposals.shape[0] == scores.shape[0] > 0
+        assert (scores[:-1] >= scores[1:]).all() and (scores >= 0).all() and (scores <= 1).all()
+        h, w = image.shape[-2:]
+        assert (proposals >= 0).all() and (proposals[:, 2] <= w).all() and (proposals[:, 3] <= h).all()
 
 
 def test_resize_maps_outputs_back_to_the_original_size():

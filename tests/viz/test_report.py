@@ -10,7 +10,7 @@ import torch
 from maskrcnn.data import build_dataset
 from maskrcnn.engine.evaluate import evaluate_dataset
 from maskrcnn.model import build_model
-from maskrcnn.viz.report import ORIGINAL_BOX_MAP, build_report
+from maskrcnn.viz.report import ORIGINAL_BOX_MAP, build_report, enlarge
 
 
 def test_report_references_every_figure(tmp_path, tiny_config):
@@ -41,3 +41,13 @@ def test_report_references_every_figure(tmp_path, tiny_config):
     assert f"{ORIGINAL_BOX_MAP:.3f}" in md and f"{ORIGINAL_BOX_MAP:.3f}" in html
     assert "mAP@0.5 (original metric)" in md
     assert "synthetic_image_size" in md
+
+
+def test_enlarge_scales_image_boxes_and_masks():
+    image = torch.arange(12, dtype=torch.uint8).reshape(3, 2, 2)
+    masks = torch.tensor([[[1, 0], [0, 0]]], dtype=torch.uint8)
+    big, items = enlarge(image, {"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "masks": masks, "labels": 1}, 3)
+    assert big.shape == (3, 6, 6) and big[0, 2, 2] == 0 and big[0, 3, 3] == 3  # pixel (1, 1) of channel 0 is 3
+    assert items["boxes"].tolist() == [[0.0, 0.0, 3.0, 3.0]]
+    assert items["masks"].shape == (1, 6, 6) and items["masks"].sum() == 9
+    assert items["labels"] == 1

@@ -51,6 +51,10 @@ class EvalResult:
 
 def images_to_model(images: list[Tensor], device: torch.device) -> list[Tensor]:
     """uint8 [3, H, W] images -> float [3, H, W] in 0..1 on `device` (moved as uint8: 4x less to copy)."""
+    for i, image in enumerate(images):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image {i} of the batch: expected uint8 [3, H, W] from the data set, got "
+                             f"{image.dtype} {tuple(image.shape)}")
     return [image.to(device, non_blocking=True).float().div_(255.0) for image in images]
 
 
@@ -256,7 +260,7 @@ def coco_stats(coco_gt: COCO, detections: list[dict], *, iou_type: str, image_id
     return {name: (None if value < 0 else float(value)) for name, value in zip(COCO_STAT_NAMES, evaluator.stats[:6])}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: tensors the model caches here (anchors) are reused in training
 def evaluate(
     model: torch.nn.Module,
     batches: Iterable[tuple[list[Tensor], list[dict]]],

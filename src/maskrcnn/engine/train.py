@@ -3,8 +3,8 @@ periodic evaluation, atomic checkpoints and exact resume.
 
 Run directory (written by rank 0 only):
     config.yaml     the full config of the run
-    metrics.jsonl   one JSON record per log period: {"iteration", "lr", "loss", "loss_*", "time"}, and one per
-                    evaluation: {"iteration", "eval": {...metrics}}
+    metrics.jsonl   one JSON record per log period, {"iteration", "lr", "loss", "loss_*", "time"} with the losses
+                    averaged over the period, and one per evaluation, {"iteration", "eval": {...metrics}}
     metrics.json    the last evaluation (plus detections.json, pr_curves.json)
     last.pt         checkpoint every checkpoint_period iterations and at the end; best.pt: best mask AP so far
     tb/             TensorBoard scalars when the tensorboard package is installed
@@ -30,6 +30,7 @@ from maskrcnn.config import Config, config_to_dict, save_config
 from maskrcnn.data import build_dataset, build_train_loader
 from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import EvalResult, autocast, evaluate_dataset, images_to_model
+from maskrcnn.model import build_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,6 +199,12 @@ class MetricsLogger:
             if SummaryWriter is not None:
                 self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tb"))
 
+    def drop_after(self, iteration: int) -> None:
+        """Removes records past `iteration` (a resumed run repeats the iterations after its checkpoint)."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(line for line in lines if json.loads(line)["iteration"] <= iteration))
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -262,8 +269,6 @@ def train(
         NonFiniteLossError: a loss term became NaN/inf; no step is taken with it and last.pt stays as it was.
         CheckpointError: `resume` without a readable last.pt.
     """
-    from maskrcnn.model import build_model
-
     tc = cfg.train
     out_dir = Path(tc.out_dir)
     dist_device = distributed.init_distributed()
@@ -306,13 +311,14 @@ def train(
         world_size=distributed.get_world_size(), start_iter=start_iter,
     )
     logger = MetricsLogger(out_dir=out_dir, enabled=main)
+    logger.drop_after(start_iter)
 
     def checkpoint(iteration: int, name: str) -> None:
         if main:
             state = {
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "iteration": iteration, "rng": rng_state(),
-                "config": config_to_dict(cfg), "best_ap": best_ap,
+                "config": config_to_dict(cfg), "best_ap": best_ap, "class_names": list(train_set.class_names),
             }
             save_checkpoint(state, out_dir / name)
 
@@ -335,6 +341,7 @@ def train(
     model.train()
     started = time.perf_counter()
     stopped_early = False
+    window: dict[str, list[float]] = {}  # loss values since the last log record
     iteration = start_iter
     bar = tqdm(total=tc.max_iters, initial=start_iter, desc="train", unit="it", disable=not (progress and main),
                dynamic_ncols=True)
@@ -357,6 +364,8 @@ def train(
                     + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                     + "); stopping, the last checkpoint is unchanged"
                 )
+            for name, value in values.items():
+                window.setdefault(name, []).append(value)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if tc.clip_grad_norm is not None:
@@ -367,7 +376,10 @@ def train(
             bar.update(1)
 
             if iteration % tc.log_period == 0 or iteration == tc.max_iters:
-                reduced = {k: float(v) for k, v in distributed.reduce_loss_dict(loss_dict).items()}
+                # The mean over the log period: single-iteration values are too noisy to read a curve from.
+                means = {k: torch.tensor(sum(v) / len(v), device=device) for k, v in window.items()}
+                reduced = {k: float(v) for k, v in distributed.reduce_loss_dict(means).items()}
+                window.clear()
                 record = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
                           "loss": sum(reduced.values()), **reduced, "time": time.perf_counter() - started}
                 logger.log(record)

@@ -65,7 +65,6 @@ class LevelRoIAlign(nn.Module):
             f32[R, C, S, S], in the order of `rois`.
         """
         maps = [features[name] for name in self.featmap_names]
-        num_rois = rois.shape[0]
         level = self.assign_levels(rois[:, 1:])
         order = torch.argsort(level, stable=True)  # RoIs grouped by level
         counts = torch.bincount(level, minlength=len(maps)).tolist()  # the one host sync of the pooler
@@ -78,8 +77,7 @@ class LevelRoIAlign(nn.Module):
         if not pooled_per_level:
             return maps[0].new_zeros((0, channels, self.output_size, self.output_size))
         pooled_sorted = torch.cat(pooled_per_level)  # (R, C, S, S) in level order
-        out = pooled_sorted.new_empty((num_rois, channels, self.output_size, self.output_size))
-        return out.index_copy(0, order, pooled_sorted)  # back to the order of `rois`
+        return pooled_sorted[torch.argsort(order)]  # back to the order of `rois`: one gather
 
 
 @dataclass

@@ -146,8 +146,11 @@ def load_torchvision_coco(model: MaskRCNN) -> None:
             del state[key]
         logger.info("torchvision-coco weights have %d classes, the model %d: predictor layers %s stay freshly "
                     "initialised", num_classes, model.box_head.num_classes, ", ".join(CLASS_DEPENDENT_PREFIXES))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    needs = "model.weights=torchvision-coco needs model.backbone.depth=50 and fpn_channels=256"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise RuntimeError(f"{needs}: {str(error)[:500]}") from None
     missing = [key for key in missing if not (skipped and key.startswith(CLASS_DEPENDENT_PREFIXES))]
     if missing or unexpected:
-        raise RuntimeError(f"model.weights=torchvision-coco needs model.backbone.depth=50 and fpn_channels=256: "
-                           f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        raise RuntimeError(f"{needs}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")

@@ -6,17 +6,20 @@ config."""
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from torch import Tensor
 
 from maskrcnn.config import Config, config_to_dict
 from maskrcnn.engine.evaluate import COCO_STAT_NAMES, EvalResult, autocast, images_to_model
 from maskrcnn.viz.draw import draw_detections, draw_masks, draw_proposals, save_png, side_by_side
 from maskrcnn.viz.plots import plot_loss_curves, plot_pr_curves, read_metrics_jsonl
 
+MIN_PICTURE_SIDE = 384  # smaller images (e.g. the 128 px synthetic ones) are enlarged so that labels stay readable
 ORIGINAL_BOX_MAP = 0.503  # the original project's BoxHead mAP (per-class AP at IoU 0.5, 3 classes; SEED.md)
 FIGURES_DIR = "figures"
 
@@ -32,11 +35,27 @@ class Section:
     code: str | None = None
 
 
+def enlarge(image: Tensor, items: dict, factor: int) -> tuple[Tensor, dict]:
+    """Scales an image and its boxes / masks / proposals by an integer factor (nearest neighbour: pixels stay
+    crisp). Args: image uint8 [3, H, W]; items with any of "boxes" / "proposals" f32[D, 4], "masks" [D, H, W]
+    or [D, 1, H, W]. Returns the enlarged image and a copy of items."""
+    if factor == 1:
+        return image, items
+    big = image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)  # (3, H, W) -> (3, fH, fW)
+    items = dict(items)
+    for key in ("boxes", "proposals"):
+        if key in items:
+            items[key] = items[key] * factor
+    if "masks" in items:
+        items["masks"] = items["masks"].repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return big, items
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: tensors the model caches here (anchors) are reused in training
 def render_stage_pictures(
     model: torch.nn.Module,
     dataset,
@@ -77,6 +96,9 @@ def render_stage_pictures(
     out_dir = Path(out_dir)
     for i, ((image, target), output) in enumerate(zip(samples, outputs)):
         output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
+        factor = max(1, math.ceil(MIN_PICTURE_SIDE / min(image.shape[-2:])))
+        _, target = enlarge(image, target, factor)
+        image, output = enlarge(image, output, factor)
         truth = draw_detections(image, target["boxes"], target["labels"], None, class_names=names, masks=target["masks"])
         rpn = draw_proposals(image, output["proposals"], top_n=top_proposals)
         boxes = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=names,

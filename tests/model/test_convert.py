@@ -1,0 +1,119 @@
+import dataclasses
+import os
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+from torchvision.ops import box_iou
+
+from maskrcnn.config import BackboneConfig, ModelConfig
+from maskrcnn.model import build_model, from_torchvision
+from maskrcnn.model.convert import from_torchvision_state_dict, to_torchvision_state_dict, torchvision_compatible_config
+
+PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] / "shared/data/PennFudanPed"))
+
+
+@pytest.fixture(scope="module")
+def torchvision_model():
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).eval()
+    model.transform.min_size = (320,)
+    model.transform.max_size = 512
+    with torch.no_grad():
+        # random-init mask logits saturate: sigmoid is exactly 1.0 inside and the padded paste puts pixels at
+        # exactly 0.5 on the border, where float rounding order decides the threshold. Milder logits keep the
+        # comparison about the model, not about ties.
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(0.1)
+    return model
+
+
+def _photos():
+    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:2] if PENNFUDAN.is_dir() else []
+    if not files:  # synthetic stand-ins: smooth blobs on a gradient
+        generator = torch.Generator().manual_seed(0)
+        return [torch.rand(3, 24, 32, generator=generator).repeat_interleave(10, 1).repeat_interleave(10, 2) * 0.8,
+                torch.rand(3, 30, 20, generator=generator).repeat_interleave(10, 1).repeat_interleave(10, 2)]
+    images = []
+    for file in files:
+        image = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
+        images.append(torch.nn.functional.interpolate(image[None], scale_factor=0.5, mode="bilinear")[0])
+    return images
+
+
+def _mask_iou(a, b):
+    a, b = a[:, 0] >= 0.5, b[:, 0] >= 0.5
+    union = (a | b).flatten(1).sum(1)
+    inter = (a & b).flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
+
+
+def test_same_detections_as_torchvision(torchvision_model):
+    ours = from_torchvision(torchvision_model)
+    assert ours.transform.min_size == 320 and ours.transform.max_size == 512
+    assert ours.paste_mode == "torchvision" and ours.box_head.pooler.aligned is False
+    images = _photos()
+    with torch.no_grad():
+        expected = torchvision_model(images)
+        got = ours(images)
+    for theirs, mine in zip(expected, got):
+        assert mine["boxes"].shape == theirs["boxes"].shape and theirs["boxes"].shape[0] > 0
+        # match every torchvision detection to ours of the same label by box IoU
+        iou = box_iou(theirs["boxes"], mine["boxes"])
+        iou[theirs["labels"][:, None] != mine["labels"][None, :]] = 0
+        best_iou, match = iou.max(dim=1)
+        assert best_iou.min().item() >= 0.99
+        assert (theirs["scores"] - mine["scores"][match]).abs().max().item() <= 1e-3
+        assert _mask_iou(theirs["masks"], mine["masks"][match]).min().item() >= 0.98
+
+
+def test_state_dict_round_trip(torchvision_model):
+    ours = from_torchvision(torchvision_model.state_dict())
+    assert ours.box_head.num_classes == 2  # torchvision's num_classes=3 counts the background
+    back = to_torchvision_state_dict(ours)
+    reference = torchvision_model.state_dict()
+    assert set(back) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(back[key], value), key
+
+
+def test_legacy_key_names():
+    legacy = {"rpn.head.conv.weight": torch.zeros(1), "backbone.fpn.inner_blocks.2.bias": torch.zeros(1),
+              "roi_heads.mask_head.mask_fcn3.weight": torch.zeros(1),
+              "roi_heads.box_predictor.bbox_pred.bias": torch.zeros(1)}
+    assert set(from_torchvision_state_dict(legacy)) == {
+        "rpn.head.conv.0.0.weight", "backbone.fpn.inner_blocks.2.0.bias", "mask_head.convs.2.weight",
+        "box_head.bbox_pred.bias"}
+
+
+def test_compatible_config():
+    cfg = torchvision_compatible_config(7)
+    assert cfg.num_classes == 7 and cfg.roi_align_aligned is False and cfg.paste_mode == "torchvision"
+    assert (cfg.transform.min_size, cfg.transform.max_size) == (800, 1333)
+    assert (cfg.box_head.score_thresh, cfg.box_head.nms_thresh, cfg.box_head.detections_per_img) == (0.05, 0.5, 100)
+
+
+def test_torchvision_coco_weights_offline_and_fine_tuning(monkeypatch, torchvision_model, caplog):
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    weights_type = type(MaskRCNN_ResNet50_FPN_Weights.COCO_V1)
+    monkeypatch.setattr(weights_type, "get_state_dict", offline)
+    cfg = dataclasses.replace(ModelConfig(num_classes=1), weights="torchvision-coco")
+    with pytest.raises(RuntimeError, match="cannot download"):
+        build_model(cfg)
+
+    # a stand-in for the COCO file with 2 foreground classes: the 1-class model keeps its own predictor
+    state = torchvision_model.state_dict()
+    monkeypatch.setattr(weights_type, "get_state_dict", lambda *args, **kwargs: state)
+    with caplog.at_level("INFO"):
+        model = build_model(cfg)
+    assert "predictor layers" in caplog.text
+    assert torch.equal(model.box_head.fc6.weight, state["roi_heads.box_head.fc6.weight"])
+    assert model.box_head.cls_score.weight.shape[0] == 2
+    with pytest.raises(RuntimeError, match="depth=50"):
+        build_model(dataclasses.replace(cfg, backbone=BackboneConfig(depth=18)))
