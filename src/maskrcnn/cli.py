@@ -33,7 +33,7 @@ DEMO_PRESET: dict = {
             "post_nms_top_n_train": 300,
             "post_nms_top_n_test": 100,
         },
-        "box_head": {"representation_size": 256, "batch_size_per_image": 128, "detections_per_img": 20},
+        "box_head": {"representation_size": 256, "batch_size_per_image": 64, "detections_per_img": 20},
         "mask_head": {"conv_channels": 64, "num_convs": 2},
     },
     "data": {
@@ -47,8 +47,8 @@ DEMO_PRESET: dict = {
         "optimizer": "sgd",
         "lr": 0.02,
         "batch_size": 4,
-        "max_iters": 1500,
-        "max_minutes": 9.0,
+        "max_iters": 2000,
+        "max_minutes": 10.0,
         "warmup_iters": 100,
         "schedule": "cosine",
         "clip_grad_norm": 10.0,
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small Mask R-CNN on synthetic shapes on the CPU, evaluate it on "
                                       "held-out images and write report.md / report.html.")
     demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo)")
-    demo.add_argument("--minutes", type=float, metavar="M", help="training time budget in minutes (default: 9)")
+    demo.add_argument("--minutes", type=float, metavar="M", help="training time budget in minutes (default: 10)")
     add_set(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -52,13 +52,21 @@ def _mask_iou(a, b):
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
 
 
-def test_same_detections_as_torchvision(torchvision_model):
-    ours = from_torchvision(torchvision_model)
-    assert ours.transform.min_size == 320 and ours.transform.max_size == 512
-    assert ours.paste_mode == "torchvision" and ours.box_head.pooler.aligned is False
+@pytest.fixture(scope="module")
+def torchvision_outputs(torchvision_model):
     images = _photos()
     with torch.no_grad():
-        expected = torchvision_model(images)
+        return images, torchvision_model(images)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["exact-layout", "fast-default"])
+def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, channels_last):
+    # False: torchvision's memory layout and unfused BatchNorm, the same float operations in the same order
+    ours = from_torchvision(torchvision_model, channels_last=channels_last, fuse_batchnorm=channels_last)
+    assert ours.transform.min_size == 320 and ours.transform.max_size == 512
+    assert ours.paste_mode == "torchvision" and ours.box_head.pooler.aligned is False
+    images, expected = torchvision_outputs
+    with torch.no_grad():
         got = ours(images)
     for theirs, mine in zip(expected, got):
         assert mine["boxes"].shape == theirs["boxes"].shape and theirs["boxes"].shape[0] > 0
@@ -68,7 +76,16 @@ def test_same_detections_as_torchvision(torchvision_model):
         best_iou, match = iou.max(dim=1)
         assert best_iou.min().item() >= 0.99
         assert (theirs["scores"] - mine["scores"][match]).abs().max().item() <= 1e-3
-        assert _mask_iou(theirs["masks"], mine["masks"][match]).min().item() >= 0.98
+        mask_iou = _mask_iou(theirs["masks"], mine["masks"][match])
+        if not channels_last:
+            assert mask_iou.min().item() >= 0.98
+        else:
+            # NHWC convolutions and folded BatchNorm round differently: boxes move by ~1e-4 px, which can flip
+            # torchvision's integer rounding of the paste box and shift a mask by one pixel; that only matters for
+            # masks of a few pixels, so: every mask of 100+ pixels, and all pixels of the image together
+            large = (theirs["masks"] >= 0.5).flatten(1).sum(1) >= 100
+            assert large.any() and mask_iou[large].min().item() >= 0.98
+            assert _mask_iou(theirs["masks"].amax(0, keepdim=True), mine["masks"].amax(0, keepdim=True)) >= 0.98
 
 
 def test_state_dict_round_trip(torchvision_model):

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -21,8 +22,8 @@ def _target(height, width, boxes, labels):
     masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
     for mask, (x1, y1, x2, y2) in zip(masks, boxes):
         mask[y1:y2, x1:x2] = 1
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": masks}
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
 
 
 def _synthetic_pair():
@@ -116,6 +117,34 @@ def test_resize_maps_outputs_back_to_the_original_size():
     assert (output["boxes"][:, 2] <= 90).all() and (output["boxes"][:, 3] <= 60).all()
 
 
+def test_fused_batchnorm_backbone_in_eval():
+    torch.manual_seed(0)
+    model = build_model(_tiny_config())
+    with torch.no_grad():  # non-trivial batch statistics, as after training
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    model.eval()
+    fused = model._inference_backbone()
+    assert fused is not model.backbone and fused is model._inference_backbone()  # cached
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, got = model.backbone(x), fused(x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        model.backbone.body.conv1.weight.mul_(2)  # a weight change (optimizer step, load_state_dict) rebuilds
+    assert model._inference_backbone() is not fused
+    fused = model._inference_backbone()
+    model.eval()  # train() / eval() drop the copy: writes through .data are not seen by the weights key
+    assert model._fused_backbone is None and model._inference_backbone() is not fused
+    model.train()
+    assert model._inference_backbone() is model.backbone and model._fused_backbone is None
+
+
 def test_thirty_sgd_steps_halve_the_loss():
     torch.manual_seed(0)
     model = build_model(_tiny_config())
@@ -147,14 +176,15 @@ def test_bad_input_errors(model):
 
 def test_weights_from_checkpoint_and_state_dict(tmp_path, model):
     cfg = _tiny_config()
-    torch.save({"model": model.state_dict(), "iteration": 3}, tmp_path / "checkpoint.pt")
+    checkpoint = {"model": model.state_dict(), "iteration": 3, "rng": {"torch": torch.get_rng_state()},
+                  "config": {"model": {"num_classes": 2}}}
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     for name in ("checkpoint.pt", "bare.pt"):
-        loaded = build_model(ModelConfig(**{**cfg.__dict__, "weights": str(tmp_path / name)}))
+        loaded = build_model(dataclasses.replace(cfg, weights=str(tmp_path / name)))
         for key, value in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        build_model(ModelConfig(**{**cfg.__dict__, "weights": str(tmp_path / "missing.pt")}))
-    torch.save(model.state_dict(), tmp_path / "other.pt")
-    with pytest.raises(RuntimeError, match="other.pt"):
-        build_model(ModelConfig(**{**cfg.__dict__, "num_classes": 5, "weights": str(tmp_path / "other.pt")}))
+        build_model(dataclasses.replace(cfg, weights=str(tmp_path / "missing.pt")))
+    with pytest.raises(RuntimeError, match="bare.pt"):
+        build_model(dataclasses.replace(cfg, num_classes=5, weights=str(tmp_path / "bare.pt")))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from maskrcnn.model.postprocess import paste_masks
@@ -42,6 +43,21 @@ def test_several_images_of_different_sizes():
     assert [tuple(o.shape) for o in out] == [(2, 1, 30, 40), (0, 1, 20, 20), (1, 1, 8, 6)]
     assert out[0][1].sum().item() == pytest.approx(10 * 20)
     assert out[2][0].sum().item() == pytest.approx(16)
+
+
+def test_exact_mode_equals_grid_sample_over_the_image():
+    torch.manual_seed(1)
+    count, height, width = 20, 40, 56
+    masks = torch.rand(count, 1, 28, 28)
+    xy = torch.rand(count, 2) * 40 - 5
+    boxes = torch.cat([xy, xy + torch.rand(count, 2) * 30 + 0.5], dim=1)
+    # Detectron2's paste: every pixel centre mapped into the box, normalised to -1..1, bilinear, zero outside
+    gx = ((torch.arange(width) + 0.5)[None] - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]) * 2 - 1  # (D, W)
+    gy = ((torch.arange(height) + 0.5)[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]) * 2 - 1  # (D, H)
+    grid = torch.stack([gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)], dim=3)
+    expected = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    got = paste_masks(masks, boxes, torch.zeros(count, dtype=torch.int64), [(height, width)])[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(150, 170), (64, 48)])
