@@ -165,12 +165,16 @@ def _image_paths(inputs: list[str]) -> list[Path]:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    torch.set_num_threads(DEMO_THREADS)
     cfg = config_from_dict(DEMO_PRESET, args.set)
     cfg = _out_dir(cfg, args.out)
     if args.minutes is not None:
         cfg = replace(cfg, train=replace(cfg.train, max_minutes=args.minutes))
-    return _run_training(cfg, resume=False, title="Mask R-CNN demo (synthetic shapes)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        return _run_training(cfg, resume=False, title="Mask R-CNN demo (synthetic shapes)")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -137,8 +137,8 @@ def test_fused_batchnorm_backbone_in_eval():
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
     model.eval()
-    fused = model._inference_backbone()
-    assert fused is not model.backbone and fused is model._inference_backbone()  # cached
+    fused = model.inference_backbone()
+    assert fused is not model.backbone and fused is model.inference_backbone()  # cached
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     x = torch.rand(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -147,12 +147,12 @@ def test_fused_batchnorm_backbone_in_eval():
         torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         model.backbone.body.conv1.weight.mul_(2)  # a weight change (optimizer step, load_state_dict) rebuilds
-    assert model._inference_backbone() is not fused
-    fused = model._inference_backbone()
+    assert model.inference_backbone() is not fused
+    fused = model.inference_backbone()
     model.eval()  # train() / eval() drop the copy: writes through .data are not seen by the weights key
-    assert model._fused_backbone is None and model._inference_backbone() is not fused
+    assert model._fused_backbone is None and model.inference_backbone() is not fused
     model.train()
-    assert model._inference_backbone() is model.backbone and model._fused_backbone is None
+    assert model.inference_backbone() is model.backbone and model._fused_backbone is None
 
 
 def test_thirty_sgd_steps_halve_the_loss():

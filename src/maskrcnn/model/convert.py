@@ -98,17 +98,16 @@ def _settings_of(model: nn.Module, cfg: ModelConfig) -> ModelConfig:
                                      detections_per_img=heads.detections_per_img))
 
 
-def from_torchvision(model_or_state_dict: nn.Module | dict[str, Tensor], *, channels_last: bool = True,
-                     fuse_batchnorm: bool = True, **overrides) -> MaskRCNN:
+def from_torchvision(model_or_state_dict: nn.Module | dict[str, Tensor], **overrides) -> MaskRCNN:
     """Our `MaskRCNN` with the weights of a torchvision `maskrcnn_resnet50_fpn` (v1).
 
     Args:
         model_or_state_dict: the torchvision model (its transform sizes and RPN / RoI-head thresholds are
             copied too) or its state dict (torchvision's default settings are used).
-        channels_last, fuse_batchnorm: speed options of `MaskRCNN`; both False reproduces torchvision's float
-            operations in the same order (bit-equal boxes and scores on CPU), True only rounds differently.
         overrides: `ModelConfig` fields to replace, e.g. `transform=TransformConfig(min_size=320, ...)` or
-            `paste_mode="exact"`.
+            `paste_mode="exact"`. The speed options `channels_last` and `fuse_batchnorm` (on by default) only
+            round differently; both False reproduces torchvision's float operations in the same order (bit-equal
+            boxes and scores on CPU).
     Returns:
         MaskRCNN in eval mode; num_classes is inferred from the predictor's shape.
     """
@@ -122,7 +121,7 @@ def from_torchvision(model_or_state_dict: nn.Module | dict[str, Tensor], *, chan
     if is_module:
         cfg = _settings_of(model_or_state_dict, cfg)
     cfg = dataclasses.replace(cfg, **overrides)
-    model = build_model(cfg, channels_last=channels_last, fuse_batchnorm=fuse_batchnorm)
+    model = build_model(cfg)
     model.load_state_dict(from_torchvision_state_dict(state))
     return model.eval()
 
