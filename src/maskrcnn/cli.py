@@ -44,7 +44,7 @@ DEMO_PRESET: dict = {
     "data": {
         "format": "synthetic",
         "synthetic_train_size": 1000,
-        "synthetic_val_size": 50,
+        "synthetic_val_size": 200,
         "synthetic_image_size": [128, 128],
         "synthetic_num_classes": 3,
     },
@@ -52,7 +52,7 @@ DEMO_PRESET: dict = {
         "optimizer": "sgd",
         "lr": 0.02,
         "batch_size": 4,
-        "max_iters": 2000,
+        "max_iters": 1900,
         "max_minutes": 10.0,
         "warmup_iters": 100,
         "schedule": "cosine",
