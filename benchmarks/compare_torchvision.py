@@ -15,6 +15,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,58 +115,81 @@ def backbone_fn(model, images, autocast_dtype, device):
     return run
 
 
+def measure(name: str, device: torch.device, modes: list[str], num_classes: int, *, batch_sizes: list[int],
+            dtypes: list[str], warmup: int, iters: int) -> list[dict]:
+    """Times one model ("torchvision" or "ours", the same seeded weights) in every mode, batch size and dtype."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
+    if name == "ours":
+        model = from_torchvision(model)
+    model.to(device)
+    rows = []
+    for mode in modes:
+        for batch_size in batch_sizes:
+            images, targets = load_batch(batch_size, device)
+            for dtype_name in dtypes:
+                autocast_dtype = torch.bfloat16 if dtype_name == "bf16" else None
+                counts: list = []
+                if mode == "train":
+                    fn = train_step_fn(model, images, targets, autocast_dtype, device)
+                elif mode == "infer":
+                    fn = inference_fn(model, images, autocast_dtype, device, counts)
+                else:
+                    fn = backbone_fn(model, images, autocast_dtype, device)
+                ms = time_call(fn, device, warmup, iters)
+                row = {"mode": mode, "batch": batch_size, "dtype": dtype_name, f"{name}_ms": ms, f"{name}_img_s": 1000 * batch_size / ms}
+                if counts:
+                    row[f"{name}_detections"] = statistics.mean(counts)
+                rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 2 on CPU, 1 8 on GPU")
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="default: fp32 on CPU, fp32 bf16 on GPU")
     parser.add_argument("--modes", nargs="+", default=["train", "infer", "backbone"], choices=["train", "infer", "backbone"])
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 CPU, 5 GPU)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 3 CPU, 20 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU, 5 GPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 5 CPU, 20 GPU)")
     parser.add_argument("--num-classes", type=int, default=2, help="classes including background, as torchvision counts")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/compare_torchvision.json"))
+    parser.add_argument("--worker", choices=["torchvision", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    batch_sizes = args.batch_sizes or ([1, 8] if on_gpu else [1, 2])
-    dtypes = args.dtypes or (["fp32", "bf16"] if on_gpu else ["fp32"])
-    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
-    iters = args.iters if args.iters is not None else (20 if on_gpu else 3)
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
+    settings = {
+        "batch_sizes": args.batch_sizes or ([1, 8] if on_gpu else [1, 2]),
+        "dtypes": args.dtypes or (["fp32", "bf16"] if on_gpu else ["fp32"]),
+        "warmup": args.warmup if args.warmup is not None else (5 if on_gpu else 2),
+        "iters": args.iters if args.iters is not None else (20 if on_gpu else 5),
+    }
+    if args.worker:
+        print(json.dumps(measure(args.worker, device, args.modes, args.num_classes, **settings)))
+        return
 
-    torch.manual_seed(0)
-    torchvision_model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=args.num_classes).to(device)
-    ours = from_torchvision(torchvision_model).to(device)
-    models = {"torchvision": torchvision_model, "ours": ours}
-
-    rows = []
-    for mode in args.modes:
-        for batch_size in batch_sizes:
-            images, targets = load_batch(batch_size, device)
-            for dtype_name in dtypes:
-                autocast_dtype = torch.bfloat16 if dtype_name == "bf16" else None
-                row = {"mode": mode, "batch": batch_size, "dtype": dtype_name}
-                for name, model in models.items():
-                    counts: list = []
-                    if mode == "train":
-                        fn = train_step_fn(model, images, targets, autocast_dtype, device)
-                    elif mode == "infer":
-                        fn = inference_fn(model, images, autocast_dtype, device, counts)
-                    else:
-                        fn = backbone_fn(model, images, autocast_dtype, device)
-                    ms = time_call(fn, device, warmup, iters)
-                    row[f"{name}_ms"] = ms
-                    row[f"{name}_img_s"] = 1000 * batch_size / ms
-                    if counts:
-                        row[f"{name}_detections"] = statistics.mean(counts)
-                row["ratio"] = row["ours_ms"] / row["torchvision_ms"]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    # Each model is measured in a fresh process of its own: measured in one process, whichever model ran second
+    # inherited the first one's heap and oneDNN primitive cache (torchvision's train step varied 4.3-6.3 s with
+    # the order, ours 3.8-4.9 s), which says more about the order than about the models.
+    rows: dict = {}
+    for name in ("torchvision", "ours"):
+        command = [sys.executable, __file__, "--worker", name, "--device", args.device, "--num-classes", str(args.num_classes),
+                   "--modes", *args.modes, "--batch-sizes", *map(str, settings["batch_sizes"]),
+                   "--dtypes", *settings["dtypes"], "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
+        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        for row in json.loads(output.strip().splitlines()[-1]):
+            merged = rows.setdefault((row["mode"], row["batch"], row["dtype"]), {k: row[k] for k in ("mode", "batch", "dtype")})
+            merged.update({key: value for key, value in row.items() if key.startswith(name)})
+    rows = list(rows.values())
+    for row in rows:
+        row["ratio"] = row["ours_ms"] / row["torchvision_ms"]
+        print(json.dumps(row), flush=True)
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {iters}\n")
+    print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {settings['iters']}, each model in its own process\n")
     print("| mode | batch | dtype | torchvision ms | ours ms | torchvision img/s | ours img/s | ours / torchvision |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:

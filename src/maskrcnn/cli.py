@@ -15,54 +15,12 @@ from pathlib import Path
 
 from maskrcnn.config import Config, ConfigError, config_from_dict, load_config
 
-# The demo trains on one CPU thread. Measured with the demo model on this project's 2-core CPU while other
-# processes ran: 2.4 s per iteration with torch's 2 spinning OpenMP threads, 0.25 s with one thread (0.19 s with
-# two threads on an idle machine). One thread is never far from the best and never collapses.
-DEMO_THREADS = 1
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
-# The demo preset, built in code because an installed package has no configs/ folder; configs/demo.yaml holds
-# the same values (a test keeps the two equal). Synthetic 128 px shapes, a ResNet-18-FPN from scratch with thin
-# heads and few proposals: trains on a 2-core CPU in minutes.
-DEMO_PRESET: dict = {
-    "model": {
-        "num_classes": 3,
-        "backbone": {"depth": 18, "weights": "none", "norm": "group", "fpn_channels": 64},
-        "transform": {"min_size": 128, "max_size": 128},
-        "rpn": {
-            "anchor_sizes": [16, 32, 64, 128, 256],
-            "batch_size_per_image": 128,
-            "pre_nms_top_n_train": 600,
-            "pre_nms_top_n_test": 300,
-            "post_nms_top_n_train": 300,
-            "post_nms_top_n_test": 100,
-        },
-        "box_head": {"representation_size": 256, "batch_size_per_image": 64, "detections_per_img": 20},
-        "mask_head": {"conv_channels": 64, "num_convs": 2},
-    },
-    "data": {
-        "format": "synthetic",
-        "synthetic_train_size": 1000,
-        "synthetic_val_size": 200,
-        "synthetic_image_size": [128, 128],
-        "synthetic_num_classes": 3,
-    },
-    "train": {
-        "optimizer": "sgd",
-        "lr": 0.02,
-        "batch_size": 4,
-        "max_iters": 1900,
-        "max_minutes": 10.0,
-        "warmup_iters": 100,
-        "schedule": "cosine",
-        "clip_grad_norm": 10.0,
-        "log_period": 10,
-        "checkpoint_period": 250,
-        "out_dir": "runs/demo",
-    },
-    "eval": {"batch_size": 8, "num_vis": 2, "vis_score_thresh": 0.5},
-}
+
+def preset_path(name: str) -> Path:
+    """A YAML preset shipped inside the package (`configs/` in the repository links to the same folder)."""
+    return Path(__file__).resolve().parent / "configs" / f"{name}.yaml"
 
 
 class CommandError(Exception):
@@ -163,18 +121,10 @@ def _image_paths(inputs: list[str]) -> list[Path]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    cfg = config_from_dict(DEMO_PRESET, args.set)
-    cfg = _out_dir(cfg, args.out)
+    cfg = _out_dir(load_config(preset_path("demo"), args.set), args.out)
     if args.minutes is not None:
         cfg = replace(cfg, train=replace(cfg.train, max_minutes=args.minutes))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(DEMO_THREADS)
-    try:
-        return _run_training(cfg, resume=False, title="Mask R-CNN demo (synthetic shapes)")
-    finally:
-        torch.set_num_threads(threads)
+    return _run_training(cfg, resume=False, title="Mask R-CNN demo (synthetic shapes)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

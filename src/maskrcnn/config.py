@@ -144,6 +144,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clipping
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU, which trains in fp32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None  # CPU threads of torch for the process; None: torch's default (one per core)
     seed: int = 0  # seed of every random generator
     log_period: int = 10  # iterations between progress-bar / metrics.jsonl records
     eval_period: int = 0  # iterations between evaluations; 0: only at the end

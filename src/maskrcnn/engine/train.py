@@ -270,6 +270,8 @@ def train(
         CheckpointError: `resume` without a readable last.pt.
     """
     tc = cfg.train
+    if tc.num_threads is not None:
+        torch.set_num_threads(tc.num_threads)
     out_dir = Path(tc.out_dir)
     dist_device = distributed.init_distributed()
     device = dist_device or resolve_device(tc.device)
