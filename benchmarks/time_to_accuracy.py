@@ -35,12 +35,11 @@ def pennfudan_root() -> str:
     return str(root)
 
 
-def fixed_canvas(dataset, min_size: int, max_size: int, divisible: int = 32) -> tuple[int, int]:
-    """The smallest canvas (multiple of `divisible`) holding every image of `dataset` after resize, so that every
-    batch has one static shape and cudnn.benchmark tunes once."""
+def fixed_canvas(datasets, min_size: int, max_size: int, divisible: int = 32) -> tuple[int, int]:
+    """The smallest canvas (multiple of `divisible`) holding every image of `datasets` after resize, so that every
+    batch, training and evaluation alike, has one static shape and cudnn.benchmark tunes once."""
     height = width = 0
-    for index in range(len(dataset)):
-        h, w = dataset.image_size(index)
+    for h, w in (dataset.image_size(index) for dataset in datasets for index in range(len(dataset))):
         scale = min(min_size / min(h, w), max_size / max(h, w))
         height, width = max(height, math.floor(h * scale)), max(width, math.floor(w * scale))
     return math.ceil(height / divisible) * divisible, math.ceil(width / divisible) * divisible
@@ -69,7 +68,7 @@ def train_for(model, loader, *, budget_s: float, lr: float, warmup_iters: int, d
         iteration += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"iterations": iteration, "seconds": time.perf_counter() - start, "last_loss": float(total)}
+    return {"iterations": iteration, "seconds": time.perf_counter() - start, "last_loss": float(total.detach())}
 
 
 def main() -> None:
@@ -100,11 +99,13 @@ def main() -> None:
             # torchvision's default: cudnn.benchmark off (with variable image sizes it re-tunes every batch).
             torch.backends.cudnn.benchmark = False
         else:
-            canvas = fixed_canvas(train_set, args.min_size, args.max_size)
+            # On GPU one static canvas lets cudnn.benchmark tune once and then help; on CPU padding every batch to
+            # the largest image only adds work (measured: 59 instead of 86+ iterations in 240 s at 320/544 px).
+            on_gpu = device.type == "cuda"
+            canvas = fixed_canvas([train_set, test_set], args.min_size, args.max_size) if on_gpu else None
             transform = TransformConfig(min_size=args.min_size, max_size=args.max_size, fixed_canvas=canvas)
             model = build_model(ModelConfig(num_classes=1, transform=transform))
-            # One static canvas: cudnn.benchmark tunes once and then helps.
-            torch.backends.cudnn.benchmark = device.type == "cuda"
+            torch.backends.cudnn.benchmark = on_gpu
         model.to(device)
         loader = build_train_loader(train_set, batch_size=batch_size, seed=0)
         trained = train_for(model, loader, budget_s=args.budget, lr=args.lr, warmup_iters=args.warmup_iters, device=device)
