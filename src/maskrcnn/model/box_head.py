@@ -286,7 +286,3 @@ def proposal_rois(proposals: Tensor, proposal_valid: Tensor) -> Tensor:
     image, index = proposal_valid.nonzero(as_tuple=True)
     return image_index_rois(image, proposals[image, index])
 
-
-def image_sizes_tensor(image_sizes: Sequence[tuple[int, int]], device: torch.device) -> Tensor:
-    """[(h, w)] * B -> f32[B, 2]."""
-    return torch.tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)

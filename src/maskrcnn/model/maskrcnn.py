@@ -22,12 +22,12 @@ from maskrcnn.config import ModelConfig
 from maskrcnn.model.anchors import AnchorGenerator
 from maskrcnn.model.backbone import build_backbone
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.box_head import BoxHead, LevelRoIAlign, image_index_rois, image_sizes_tensor, proposal_rois
+from maskrcnn.model.box_head import BoxHead, LevelRoIAlign, image_index_rois, proposal_rois
 from maskrcnn.model.mask_head import MaskHead, stack_masks
 from maskrcnn.model.matcher import BalancedSampler, Matcher
 from maskrcnn.model.postprocess import PASTE_MODES, paste_masks
 from maskrcnn.model.rpn import RPN, RPNHead
-from maskrcnn.model.transform import ImageTransform
+from maskrcnn.model.transform import ImageTransform, sizes_tensor
 from maskrcnn.structures import ImageBatch, check_target, pad_per_image
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_box_cls", "loss_box_reg", "loss_mask")
@@ -180,7 +180,7 @@ class MaskRCNN(nn.Module):
         rois = proposal_rois(proposals, proposal_valid)  # (R, 5)
         class_logits, box_deltas = self.box_head(features, rois)
         detections = self.box_head.predict(class_logits.float(), box_deltas.float(), rois,
-                                           image_sizes_tensor(batch.image_sizes, device), num_images)
+                                           sizes_tensor(batch.image_sizes, device), num_images)
         image, slot = detections.valid.nonzero(as_tuple=True)  # image-major: detections grouped by image
         boxes = detections.boxes[image, slot]  # (sum D_i, 4) resized pixels
         labels = detections.labels[image, slot]
