@@ -232,8 +232,6 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         FileNotFoundError: `cfg.weights` names a file that does not exist.
         RuntimeError: torchvision's COCO weights cannot be downloaded (offline) or a checkpoint does not fit.
     """
-    if cfg.paste_mode not in PASTE_MODES:
-        raise ValueError(f"model.paste_mode must be one of {PASTE_MODES}, got {cfg.paste_mode!r}")
     if cfg.num_classes < 1:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
     norm = cfg.backbone.norm
