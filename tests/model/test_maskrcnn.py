@@ -106,6 +106,25 @@ def test_eval_output_format_and_sizes(model):
         assert (output["boxes"] >= 0).all()
 
 
+def test_bf16_autocast_trains_and_infers_in_float32_outputs(model):
+    """bf16 autocast (as on GPU; CPU autocast runs the same casts): float32 losses, finite gradients, and
+    outputs of the same dtypes as in fp32, with masks pasted in float32."""
+    images, targets = _synthetic_pair()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in losses.values())
+    model.zero_grad()
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images)
+    for output in outputs:
+        assert output["boxes"].dtype == output["scores"].dtype == output["masks"].dtype == torch.float32
+        assert output["labels"].dtype == torch.int64
+
+
 def test_return_proposals_in_original_pixels(model):
     images, _ = _synthetic_pair()
     model.eval()

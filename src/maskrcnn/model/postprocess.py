@@ -104,6 +104,8 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_index: Tensor, image_sizes: 
     weights = _exact_weights if mode == "exact" else _torchvision_weights
     wy = weights(boxes[:, 1], boxes[:, 3], height, mask_size)  # (D, Hm, M)
     wx = weights(boxes[:, 0], boxes[:, 2], width, mask_size)  # (D, Wm, M)
-    pasted = torch.bmm(wy, torch.bmm(masks, wx.transpose(1, 2)))  # (D, Hm, M) @ (D, M, Wm) -> (D, Hm, Wm)
+    # float32 also under bf16 autocast: bf16's 8-bit mantissa would move pixels near 0.5 across the threshold
+    with torch.autocast(masks.device.type, enabled=False):
+        pasted = torch.bmm(wy, torch.bmm(masks, wx.transpose(1, 2)))  # (D, Hm, M) @ (D, M, Wm) -> (D, Hm, Wm)
     counts = torch.bincount(image_index, minlength=len(image_sizes)).tolist()
     return [chunk[:, None, :h, :w] for chunk, (h, w) in zip(pasted.split(counts), image_sizes)]
