@@ -1,10 +1,19 @@
-"""Distributed helpers in one process (no process group): rank 0 of 1, reduce is the identity."""
+"""Distributed helpers in one process (no process group), and a two-process torchrun training on CPU."""
 
 from __future__ import annotations
 
-import torch
+import json
+import os
+import subprocess
+import sys
 
+import torch
+import yaml
+
+from maskrcnn.config import config_from_dict
 from maskrcnn.engine import distributed
+from maskrcnn.engine.train import seed_iteration
+from maskrcnn.model import build_model
 
 
 def test_single_process_defaults(monkeypatch):
@@ -26,3 +35,45 @@ def test_reduce_loss_dict_single_process():
     assert list(reduced) == ["loss_a", "loss_b"]
     assert reduced["loss_b"].item() == 2.0 and not reduced["loss_b"].requires_grad
     assert distributed.reduce_loss_dict({}) == {}
+
+
+WORKER = """
+import sys
+
+import torch
+import yaml
+
+from maskrcnn.config import config_from_dict
+from maskrcnn.engine import distributed
+from maskrcnn.engine.train import train
+
+cfg = config_from_dict(yaml.safe_load(open(sys.argv[1])), [])
+result = train(cfg, progress=False)
+torch.save(result.model.state_dict(), f"{sys.argv[2]}/rank{distributed.get_rank()}.pt")
+"""
+
+
+def test_two_ranks_under_torchrun_end_with_the_same_weights(tmp_path, tiny_values):
+    """torchrun, 2 CPU processes (gloo): the ranks see different images, so only DDP's gradient averaging
+    keeps their weights equal; only rank 0 writes the run directory."""
+    values = {**tiny_values, "train": {**tiny_values["train"], "out_dir": str(tmp_path / "run"), "num_threads": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+    (tmp_path / "worker.py").write_text(WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tmp_path / "worker.py"), str(tmp_path / "config.yaml"), str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    cfg = config_from_dict(values, [])
+    seed_iteration(cfg.train.seed, 0)  # as train() does before it builds the model
+    initial = build_model(cfg.model).state_dict()
+    assert not all(torch.equal(initial[key], rank0[key]) for key in rank0)  # the ranks did train
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(saved[key], rank0[key]) for key in rank0)
+    iterations = [json.loads(line)["iteration"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+    assert iterations == [1, 2, 3, 4]  # one line per iteration: rank 1 wrote nothing
