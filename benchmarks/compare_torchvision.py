@@ -34,21 +34,22 @@ def pennfudan_root() -> Path | None:
     return root if (root / "PNGImages").is_dir() else None
 
 
-def load_batch(batch_size: int, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Penn-Fudan photos (synthetic noise when absent) resized to 800x1088, with their boxes and masks."""
+def load_batch(batch_size: int, device: torch.device, height: int = HEIGHT,
+               width: int = WIDTH) -> tuple[list[torch.Tensor], list[dict]]:
+    """Penn-Fudan photos (synthetic shapes when absent) resized to height x width, with their boxes and masks."""
     from maskrcnn.config import DataConfig
     from maskrcnn.data import build_dataset
 
     root = pennfudan_root()
-    config = DataConfig(format="pennfudan", root=str(root), num_val=0, flip_prob=0.0) if root else DataConfig(synthetic_image_size=(HEIGHT, WIDTH), flip_prob=0.0)
+    config = DataConfig(format="pennfudan", root=str(root), num_val=0, flip_prob=0.0) if root else DataConfig(synthetic_image_size=(height, width), flip_prob=0.0)
     dataset = build_dataset(config, "train")
     images, targets = [], []
     for index in range(batch_size):
         image, target = dataset[index % len(dataset)]
         h, w = image.shape[-2:]
-        image = F.interpolate(image[None].float() / 255, size=(HEIGHT, WIDTH), mode="bilinear", align_corners=False)[0]
-        masks = F.interpolate(target["masks"][None].float(), size=(HEIGHT, WIDTH), mode="nearest")[0].to(torch.uint8)
-        boxes = target["boxes"] * torch.tensor([WIDTH / w, HEIGHT / h, WIDTH / w, HEIGHT / h])
+        image = F.interpolate(image[None].float() / 255, size=(height, width), mode="bilinear", align_corners=False)[0]
+        masks = F.interpolate(target["masks"][None].float(), size=(height, width), mode="nearest")[0].to(torch.uint8)
+        boxes = target["boxes"] * torch.tensor([width / w, height / h, width / w, height / h])
         images.append(image.to(device))
         targets.append({"boxes": boxes.to(device), "labels": target["labels"].to(device), "masks": masks.to(device)})
     return images, targets

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskrcnn.structures import ImageBatch, check_target, pad_per_image
+from maskrcnn.structures import ImageBatch, check_targets, pad_per_image
 
 
 def test_pad_per_image_uneven_and_empty():
@@ -23,12 +23,16 @@ def test_scales():
     assert batch.scales.tolist() == [[0.5, 0.5], [2.0, 1.0]]
 
 
-def test_check_target():
+def test_check_targets_names_the_target():
     good = {"boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.int64), "masks": torch.zeros(1, 5, 6, dtype=torch.uint8)}
-    check_target(good, (5, 6))
-    with pytest.raises(ValueError, match="image 7: masks"):
-        check_target(good, (6, 5), where="image 7")
-    with pytest.raises(ValueError, match="labels must be 1..K"):
-        check_target({**good, "labels": torch.zeros(1, dtype=torch.int64)}, (5, 6))
-    with pytest.raises(ValueError, match="boxes must be float32"):
-        check_target({**good, "boxes": torch.zeros(1, 4, dtype=torch.float64)}, (5, 6))
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    check_targets([good, empty], [(5, 6), (3, 3)])
+    check_targets([], [])
+    with pytest.raises(ValueError, match="target 1: masks"):
+        check_targets([good, good], [(5, 6), (6, 5)])
+    with pytest.raises(ValueError, match="target 2: labels must be 1..K"):
+        check_targets([good, empty, {**good, "labels": torch.zeros(1, dtype=torch.int64)}], [(5, 6)] * 3)
+    with pytest.raises(ValueError, match="target 0: boxes must be float32"):
+        check_targets([{**good, "boxes": torch.zeros(1, 4, dtype=torch.float64)}], [(5, 6)])
+    with pytest.raises(ValueError, match="target 0: labels must be int64"):
+        check_targets([{**good, "labels": torch.ones(2, dtype=torch.int64)}], [(5, 6)])

@@ -11,6 +11,7 @@ Shape letters used across the package:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,16 +59,46 @@ def pad_per_image(tensors_per_image: list[Tensor], pad_value: float = 0) -> tupl
     return padded, valid.to(padded.device)
 
 
-def check_target(target: dict, image_size: tuple[int, int], where: str = "target") -> None:
-    """Asserts the target conventions for one image of size (h, w); `where` names the sample in the error."""
-    boxes, labels = target["boxes"], target["labels"]
-    if boxes.dtype != torch.float32 or boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"{where}: boxes must be float32 [N, 4], got {boxes.dtype} {tuple(boxes.shape)}")
-    if labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
-        raise ValueError(f"{where}: labels must be int64 [N], got {labels.dtype} {tuple(labels.shape)}")
-    if labels.numel() and int(labels.min()) < 1:
-        raise ValueError(f"{where}: labels must be 1..K (0 is background)")
-    if "masks" in target:
-        masks = target["masks"]
-        if masks.shape != (boxes.shape[0], *image_size):
-            raise ValueError(f"{where}: masks must be [N, H, W] = {(boxes.shape[0], *image_size)}, got {tuple(masks.shape)}")
+def pack_per_image(image: Tensor, num_images: int, limit: int, *values: Tensor) -> tuple[Tensor, ...]:
+    """The first `limit` rows of every image in padded per-image tensors, without a host sync.
+
+    Args:
+        image: i64[M] image index of each row, non-decreasing (rows grouped by image, in the order to keep).
+        num_images: B.
+        limit: P, rows kept per image; later rows of an image are dropped.
+        values: tensors [M, *rest] to pack.
+    Returns:
+        valid: bool[B, P], True for filled rows (a prefix of every row).
+        then one [B, P, *rest] tensor per `values`, zero where not valid.
+    """
+    device = image.device
+    first = torch.searchsorted(image, torch.arange(num_images, device=device))  # (B,) first row of each image
+    rank = torch.arange(image.shape[0], device=device) - first[image]  # (M,) position inside its image
+    # ranks >= P land in a spare column that is cut off: no boolean indexing (a nonzero, a sync on CUDA)
+    slot = image * (limit + 1) + rank.clamp(max=limit)
+    packed = []
+    for value in (torch.ones_like(image, dtype=torch.bool), *values):
+        out = value.new_zeros((num_images * (limit + 1), *value.shape[1:]))
+        out[slot] = value
+        packed.append(out.view(num_images, limit + 1, *value.shape[1:])[:, :limit].contiguous())
+    return tuple(packed)
+
+def check_targets(targets: Sequence[dict], image_sizes: Sequence[tuple[int, int]]) -> None:
+    """Asserts the target conventions for a batch of images of sizes (h, w); errors name the target's index.
+
+    Shapes and dtypes are checked target by target; label values once for the whole batch, because reading
+    a value back from the device waits for it (on CUDA one host sync per image otherwise).
+    """
+    for index, (target, image_size) in enumerate(zip(targets, image_sizes)):
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.dtype != torch.float32 or boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {index}: boxes must be float32 [N, 4], got {boxes.dtype} {tuple(boxes.shape)}")
+        if labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"target {index}: labels must be int64 [N], got {labels.dtype} {tuple(labels.shape)}")
+        if "masks" in target and target["masks"].shape != (boxes.shape[0], *image_size):
+            raise ValueError(f"target {index}: masks must be [N, H, W] = {(boxes.shape[0], *image_size)}, "
+                             f"got {tuple(target['masks'].shape)}")
+    labels = torch.cat([target["labels"] for target in targets]) if targets else torch.zeros(0)
+    if labels.numel() and bool((labels < 1).any()):
+        index = next(i for i, target in enumerate(targets) if (target["labels"] < 1).any())
+        raise ValueError(f"target {index}: labels must be 1..K (0 is background)")

@@ -22,6 +22,7 @@ from torchvision.ops import batched_nms, roi_align
 
 from maskrcnn.model.box_coder import BoxCoder
 from maskrcnn.model.matcher import IGNORED, BalancedSampler, Matcher, pairwise_iou
+from maskrcnn.structures import pack_per_image
 
 
 class LevelRoIAlign(nn.Module):
@@ -67,7 +68,8 @@ class LevelRoIAlign(nn.Module):
         maps = [features[name] for name in self.featmap_names]
         level = self.assign_levels(rois[:, 1:])
         order = torch.argsort(level, stable=True)  # RoIs grouped by level
-        counts = torch.bincount(level, minlength=len(maps)).tolist()  # the one host sync of the pooler
+        # the one host sync of the pooler; a comparison, not bincount, whose CUDA kernel reads the maximum first
+        counts = (level[:, None] == torch.arange(len(maps), device=level.device)).sum(dim=0).tolist()
         pooled_per_level = []
         for feature, k, rois_k in zip(maps, self.levels, rois[order].split(counts)):
             if rois_k.shape[0]:
@@ -262,22 +264,10 @@ class BoxHead(nn.Module):
         boxes, scores, labels, image = boxes[keep], scores[keep], labels[keep], image[keep]
         keep = batched_nms(boxes, scores, image * num_labels + labels, self.nms_thresh)  # sorted by score
         boxes, scores, labels, image = boxes[keep], scores[keep], labels[keep], image[keep]
-        # rank of every detection within its image: a stable sort by image keeps the score order inside
+        # the top D of every image: a stable sort by image keeps the score order inside it
         image, order = torch.sort(image, stable=True)
-        counts = torch.bincount(image, minlength=num_images)  # (B,)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(image.shape[0], device=image.device) - starts[image]
-        top = rank < self.detections_per_img
-        image, rank, order = image[top], rank[top], order[top]
-        D = self.detections_per_img
-        out_boxes = boxes.new_zeros((num_images, D, 4))
-        out_scores = scores.new_zeros((num_images, D))
-        out_labels = labels.new_zeros((num_images, D))
-        valid = torch.zeros((num_images, D), dtype=torch.bool, device=boxes.device)
-        out_boxes[image, rank] = boxes[order]
-        out_scores[image, rank] = scores[order]
-        out_labels[image, rank] = labels[order]
-        valid[image, rank] = True
+        valid, out_boxes, out_scores, out_labels = pack_per_image(
+            image, num_images, self.detections_per_img, boxes[order], scores[order], labels[order])
         return Detections(boxes=out_boxes, scores=out_scores, labels=out_labels, valid=valid)
 
 

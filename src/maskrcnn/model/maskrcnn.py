@@ -28,7 +28,7 @@ from maskrcnn.model.matcher import BalancedSampler, Matcher
 from maskrcnn.model.postprocess import PASTE_MODES, paste_masks
 from maskrcnn.model.rpn import RPN, RPNHead
 from maskrcnn.model.transform import ImageTransform, sizes_tensor
-from maskrcnn.structures import ImageBatch, check_target, pad_per_image
+from maskrcnn.structures import ImageBatch, check_targets, pad_per_image
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_box_cls", "loss_box_reg", "loss_mask")
 
@@ -97,8 +97,8 @@ class MaskRCNN(nn.Module):
             raise ValueError("MaskRCNN: targets are required in train mode")
         if len(targets) != len(images):
             raise ValueError(f"MaskRCNN: {len(images)} images but {len(targets)} targets")
-        for index, (image, target) in enumerate(zip(images, targets)):
-            check_target(target, tuple(image.shape[-2:]), where=f"target {index}")
+        check_targets(targets, [tuple(image.shape[-2:]) for image in images])
+        for index, target in enumerate(targets):
             if "masks" not in target:
                 raise ValueError(f"target {index}: 'masks' is required to train the mask head")
         return self._losses(images, targets)
@@ -181,14 +181,17 @@ class MaskRCNN(nn.Module):
         class_logits, box_deltas = self.box_head(features, rois)
         detections = self.box_head.predict(class_logits.float(), box_deltas.float(), rois,
                                            sizes_tensor(batch.image_sizes, device), num_images)
-        image, slot = detections.valid.nonzero(as_tuple=True)  # image-major: detections grouped by image
+        counts_tensor = detections.valid.sum(dim=1)  # (B,)
+        counts = counts_tensor.tolist()  # the host sync of this stage: the output sizes
+        # valid is a prefix of every row, so (image, slot) of each detection follow from the counts, no nonzero
+        image = torch.repeat_interleave(torch.arange(num_images, device=device), counts_tensor, output_size=sum(counts))
+        slot = torch.arange(image.shape[0], device=device) - (torch.cumsum(counts_tensor, 0) - counts_tensor)[image]
         boxes = detections.boxes[image, slot]  # (sum D_i, 4) resized pixels
         labels = detections.labels[image, slot]
         mask_logits = self.mask_head(features, image_index_rois(image, boxes), labels)  # (sum D_i, M, M)
         boxes_original = self.transform.boxes_to_original(detections.boxes, batch)[image, slot]
-        masks_per_image = paste_masks(mask_logits.float().sigmoid(), boxes_original, image, batch.original_sizes,
+        masks_per_image = paste_masks(mask_logits.float().sigmoid(), boxes_original, counts, batch.original_sizes,
                                       mode=self.paste_mode)
-        counts = detections.valid.sum(dim=1).tolist()
         if return_proposals:
             proposals_original = self.transform.boxes_to_original(proposals, batch)  # (B, P, 4)
         outputs = []

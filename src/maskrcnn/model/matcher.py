@@ -49,13 +49,14 @@ class Matcher:
         # padded GT rows get IoU -1 so they never win the max and always count as background
         iou = torch.where(gt_valid[:, :, None], iou, iou.new_tensor(-1.0))
         best_iou, matched_idx = iou.max(dim=1)  # (B, G, A) -> (B, A)
-        match_label = torch.full((B, A), IGNORED, dtype=torch.int8, device=iou.device)
-        match_label[best_iou >= self.high_threshold] = FOREGROUND
-        match_label[best_iou < self.low_threshold] = BACKGROUND
+        foreground = best_iou >= self.high_threshold  # (B, A)
         if self.allow_low_quality_matches:
             best_per_gt = iou.max(dim=2, keepdim=True).values  # (B, G, A) -> (B, G, 1)
             tied = (iou == best_per_gt) & (best_per_gt > 0)  # invalid rows have best -1: never tied above 0
-            match_label[tied.any(dim=1)] = FOREGROUND
+            foreground |= tied.any(dim=1)
+        # where, not boolean-mask assignment: a mask index runs a nonzero, a host sync on CUDA
+        background = torch.where(best_iou < self.low_threshold, BACKGROUND, IGNORED)
+        match_label = torch.where(foreground, FOREGROUND, background).to(torch.int8)  # (B, A)
         # images without valid GT: every max is the padding value -1, index 0 by convention
         matched_idx = torch.where(best_iou >= 0, matched_idx, torch.zeros_like(matched_idx))
         return matched_idx, match_label

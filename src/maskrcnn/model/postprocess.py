@@ -81,14 +81,14 @@ def _linear_taps(coords: Tensor, source_len: int, mask_size: int, *, offset: int
     return weights
 
 
-def paste_masks(masks: Tensor, boxes: Tensor, image_index: Tensor, image_sizes: Sequence[tuple[int, int]],
+def paste_masks(masks: Tensor, boxes: Tensor, counts: Sequence[int], image_sizes: Sequence[tuple[int, int]],
                 mode: str = "exact") -> list[Tensor]:
     """Pastes every mask inside its box in its image, all detections of the batch at once.
 
     Args:
         masks: f32[D, M, M] (or [D, 1, M, M]) probabilities relative to each box.
         boxes: f32[D, 4] xyxy in the pixels of the image each mask is pasted into.
-        image_index: i64[D] image of each detection, non-decreasing (detections grouped by image).
+        counts: B numbers of detections per image; the detections are grouped by image, in image order.
         image_sizes: B (h, w) of the output images.
         mode: "exact" or "torchvision" (see the module docstring).
     Returns:
@@ -107,5 +107,4 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_index: Tensor, image_sizes: 
     # float32 also under bf16 autocast: bf16's 8-bit mantissa would move pixels near 0.5 across the threshold
     with torch.autocast(masks.device.type, enabled=False):
         pasted = torch.bmm(wy, torch.bmm(masks, wx.transpose(1, 2)))  # (D, Hm, M) @ (D, M, Wm) -> (D, Hm, Wm)
-    counts = torch.bincount(image_index, minlength=len(image_sizes)).tolist()
     return [chunk[:, None, :h, :w] for chunk, (h, w) in zip(pasted.split(counts), image_sizes)]

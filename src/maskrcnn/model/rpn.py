@@ -21,7 +21,7 @@ from maskrcnn.model.anchors import AnchorGenerator
 from maskrcnn.model.box_coder import BoxCoder
 from maskrcnn.model.matcher import BalancedSampler, Matcher
 from maskrcnn.model.transform import sizes_tensor
-from maskrcnn.structures import ImageBatch
+from maskrcnn.structures import ImageBatch, pack_per_image
 
 
 class RPNHead(nn.Module):
@@ -207,21 +207,9 @@ class RPN(nn.Module):
         kept_image = torch.div(flat_groups[kept], L, rounding_mode="floor")
         kept_image, order = torch.sort(kept_image, stable=True)
         kept = kept[order]
-        # (B,) position of each image's first survivor; unlike bincount on CUDA, searchsorted needs no host sync
-        first = torch.searchsorted(kept_image, torch.arange(B, device=device))
-        rank = torch.arange(kept.shape[0], device=device) - first[kept_image]
-        P = min(post_nms_top_n, K)
-        # ranks >= P go to a spare column that is cut off: no boolean indexing, no host sync
-        slot = kept_image * (P + 1) + rank.clamp(max=P)
-        proposals = boxes.new_zeros((B * (P + 1), 4))
-        proposals[slot] = flat_boxes[kept]
-        proposal_scores = scores.new_zeros(B * (P + 1))
-        proposal_scores[slot] = flat_scores[kept]
-        valid = torch.zeros(B * (P + 1), dtype=torch.bool, device=device)
-        valid[slot] = True
-        return (proposals.view(B, P + 1, 4)[:, :P].contiguous(), proposal_scores.view(B, P + 1)[:, :P].contiguous(),
-                valid.view(B, P + 1)[:, :P].contiguous())
-
+        valid, proposals, proposal_scores = pack_per_image(kept_image, B, min(post_nms_top_n, K), flat_boxes[kept],
+                                                           flat_scores[kept])
+        return proposals, proposal_scores, valid
 
 def _flatten(x: Tensor, B: int, values: int) -> Tensor:
     """Head output f32[B, Ak*values, Hi, Wi] -> f32[B, Hi*Wi*Ak, values], the anchors' location-major order."""
