@@ -78,6 +78,31 @@ def test_train_loader_yields_grouped_batches_and_resumes():
     assert [t["image_id"] for t in next(resumed)[1]] == [t["image_id"] for t in batches[3][1]]
 
 
+class RandomDraw(Sized):
+    """Each sample carries one draw of torch's generator, as a random augmentation makes."""
+
+    def __getitem__(self, index):
+        image, target = super().__getitem__(index)
+        return image, {**target, "draw": float(torch.rand(()))}
+
+
+def draws(loader, n):
+    return [[(t["image_id"], t["draw"]) for t in next(loader)[1]] for _ in range(n)]
+
+
+def test_augmentations_do_not_depend_on_workers_or_resume():
+    dataset = RandomDraw([(4, 6)] * 5)
+    in_process = draws(build_train_loader(dataset, batch_size=2, seed=3), 6)
+    assert draws(build_train_loader(dataset, batch_size=2, seed=3, num_workers=2), 6) == in_process
+    assert draws(build_train_loader(dataset, batch_size=2, seed=3, num_workers=2, start_iter=4), 2) == in_process[4:]
+    values = [draw for batch in in_process for _, draw in batch]
+    assert len(set(values)) == len(values)  # a fresh draw for every sample, also for an image seen again
+    assert draws(build_train_loader(dataset, batch_size=2, seed=4), 6) != in_process
+    state = torch.get_rng_state()
+    draws(build_train_loader(dataset, batch_size=2, seed=3), 1)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
+
+
 def test_eval_loader_in_order_with_a_short_last_batch():
     loader = build_eval_loader(Sized([(2, 2)] * 5), batch_size=2)
     assert [[t["image_id"] for t in targets] for _, targets in loader] == [[0, 1], [2, 3], [4]]

@@ -54,8 +54,10 @@ def test_train_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_config):
     assert (run / "config.yaml").is_file()
 
 
-def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_config):
-    reference = train(tiny_config(tmp_path / "a", "data.flip_prob=0.5"), progress=False)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_config, num_workers):
+    settings = ("data.flip_prob=0.5", f"data.num_workers={num_workers}")
+    reference = train(tiny_config(tmp_path / "a", *settings), progress=False)
 
     real_loader = train_module.build_train_loader
 
@@ -68,10 +70,10 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_config):
 
     monkeypatch.setattr(train_module, "build_train_loader", crashing_loader)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "b", "data.flip_prob=0.5"), progress=False)
+        train(tiny_config(tmp_path / "b", *settings), progress=False)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 2
     monkeypatch.setattr(train_module, "build_train_loader", real_loader)
-    resumed = train(tiny_config(tmp_path / "b", "data.flip_prob=0.5"), resume=True, progress=False)
+    resumed = train(tiny_config(tmp_path / "b", *settings), resume=True, progress=False)
 
     assert resumed.iterations == 4
     records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

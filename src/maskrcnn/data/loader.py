@@ -85,13 +85,47 @@ class TrainBatchSampler:
         return itertools.islice(self._batches(), self.start_iter, None)
 
 
+class _SeededBatches:
+    """A batch sampler's batches with a seed beside every index: (index, seed) from (seed, rank, batch number,
+    position in the batch), so that a sample's random augmentations depend on its place in the stream only, not on
+    the number of workers or on where the run was resumed."""
+
+    def __init__(self, sampler: TrainBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        base = (self.sampler.seed, self.sampler.rank)
+        for number, batch in enumerate(self.sampler, start=self.sampler.start_iter):
+            seeds = np.random.SeedSequence([*base, number]).generate_state(len(batch), dtype=np.uint64)
+            yield [(index, int(sample_seed)) for index, sample_seed in zip(batch, seeds)]
+
+
+class _SeededSamples(Dataset):
+    """Loads (index, seed) keys: the data set's sample `index`, its augmentations drawn from torch's generator
+    seeded with `seed` (the caller's generator state is restored afterwards)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, sample_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+
+
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 0, aspect_ratio_grouping: bool = True,
                        seed: int = 0, rank: int = 0, world_size: int = 1,
                        start_iter: int = 0) -> Iterator[tuple[list[Tensor], list[dict]]]:
     """An endless iterator of (images, targets) training batches, reshuffled every epoch.
 
-    The index stream is deterministic by `seed` (see `TrainBatchSampler`). Random augmentations draw from torch's
-    generator: the global one when num_workers == 0 (seed it), else per-worker seeds derived from `seed` and `rank`.
+    Deterministic by `seed`: the index stream (see `TrainBatchSampler`) and the random augmentations of every
+    sample, which draw from torch's generator seeded per sample from (seed, rank, batch number, position). The
+    same run therefore sees the same batches with any `num_workers`, and a resumed run the same as an
+    uninterrupted one.
 
     Args:
         dataset: any data set of this package (needs `image_size` when grouping).
@@ -106,10 +140,10 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 
     sampler = TrainBatchSampler(num_images=len(dataset), batch_size=batch_size, seed=seed, rank=rank,
                                 world_size=world_size, start_iter=start_iter,
                                 group_ids=orientation_groups(dataset) if aspect_ratio_grouping else None)
-    # Worker seeds differ per rank and per resume point, so a resumed run does not replay the first augmentations.
-    worker_seed = int(np.random.SeedSequence([seed, rank, start_iter]).generate_state(1)[0])
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(worker_seed))
+    # a generator of its own: the DataLoader draws its workers' base seed from it instead of the caller's generator
+    loader = DataLoader(_SeededSamples(dataset), batch_sampler=_SeededBatches(sampler), collate_fn=collate,
+                        num_workers=num_workers, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
 

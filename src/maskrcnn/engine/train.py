@@ -103,9 +103,10 @@ def set_rng_state(state: dict) -> None:
 def seed_iteration(seed: int, iteration: int) -> None:
     """Seeds every generator from (seed, iteration).
 
-    Why per iteration: the data pipeline draws from the global generators whenever its iterator is rebuilt
-    (each epoch, and once more on resume), so a resumed run would otherwise drift from an uninterrupted one.
-    Seeding each iteration makes the randomness of iteration i depend on i only, and resume exact.
+    Why per iteration: the RPN and RoI samplers draw from torch's global generator, and whatever else ran in
+    between (a periodic evaluation, a checkpoint reload) would shift their draws. Seeding each iteration makes the
+    randomness of iteration i depend on i only, and resume exact (the data's augmentations are seeded per sample
+    by the loader).
     """
     value = (seed * 1_000_003 + iteration) % (2**31)
     random.seed(value)
