@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["train", "infer", "backbone"], choices=["train", "infer", "backbone"])
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU, 5 GPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 5 CPU, 20 GPU)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of both models, alternating their order; median")
     parser.add_argument("--num-classes", type=int, default=2, help="classes including background, as torchvision counts")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/compare_torchvision.json"))
     parser.add_argument("--worker", choices=["torchvision", "ours"], help=argparse.SUPPRESS)
@@ -174,23 +175,30 @@ def main() -> None:
 
     # Each model is measured in a fresh process of its own: measured in one process, whichever model ran second
     # inherited the first one's heap and oneDNN primitive cache (torchvision's train step varied 4.3-6.3 s with
-    # the order, ours 3.8-4.9 s), which says more about the order than about the models.
-    rows: dict = {}
-    for name in ("torchvision", "ours"):
-        command = [sys.executable, __file__, "--worker", name, "--device", args.device, "--num-classes", str(args.num_classes),
-                   "--modes", *args.modes, "--batch-sizes", *map(str, settings["batch_sizes"]),
-                   "--dtypes", *settings["dtypes"], "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
-        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-        for row in json.loads(output.strip().splitlines()[-1]):
-            merged = rows.setdefault((row["mode"], row["batch"], row["dtype"]), {k: row[k] for k in ("mode", "batch", "dtype")})
-            merged.update({key: value for key, value in row.items() if key.startswith(name)})
-    rows = list(rows.values())
-    for row in rows:
+    # the order, ours 3.8-4.9 s), which says more about the order than about the models. Rounds alternate the
+    # order and each figure is the median over rounds: on the shared 2-core VM, torchvision's inference at
+    # batch 1 measured 1700 ms in one run and 2240 ms in the next.
+    runs: dict = {}
+    for round_index in range(args.rounds):
+        for name in ("torchvision", "ours")[:: 1 if round_index % 2 == 0 else -1]:
+            command = [sys.executable, __file__, "--worker", name, "--device", args.device, "--num-classes", str(args.num_classes),
+                       "--modes", *args.modes, "--batch-sizes", *map(str, settings["batch_sizes"]),
+                       "--dtypes", *settings["dtypes"], "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
+            output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+            for row in json.loads(output.strip().splitlines()[-1]):
+                runs.setdefault((row["mode"], row["batch"], row["dtype"]), []).append(row)
+    rows = []
+    for (mode, batch, dtype), measured in runs.items():
+        row = {"mode": mode, "batch": batch, "dtype": dtype}
+        for key in {key for m in measured for key in m if key.startswith(("torchvision", "ours"))}:
+            row[key] = statistics.median(m[key] for m in measured if key in m)
         row["ratio"] = row["ours_ms"] / row["torchvision_ms"]
+        rows.append(row)
         print(json.dumps(row), flush=True)
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {settings['iters']}, each model in its own process\n")
+    print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {settings['iters']} "
+          f"calls, each model in its own process; median of {args.rounds} round(s)\n")
     print("| mode | batch | dtype | torchvision ms | ours ms | torchvision img/s | ours img/s | ours / torchvision |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
@@ -199,7 +207,7 @@ def main() -> None:
             f"| {row['torchvision_img_s']:.2f} | {row['ours_img_s']:.2f} | {row['ratio']:.2f} |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows}, indent=2))
+    args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rounds": args.rounds, "rows": rows}, indent=2))
     print(f"\nwrote {args.json}")
 
 
