@@ -83,6 +83,7 @@ def pack_per_image(image: Tensor, num_images: int, limit: int, *values: Tensor) 
         packed.append(out.view(num_images, limit + 1, *value.shape[1:])[:, :limit].contiguous())
     return tuple(packed)
 
+
 def check_targets(targets: Sequence[dict], image_sizes: Sequence[tuple[int, int]]) -> None:
     """Asserts the target conventions for a batch of images of sizes (h, w); errors name the target's index.
 

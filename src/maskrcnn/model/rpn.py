@@ -211,6 +211,7 @@ class RPN(nn.Module):
                                                            flat_scores[kept])
         return proposals, proposal_scores, valid
 
+
 def _flatten(x: Tensor, B: int, values: int) -> Tensor:
     """Head output f32[B, Ak*values, Hi, Wi] -> f32[B, Hi*Wi*Ak, values], the anchors' location-major order."""
     _, channels, height, width = x.shape
