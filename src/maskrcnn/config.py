@@ -38,8 +38,8 @@ class BackboneConfig:
 class TransformConfig:
     min_size: int | None = 800  # shortest image edge after resize; None keeps the image size
     max_size: int | None = 1333  # longest image edge after resize is at most this; None: no limit
-    size_divisible: int = 32  # batch canvas padded to a multiple of this (static-ish shapes for cudnn.benchmark)
-    fixed_canvas: tuple[int, int] | None = None  # (H, W): pad every batch to this canvas instead, e.g. (800, 1088)
+    size_divisible: int = 32  # batch canvas padded to a multiple of this
+    fixed_canvas: tuple[int, int] | None = None  # (H, W) canvas of every batch, e.g. (800, 1088); CUDA training then uses cudnn.benchmark
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean, images in 0..1
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet std
 

@@ -306,7 +306,9 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # static canvases (size_divisible / fixed_canvas) make this pay
+        # cudnn.benchmark tunes every convolution once per input shape: a gain with one fixed canvas, a loss with
+        # canvases that vary by batch (torchvision with variable sizes: about 20x fewer iterations, DESIGN.md)
+        torch.backends.cudnn.benchmark = cfg.model.transform.fixed_canvas is not None
 
     loader = build_train_loader(
         train_set, batch_size=tc.batch_size, num_workers=cfg.data.num_workers,
