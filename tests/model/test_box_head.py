@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.box_head import BoxHead, LevelRoIAlign, RoISample, proposal_rois
+from maskrcnn.model.box_head import BoxHead, LevelRoIAlign, RoISample, ThreadedRoIAlign, proposal_rois
 from maskrcnn.model.matcher import BalancedSampler, Matcher
 
 
@@ -44,6 +44,43 @@ def test_pooler_matches_torchvision_multiscale_roi_align():
     order = torch.cat([torch.nonzero(image == 0)[:, 0], torch.nonzero(image == 1)[:, 0]])
     got = ours(features, torch.cat([image[:, None].float(), boxes], dim=1))
     torch.testing.assert_close(got[order], expected)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_threaded_roi_align_equals_one_call_forward_and_backward(workers):
+    torch.manual_seed(0)
+    feature = torch.randn(2, 4, 20, 24, requires_grad=True)
+    xy = torch.rand(7, 2) * 60
+    rois = torch.cat([torch.tensor([0.0, 1, 1, 0, 1, 0, 1])[:, None], xy, xy + torch.rand(7, 2) * 30 + 1], dim=1)
+    grad = torch.randn(7, 4, 5, 5)
+
+    expected = roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    (expected_grad,) = torch.autograd.grad(expected, feature, grad)
+    got = ThreadedRoIAlign.apply(feature, rois, 5, 0.25, 2, True, workers)
+    (got_grad,) = torch.autograd.grad(got, feature, grad)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
+def test_pooler_uses_threads_on_cpu_only_for_float32(monkeypatch):
+    calls = []
+    real_apply = ThreadedRoIAlign.apply
+    monkeypatch.setattr(ThreadedRoIAlign, "apply", lambda *args: calls.append(args[6]) or real_apply(*args))
+    features = _features(canvas=(64, 64))
+    rois = torch.tensor([[0.0, 2, 2, 30, 30], [1.0, 4, 4, 20, 28]])
+    pooler = LevelRoIAlign(featmap_names=("p2",), output_size=3, sampling_ratio=2, aligned=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threaded = pooler(features, rois)
+        assert calls == [2]
+        pooler({"p2": features["p2"].double()}, rois.double())  # other dtypes: one plain roi_align call
+        torch.set_num_threads(1)
+        single = pooler(features, rois)
+        assert calls == [2]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(threaded, single)
 
 
 def test_sample_by_hand():

@@ -12,7 +12,9 @@ image_index * (K + 1) + class.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,51 @@ from torchvision.ops import batched_nms, roi_align
 from maskrcnn.model.box_coder import BoxCoder
 from maskrcnn.model.matcher import IGNORED, BalancedSampler, Matcher, pairwise_iou
 from maskrcnn.structures import pack_per_image
+
+
+@functools.cache
+def _executor(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
+
+
+class ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision's roi_align on CPU with the RoIs split across threads, forward and backward.
+
+    Its CPU kernels loop over the RoIs on one thread whatever torch's thread count. Measured on 2 cores, 1024 RoIs
+    on a 2 x 256 x 200 x 272 map: forward 364 -> 206 ms, forward + backward 1170 -> 694 ms. The forward equals
+    one roi_align call exactly; the gradient is the sum of the chunks' gradients (float summation order only).
+    """
+
+    @staticmethod
+    def forward(ctx, feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int,
+                aligned: bool, workers: int) -> Tensor:
+        """f32[B, C, H, W] map, f32[R, 5] RoIs -> f32[R, C, S, S], in `workers` threads."""
+        ctx.save_for_backward(rois)
+        ctx.settings = (output_size, spatial_scale, sampling_ratio, aligned, workers, tuple(feature.shape))
+
+        def pool(chunk: Tensor) -> Tensor:
+            with torch.no_grad():  # grad mode is per thread: the workers must not record a graph of their own
+                return torch.ops.torchvision.roi_align(feature, chunk, spatial_scale, output_size, output_size,
+                                                       sampling_ratio, aligned)
+
+        return torch.cat(list(_executor(workers).map(pool, rois.tensor_split(workers))))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rois,) = ctx.saved_tensors
+        output_size, spatial_scale, sampling_ratio, aligned, workers, (B, C, H, W) = ctx.settings
+
+        def scatter(chunks: tuple[Tensor, Tensor]) -> Tensor:
+            grad_chunk, rois_chunk = chunks
+            return torch.ops.torchvision._roi_align_backward(grad_chunk.contiguous(), rois_chunk, spatial_scale,
+                                                             output_size, output_size, B, C, H, W, sampling_ratio,
+                                                             aligned)  # (B, C, H, W)
+
+        grads = list(_executor(workers).map(scatter, zip(grad.tensor_split(workers), rois.tensor_split(workers))))
+        feature_grad = grads[0]
+        for other in grads[1:]:
+            feature_grad += other
+        return feature_grad, None, None, None, None, None, None
 
 
 class LevelRoIAlign(nn.Module):
@@ -73,13 +120,22 @@ class LevelRoIAlign(nn.Module):
         pooled_per_level = []
         for feature, k, rois_k in zip(maps, self.levels, rois[order].split(counts)):
             if rois_k.shape[0]:
-                pooled_per_level.append(roi_align(feature, rois_k, self.output_size, spatial_scale=2.0 ** -k,
-                                                  sampling_ratio=self.sampling_ratio, aligned=self.aligned))
+                pooled_per_level.append(self._roi_align(feature, rois_k, 2.0 ** -k))
         channels = maps[0].shape[1]
         if not pooled_per_level:
             return maps[0].new_zeros((0, channels, self.output_size, self.output_size))
         pooled_sorted = torch.cat(pooled_per_level)  # (R, C, S, S) in level order
         return pooled_sorted[torch.argsort(order)]  # back to the order of `rois`: one gather
+
+    def _roi_align(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
+        """One level: f32[B, C, H, W], f32[R, 5] -> f32[R, C, S, S]; on CPU split across torch's threads."""
+        workers = torch.get_num_threads() if feature.device.type == "cpu" else 1
+        # ThreadedRoIAlign calls the kernels directly, so it takes float32 maps only (autocast falls back here)
+        if workers > 1 and rois.shape[0] >= workers and feature.dtype == rois.dtype == torch.float32:
+            return ThreadedRoIAlign.apply(feature, rois, self.output_size, spatial_scale, self.sampling_ratio,
+                                          self.aligned, workers)
+        return roi_align(feature, rois, self.output_size, spatial_scale=spatial_scale,
+                         sampling_ratio=self.sampling_ratio, aligned=self.aligned)
 
 
 @dataclass
