@@ -173,20 +173,22 @@ def main() -> None:
         print(json.dumps(measure(args.worker, device, args.modes, args.num_classes, **settings)))
         return
 
-    # Each model is measured in a fresh process of its own: measured in one process, whichever model ran second
-    # inherited the first one's heap and oneDNN primitive cache (torchvision's train step varied 4.3-6.3 s with
-    # the order, ours 3.8-4.9 s), which says more about the order than about the models. Rounds alternate the
-    # order and each figure is the median over rounds: on the shared 2-core VM, torchvision's inference at
-    # batch 1 measured 1700 ms in one run and 2240 ms in the next.
+    # Each model and mode is measured in a fresh process of its own. Measured in one process, whatever ran before
+    # changed the figures through the heap and oneDNN's primitive cache: whichever model ran second (torchvision's
+    # train step 4.3-6.3 s with the order, ours 3.8-4.9 s), and torchvision's CPU inference after its training
+    # steps took 1.7 s per image against 2.4-2.5 s in a process of its own. Rounds alternate the models' order and
+    # each figure is the median over rounds, since the shared 2-core VM drifts by 10-30% between runs.
     runs: dict = {}
     for round_index in range(args.rounds):
-        for name in ("torchvision", "ours")[:: 1 if round_index % 2 == 0 else -1]:
-            command = [sys.executable, __file__, "--worker", name, "--device", args.device, "--num-classes", str(args.num_classes),
-                       "--modes", *args.modes, "--batch-sizes", *map(str, settings["batch_sizes"]),
-                       "--dtypes", *settings["dtypes"], "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
-            output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-            for row in json.loads(output.strip().splitlines()[-1]):
-                runs.setdefault((row["mode"], row["batch"], row["dtype"]), []).append(row)
+        for mode in args.modes:
+            for name in ("torchvision", "ours")[:: 1 if round_index % 2 == 0 else -1]:
+                command = [sys.executable, __file__, "--worker", name, "--device", args.device,
+                           "--num-classes", str(args.num_classes), "--modes", mode,
+                           "--batch-sizes", *map(str, settings["batch_sizes"]), "--dtypes", *settings["dtypes"],
+                           "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
+                output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+                for row in json.loads(output.strip().splitlines()[-1]):
+                    runs.setdefault((row["mode"], row["batch"], row["dtype"]), []).append(row)
     rows = []
     for (mode, batch, dtype), measured in runs.items():
         row = {"mode": mode, "batch": batch, "dtype": dtype}
@@ -198,7 +200,7 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {settings['iters']} "
-          f"calls, each model in its own process; median of {args.rounds} round(s)\n")
+          f"calls, each model and mode in its own process; median of {args.rounds} round(s)\n")
     print("| mode | batch | dtype | torchvision ms | ours ms | torchvision img/s | ours img/s | ours / torchvision |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
