@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU, 5 GPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 5 CPU, 20 GPU)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of both models, alternating their order; median")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="glibc malloc keeps freed memory (no mmap / trim of large blocks) in both models' processes")
     parser.add_argument("--num-classes", type=int, default=2, help="classes including background, as torchvision counts")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/compare_torchvision.json"))
     parser.add_argument("--worker", choices=["torchvision", "ours"], help=argparse.SUPPRESS)
@@ -178,6 +180,13 @@ def main() -> None:
     # train step 4.3-6.3 s with the order, ours 3.8-4.9 s), and torchvision's CPU inference after its training
     # steps took 1.7 s per image against 2.4-2.5 s in a process of its own. Rounds alternate the models' order and
     # each figure is the median over rounds, since the shared 2-core VM drifts by 10-30% between runs.
+    # By default glibc serves every block over 32 MB with a fresh mmap, so a process that has not yet held more
+    # memory than one call needs pays page faults for its large activations on every call (3.5 million minor
+    # faults in 7 calls of torchvision's backbone at 800x1088: 1178 ms per call, 716 ms with the heap kept).
+    # --keep-heap takes the allocator out of the comparison; the default shows what a plain process gets.
+    env = dict(os.environ)
+    if args.keep_heap:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(2**34), MALLOC_TRIM_THRESHOLD_=str(2**34))
     runs: dict = {}
     for round_index in range(args.rounds):
         for mode in args.modes:
@@ -186,7 +195,7 @@ def main() -> None:
                            "--num-classes", str(args.num_classes), "--modes", mode,
                            "--batch-sizes", *map(str, settings["batch_sizes"]), "--dtypes", *settings["dtypes"],
                            "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
-                output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+                output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
                 for row in json.loads(output.strip().splitlines()[-1]):
                     runs.setdefault((row["mode"], row["batch"], row["dtype"]), []).append(row)
     rows = []
@@ -200,7 +209,8 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {settings['iters']} "
-          f"calls, each model and mode in its own process; median of {args.rounds} round(s)\n")
+          f"calls, each model and mode in its own process; median of {args.rounds} round(s)"
+          f"{'; heap kept (glibc malloc)' if args.keep_heap else ''}\n")
     print("| mode | batch | dtype | torchvision ms | ours ms | torchvision img/s | ours img/s | ours / torchvision |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
@@ -209,7 +219,8 @@ def main() -> None:
             f"| {row['torchvision_img_s']:.2f} | {row['ours_img_s']:.2f} | {row['ratio']:.2f} |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rounds": args.rounds, "rows": rows}, indent=2))
+    args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rounds": args.rounds,
+                                     "keep_heap": args.keep_heap, "rows": rows}, indent=2))
     print(f"\nwrote {args.json}")
 
 
