@@ -179,11 +179,11 @@ def main() -> None:
     # changed the figures through the heap and oneDNN's primitive cache: whichever model ran second (torchvision's
     # train step 4.3-6.3 s with the order, ours 3.8-4.9 s), and torchvision's CPU inference after its training
     # steps took 1.7 s per image against 2.4-2.5 s in a process of its own. Rounds alternate the models' order and
-    # each figure is the median over rounds, since the shared 2-core VM drifts by 10-30% between runs.
-    # By default glibc serves every block over 32 MB with a fresh mmap, so a process that has not yet held more
-    # memory than one call needs pays page faults for its large activations on every call (3.5 million minor
-    # faults in 7 calls of torchvision's backbone at 800x1088: 1178 ms per call, 716 ms with the heap kept).
-    # --keep-heap takes the allocator out of the comparison; the default shows what a plain process gets.
+    # each figure is the median over rounds, since the shared 2-core VM drifts by 5-10% between runs.
+    # glibc hands large freed blocks back to the OS (mmap'd blocks, heap trimming), so large activations are
+    # page-faulted in again on later calls (3.5 million minor faults in 7 calls of torchvision's backbone at
+    # 800x1088: 1178 ms per call, 716 ms with the heap kept), by an amount that depends on what the process
+    # allocated before. --keep-heap takes the allocator out of the comparison; the default shows a plain process.
     env = dict(os.environ)
     if args.keep_heap:
         env.update(MALLOC_MMAP_THRESHOLD_=str(2**34), MALLOC_TRIM_THRESHOLD_=str(2**34))
