@@ -1,4 +1,5 @@
 import math
+import multiprocessing
 
 import pytest
 import torch
@@ -81,6 +82,27 @@ def test_pooler_uses_threads_on_cpu_only_for_float32(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(threaded, single)
+
+
+def _pool_in_child(pooler, features, rois):
+    torch.set_num_threads(2)
+    return pooler(features, rois)
+
+
+def test_threaded_pooler_works_in_a_forked_child_after_use_in_the_parent():
+    """A forked child inherits the thread pool object but not its threads: it must get a pool of its own."""
+    features = _features(batch=1, canvas=(64, 64))
+    rois = torch.tensor([[0.0, 2, 2, 30, 30], [0.0, 4, 4, 20, 28]])
+    pooler = LevelRoIAlign(featmap_names=("p2",), output_size=3, sampling_ratio=2, aligned=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = pooler(features, rois)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_pool_in_child, (pooler, features, rois)).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, expected)
 
 
 def test_sample_by_hand():

@@ -13,6 +13,7 @@ image_index * (K + 1) + class.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,8 +28,14 @@ from maskrcnn.model.matcher import IGNORED, BalancedSampler, Matcher, pairwise_i
 from maskrcnn.structures import pack_per_image
 
 
-@functools.cache
 def _executor(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of `workers` threads for this process."""
+    # keyed by process id too: a forked child inherits the pool object but not its threads, and would wait forever
+    return _process_executor(workers, os.getpid())
+
+
+@functools.cache
+def _process_executor(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
 
 
