@@ -46,13 +46,14 @@ def fixed_canvas(datasets, min_size: int, max_size: int, divisible: int = 32) ->
 
 
 def train_for(model, loader, *, budget_s: float, lr: float, warmup_iters: int, device: torch.device) -> dict:
-    """Trains until `budget_s` seconds have passed; returns iterations run and seconds spent."""
+    """Trains until `budget_s` seconds have passed or the loss is no longer finite; returns iterations run, seconds
+    spent and the iteration that diverged (None if none did)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, 0.001 + (1 - 0.001) * it / warmup_iters))
     model.train()
     start = time.perf_counter()
-    iteration = 0
+    iteration, diverged_at = 0, None
     for images, targets in loader:
         if time.perf_counter() - start >= budget_s:
             break
@@ -61,6 +62,10 @@ def train_for(model, loader, *, budget_s: float, lr: float, warmup_iters: int, d
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = model(images, targets)
         total = sum(value for key, value in losses.items() if key.startswith("loss"))
+        # one host sync per step, the same for both models: a diverged run stops instead of training on NaN
+        if not math.isfinite(total.item()):
+            diverged_at = iteration + 1
+            break
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -68,7 +73,8 @@ def train_for(model, loader, *, budget_s: float, lr: float, warmup_iters: int, d
         iteration += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"iterations": iteration, "seconds": time.perf_counter() - start, "last_loss": float(total.detach())}
+    return {"iterations": iteration, "seconds": time.perf_counter() - start, "last_loss": float(total.detach()),
+            "diverged_at": diverged_at}
 
 
 def main() -> None:
@@ -114,10 +120,11 @@ def main() -> None:
         print(json.dumps({name: results[name]}), flush=True)
 
     print(f"\n{device}; budget {args.budget:.0f} s; batch {batch_size}; min/max size {args.min_size}/{args.max_size}\n")
-    print("| model | iterations | box AP | box AP50 | mask AP | mask AP50 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | iterations | diverged at | box AP | box AP50 | mask AP | mask AP50 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
-        print(f"| {name} | {r['iterations']} | {r['bbox']['AP']:.3f} | {r['bbox']['AP50']:.3f} | {r['segm']['AP']:.3f} | {r['segm']['AP50']:.3f} |")
+        print(f"| {name} | {r['iterations']} | {r['diverged_at'] or '-'} | {r['bbox']['AP']:.3f} | {r['bbox']['AP50']:.3f} "
+              f"| {r['segm']['AP']:.3f} | {r['segm']['AP50']:.3f} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": str(device), "budget_s": args.budget, "batch_size": batch_size, "results": results}, indent=2))
     print(f"\nwrote {args.json}")
