@@ -63,24 +63,32 @@ def test_threaded_roi_align_equals_one_call_forward_and_backward(workers):
     torch.testing.assert_close(got_grad, expected_grad)
 
 
-def test_pooler_uses_threads_on_cpu_only_for_float32(monkeypatch):
+@pytest.fixture
+def torch_threads():
+    """Sets torch's CPU thread count for one test (the pooler threads by it) and restores it afterwards."""
+    threads = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(threads)
+
+
+def _p2_pooler() -> LevelRoIAlign:
+    return LevelRoIAlign(featmap_names=("p2",), output_size=3, sampling_ratio=2, aligned=True)
+
+
+def test_pooler_uses_threads_on_cpu_only_for_float32(monkeypatch, torch_threads):
     calls = []
     real_apply = ThreadedRoIAlign.apply
     monkeypatch.setattr(ThreadedRoIAlign, "apply", lambda *args: calls.append(args[6]) or real_apply(*args))
     features = _features(canvas=(64, 64))
     rois = torch.tensor([[0.0, 2, 2, 30, 30], [1.0, 4, 4, 20, 28]])
-    pooler = LevelRoIAlign(featmap_names=("p2",), output_size=3, sampling_ratio=2, aligned=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        threaded = pooler(features, rois)
-        assert calls == [2]
-        pooler({"p2": features["p2"].double()}, rois.double())  # other dtypes: one plain roi_align call
-        torch.set_num_threads(1)
-        single = pooler(features, rois)
-        assert calls == [2]
-    finally:
-        torch.set_num_threads(threads)
+    pooler = _p2_pooler()
+    torch_threads(2)
+    threaded = pooler(features, rois)
+    assert calls == [2]
+    pooler({"p2": features["p2"].double()}, rois.double())  # other dtypes: one plain roi_align call
+    torch_threads(1)
+    single = pooler(features, rois)
+    assert calls == [2]
     assert torch.equal(threaded, single)
 
 
@@ -89,19 +97,15 @@ def _pool_in_child(pooler, features, rois):
     return pooler(features, rois)
 
 
-def test_threaded_pooler_works_in_a_forked_child_after_use_in_the_parent():
+def test_threaded_pooler_works_in_a_forked_child_after_use_in_the_parent(torch_threads):
     """A forked child inherits the thread pool object but not its threads: it must get a pool of its own."""
     features = _features(batch=1, canvas=(64, 64))
     rois = torch.tensor([[0.0, 2, 2, 30, 30], [0.0, 4, 4, 20, 28]])
-    pooler = LevelRoIAlign(featmap_names=("p2",), output_size=3, sampling_ratio=2, aligned=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        expected = pooler(features, rois)
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            got = pool.apply_async(_pool_in_child, (pooler, features, rois)).get(timeout=60)
-    finally:
-        torch.set_num_threads(threads)
+    pooler = _p2_pooler()
+    torch_threads(2)
+    expected = pooler(features, rois)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_pool_in_child, (pooler, features, rois)).get(timeout=60)
     assert torch.equal(got, expected)
 
 
