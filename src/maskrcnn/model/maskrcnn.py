@@ -23,6 +23,7 @@ from maskrcnn.model.anchors import AnchorGenerator
 from maskrcnn.model.backbone import build_backbone
 from maskrcnn.model.box_coder import BoxCoder
 from maskrcnn.model.box_head import BoxHead, LevelRoIAlign, image_index_rois, proposal_rois
+from maskrcnn.model.layout import nchw_copy, use_layout_convs
 from maskrcnn.model.mask_head import MaskHead, stack_masks
 from maskrcnn.model.matcher import BalancedSampler, Matcher
 from maskrcnn.model.postprocess import PASTE_MODES, paste_masks
@@ -48,7 +49,9 @@ class MaskRCNN(nn.Module):
         paste_mode: "exact" or "torchvision", see `postprocess.paste_masks`.
         channels_last: run the convolutions in NHWC memory layout. Measured on CPU (1 thread, 800x1088,
             ResNet-50): backbone 2.18 s -> 1.89 s per image at inference, train step (2 images) 21.3 s -> 19.1 s.
-            Weights are unchanged; outputs differ only by float summation order.
+            Weights are unchanged; outputs differ only by float summation order. The 3x3 convolutions become
+            `layout.LayoutConv2d`, which on CPU takes the weight gradient from NCHW copies where oneDNN's NHWC
+            one is slow (see model/layout.py).
         fuse_batchnorm: in eval mode, run a copy of the backbone with every BatchNorm folded into the conv
             before it, rebuilt after every `train()` / `eval()` call and whenever a backbone tensor is replaced
             or changed in place (optimizer steps, load_state_dict; not writes through `.data`). Measured:
@@ -73,6 +76,7 @@ class MaskRCNN(nn.Module):
         self._fused_backbone: tuple[tuple, nn.Module] | None = None  # (weights key, fused copy), see _features
         if channels_last:
             self.to(memory_format=torch.channels_last)
+            use_layout_convs(self)
 
     def train(self, mode: bool = True) -> MaskRCNN:
         """nn.Module.train; also drops the fused inference backbone, so that it is rebuilt from the weights."""
@@ -136,7 +140,7 @@ class MaskRCNN(nn.Module):
         # roi_align's kernels read NCHW: convert each pooled level once here rather than in each of the
         # per-level roi_align calls of both heads (measured: box head 0.62 s -> 0.44 s at 800x1088)
         pooled = dict.fromkeys(self.box_head.pooler.featmap_names + self.mask_head.pooler.featmap_names)
-        return features, {name: features[name].contiguous() for name in pooled}
+        return features, {name: nchw_copy(features[name]) for name in pooled}
 
     def inference_backbone(self) -> nn.Module:
         """The backbone, or in eval mode (with fuse_batchnorm) its BatchNorm-folded copy, cached per weights."""
