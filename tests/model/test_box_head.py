@@ -33,9 +33,9 @@ def test_level_assignment_by_hand():
     assert pooler.assign_levels(boxes).tolist() == [0, 0, 1, 2, 2, 3, 3]
 
 
-def test_pooler_matches_torchvision_multiscale_roi_align():
+def test_pooler_matches_torchvision_multiscale_roi_align_forward_and_backward():
     torch.manual_seed(0)
-    features = _features(canvas=(256, 320))
+    features = {name: feature.requires_grad_() for name, feature in _features(canvas=(256, 320)).items()}
     xy = torch.rand(40, 2) * 200
     boxes = torch.cat([xy, xy + torch.rand(40, 2) * 300 + 2], dim=1)
     image = torch.randint(0, 2, (40,))
@@ -45,6 +45,12 @@ def test_pooler_matches_torchvision_multiscale_roi_align():
     order = torch.cat([torch.nonzero(image == 0)[:, 0], torch.nonzero(image == 1)[:, 0]])
     got = ours(features, torch.cat([image[:, None].float(), boxes], dim=1))
     torch.testing.assert_close(got[order], expected)
+
+    upstream = torch.randn(expected.shape)  # one weight per pooled value, so every RoI's gradient is distinct
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), list(features.values()), materialize_grads=True)
+    got_grads = torch.autograd.grad((got[order] * upstream).sum(), list(features.values()), materialize_grads=True)
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad)
 
 
 @pytest.mark.parametrize("workers", [2, 3])

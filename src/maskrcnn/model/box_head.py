@@ -132,7 +132,10 @@ class LevelRoIAlign(nn.Module):
         if not pooled_per_level:
             return maps[0].new_zeros((0, channels, self.output_size, self.output_size))
         pooled_sorted = torch.cat(pooled_per_level)  # (R, C, S, S) in level order
-        return pooled_sorted[torch.argsort(order)]  # back to the order of `rois`: one gather
+        # back to the order of `rois`: row i of pooled_sorted is RoI order[i]. A copy to those rows rather than a
+        # gather by the inverse permutation, whose backward is an accumulating scatter; the copy's backward is a
+        # gather (CPU, 1024 x 256 x 7 x 7, forward + backward: 48 -> 17 ms)
+        return torch.index_copy(torch.empty_like(pooled_sorted), 0, order, pooled_sorted)
 
     def _roi_align(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
         """One level: f32[B, C, H, W], f32[R, 5] -> f32[R, C, S, S]; on CPU split across torch's threads."""
