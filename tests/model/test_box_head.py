@@ -66,7 +66,7 @@ def test_threaded_roi_align_equals_one_call_forward_and_backward(workers):
     got = ThreadedRoIAlign.apply(feature, rois, 5, 0.25, 2, True, workers)
     (got_grad,) = torch.autograd.grad(got, feature, grad)
     assert torch.equal(got, expected)
-    torch.testing.assert_close(got_grad, expected_grad)
+    assert torch.equal(got_grad, expected_grad)  # each thread computes whole channels, as the one call does
 
 
 @pytest.fixture
