@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from compare_torchvision import load_batch, train_step_fn
-from maskrcnn.model.convert import from_torchvision
+from maskrcnn.model import from_torchvision
 
 # aten / torchvision ops that wait for the device on CUDA, and why
 WAITING_OPS = {

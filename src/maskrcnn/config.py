@@ -95,8 +95,7 @@ class ModelConfig:
     weights: str = "none"  # whole-model weights: none | torchvision-coco | path to one of our checkpoints or state dicts
     roi_align_aligned: bool = True  # half-pixel-correct RoIAlign (Detectron2); False reproduces torchvision v1
     paste_mode: str = "exact"  # mask paste: exact (sub-pixel, bilinear) | torchvision (its integer-rounded paste)
-    channels_last: bool = True  # NHWC convolutions (oneDNN on CPU: backbone 2.18 s -> 1.89 s at 800x1088); same weights
-    fuse_batchnorm: bool = True  # eval: run a cached copy of the backbone with BatchNorm folded into the convs
+    cpu_speedups: bool = True  # model/cpu_speedups.py: NHWC convs, measured weight-gradient layout, BatchNorm folded at eval, threaded RoIAlign; same weights, results equal up to float rounding
 
 
 # ------------------------------------------------------------------------------------------------ data

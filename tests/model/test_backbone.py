@@ -8,6 +8,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.model.backbone import build_backbone
+from maskrcnn.model.pretrained import WeightsError
 
 LEVEL_SHAPES = {"p2": (16, 16), "p3": (8, 8), "p4": (4, 4), "p5": (2, 2), "p6": (1, 1)}  # 64x64 / 4..64
 
@@ -118,7 +119,7 @@ def test_imagenet_download_failure_says_what_to_do(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(RuntimeError, match="local path"):
+    with pytest.raises(WeightsError, match="local path"):
         build_backbone(depth=18, weights="imagenet")
 
 

@@ -1,13 +1,12 @@
 import math
-import multiprocessing
 
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.box_head import BoxHead, LevelRoIAlign, RoISample, ThreadedRoIAlign, proposal_rois
+from maskrcnn.model.box_head import BoxHead, RoISample, proposal_rois
 from maskrcnn.model.matcher import BalancedSampler, Matcher
+from maskrcnn.model.poolers import LevelRoIAlign
 
 
 def _head(num_classes=2, batch_size_per_image=8, positive_fraction=0.25, score_thresh=0.05, detections=100):
@@ -23,96 +22,6 @@ def _head(num_classes=2, batch_size_per_image=8, positive_fraction=0.25, score_t
 
 def _features(batch=2, channels=4, canvas=(128, 128)):
     return {f"p{k}": torch.randn(batch, channels, canvas[0] // 2**k, canvas[1] // 2**k) for k in (2, 3, 4, 5)}
-
-
-def test_level_assignment_by_hand():
-    pooler = LevelRoIAlign(output_size=7, sampling_ratio=2, aligned=True)
-    sides = torch.tensor([10.0, 111.0, 112.0, 224.0, 447.0, 448.0, 2000.0])
-    boxes = torch.stack([torch.zeros(7), torch.zeros(7), sides, sides], dim=1)
-    # k = floor(4 + log2(side / 224)) clamped to 2..5, returned as an index into p2..p5
-    assert pooler.assign_levels(boxes).tolist() == [0, 0, 1, 2, 2, 3, 3]
-
-
-def test_pooler_matches_torchvision_multiscale_roi_align_forward_and_backward():
-    torch.manual_seed(0)
-    features = {name: feature.requires_grad_() for name, feature in _features(canvas=(256, 320)).items()}
-    xy = torch.rand(40, 2) * 200
-    boxes = torch.cat([xy, xy + torch.rand(40, 2) * 300 + 2], dim=1)
-    image = torch.randint(0, 2, (40,))
-    ours = LevelRoIAlign(output_size=7, sampling_ratio=2, aligned=False)
-    theirs = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2)
-    expected = theirs(features, [boxes[image == 0], boxes[image == 1]], [(256, 320)] * 2)
-    order = torch.cat([torch.nonzero(image == 0)[:, 0], torch.nonzero(image == 1)[:, 0]])
-    got = ours(features, torch.cat([image[:, None].float(), boxes], dim=1))
-    torch.testing.assert_close(got[order], expected)
-
-    upstream = torch.randn(expected.shape)  # one weight per pooled value, so every RoI's gradient is distinct
-    expected_grads = torch.autograd.grad((expected * upstream).sum(), list(features.values()), materialize_grads=True)
-    got_grads = torch.autograd.grad((got[order] * upstream).sum(), list(features.values()), materialize_grads=True)
-    for got_grad, expected_grad in zip(got_grads, expected_grads):
-        torch.testing.assert_close(got_grad, expected_grad)
-
-
-@pytest.mark.parametrize("workers", [2, 3])
-def test_threaded_roi_align_equals_one_call_forward_and_backward(workers):
-    torch.manual_seed(0)
-    feature = torch.randn(2, 4, 20, 24, requires_grad=True)
-    xy = torch.rand(7, 2) * 60
-    rois = torch.cat([torch.tensor([0.0, 1, 1, 0, 1, 0, 1])[:, None], xy, xy + torch.rand(7, 2) * 30 + 1], dim=1)
-    grad = torch.randn(7, 4, 5, 5)
-
-    expected = roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
-    (expected_grad,) = torch.autograd.grad(expected, feature, grad)
-    got = ThreadedRoIAlign.apply(feature, rois, 5, 0.25, 2, True, workers)
-    (got_grad,) = torch.autograd.grad(got, feature, grad)
-    assert torch.equal(got, expected)
-    assert torch.equal(got_grad, expected_grad)  # each thread computes whole channels, as the one call does
-
-
-@pytest.fixture
-def torch_threads():
-    """Sets torch's CPU thread count for one test (the pooler threads by it) and restores it afterwards."""
-    threads = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(threads)
-
-
-def _p2_pooler() -> LevelRoIAlign:
-    return LevelRoIAlign(featmap_names=("p2",), output_size=3, sampling_ratio=2, aligned=True)
-
-
-def test_pooler_uses_threads_on_cpu_only_for_float32(monkeypatch, torch_threads):
-    calls = []
-    real_apply = ThreadedRoIAlign.apply
-    monkeypatch.setattr(ThreadedRoIAlign, "apply", lambda *args: calls.append(args[6]) or real_apply(*args))
-    features = _features(canvas=(64, 64))
-    rois = torch.tensor([[0.0, 2, 2, 30, 30], [1.0, 4, 4, 20, 28]])
-    pooler = _p2_pooler()
-    torch_threads(2)
-    threaded = pooler(features, rois)
-    assert calls == [2]
-    pooler({"p2": features["p2"].double()}, rois.double())  # other dtypes: one plain roi_align call
-    torch_threads(1)
-    single = pooler(features, rois)
-    assert calls == [2]
-    assert torch.equal(threaded, single)
-
-
-def _pool_in_child(pooler, features, rois):
-    torch.set_num_threads(2)
-    return pooler(features, rois)
-
-
-def test_threaded_pooler_works_in_a_forked_child_after_use_in_the_parent(torch_threads):
-    """A forked child inherits the thread pool object but not its threads: it must get a pool of its own."""
-    features = _features(batch=1, canvas=(64, 64))
-    rois = torch.tensor([[0.0, 2, 2, 30, 30], [0.0, 4, 4, 20, 28]])
-    pooler = _p2_pooler()
-    torch_threads(2)
-    expected = pooler(features, rois)
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        got = pool.apply_async(_pool_in_child, (pooler, features, rois)).get(timeout=60)
-    assert torch.equal(got, expected)
 
 
 def test_sample_by_hand():

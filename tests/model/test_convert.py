@@ -12,7 +12,8 @@ from torchvision.ops import box_iou
 
 from maskrcnn.config import BackboneConfig, ModelConfig
 from maskrcnn.model import build_model, from_torchvision
-from maskrcnn.model.convert import from_torchvision_state_dict, to_torchvision_state_dict, torchvision_compatible_config
+from maskrcnn.model.convert import from_torchvision_state_dict, to_torchvision_state_dict
+from maskrcnn.model.pretrained import WeightsError, torchvision_compatible_config
 
 PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] / "shared/data/PennFudanPed"))
 
@@ -59,10 +60,10 @@ def torchvision_outputs(torchvision_model):
         return images, torchvision_model(images)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["exact-layout", "fast-default"])
-def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, channels_last):
+@pytest.mark.parametrize("cpu_speedups", [False, True], ids=["plain", "cpu-speedups-default"])
+def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, cpu_speedups):
     # False: torchvision's memory layout and unfused BatchNorm, the same float operations in the same order
-    ours = from_torchvision(torchvision_model, channels_last=channels_last, fuse_batchnorm=channels_last)
+    ours = from_torchvision(torchvision_model, cpu_speedups=cpu_speedups)
     assert ours.transform.min_size == 320 and ours.transform.max_size == 512
     assert ours.paste_mode == "torchvision" and ours.box_head.pooler.aligned is False
     images, expected = torchvision_outputs
@@ -77,7 +78,7 @@ def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, 
         assert best_iou.min().item() >= 0.99
         assert (theirs["scores"] - mine["scores"][match]).abs().max().item() <= 1e-3
         mask_iou = _mask_iou(theirs["masks"], mine["masks"][match])
-        if not channels_last:
+        if not cpu_speedups:
             assert mask_iou.min().item() >= 0.98
         else:
             # NHWC convolutions and folded BatchNorm round differently: boxes move by ~1e-4 px, which can flip
@@ -91,7 +92,7 @@ def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, 
 def test_state_dict_round_trip(torchvision_model):
     ours = from_torchvision(torchvision_model.state_dict())
     assert ours.box_head.num_classes == 2  # torchvision's num_classes=3 counts the background
-    back = to_torchvision_state_dict(ours)
+    back = to_torchvision_state_dict(ours.state_dict())
     reference = torchvision_model.state_dict()
     assert set(back) == set(reference)
     for key, value in reference.items():
@@ -121,7 +122,7 @@ def test_torchvision_coco_weights_offline_and_fine_tuning(monkeypatch, torchvisi
     weights_type = type(MaskRCNN_ResNet50_FPN_Weights.COCO_V1)
     monkeypatch.setattr(weights_type, "get_state_dict", offline)
     cfg = dataclasses.replace(ModelConfig(num_classes=1), weights="torchvision-coco")
-    with pytest.raises(RuntimeError, match="cannot download"):
+    with pytest.raises(WeightsError, match="cannot download"):
         build_model(cfg)
 
     # a stand-in for the COCO file with 2 foreground classes: the 1-class model keeps its own predictor
@@ -132,5 +133,5 @@ def test_torchvision_coco_weights_offline_and_fine_tuning(monkeypatch, torchvisi
     assert "predictor layers" in caplog.text
     assert torch.equal(model.box_head.fc6.weight, state["roi_heads.box_head.fc6.weight"])
     assert model.box_head.cls_score.weight.shape[0] == 2
-    with pytest.raises(RuntimeError, match="depth=50"):
+    with pytest.raises(WeightsError, match="depth=50"):
         build_model(dataclasses.replace(cfg, backbone=BackboneConfig(depth=18)))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from maskrcnn.model.box_head import LevelRoIAlign
+from maskrcnn.model.poolers import LevelRoIAlign
 from maskrcnn.model.mask_head import MaskHead, stack_masks
 
 
@@ -32,16 +32,16 @@ def test_forward_selects_the_class_channel():
     assert logits[:, 0, 0].tolist() == [20.0, 10.0, 30.0]
 
 
-def test_targets_are_the_mask_cropped_to_the_box():
+def test_targets_are_the_matched_mask_cropped_to_the_box():
     head = _head(aligned=True)
-    masks = torch.zeros(2, 60, 50, dtype=torch.uint8)
-    masks[1, 20:48, 10:24] = 1  # GT 1: the left half of the original box (10, 20, 38, 48)
-    masks[0, 0:5, 0:5] = 1  # GT 0 lies elsewhere
-    stacked = stack_masks([masks[:1], masks[1:]])  # image 0 has GT 0, image 1 has GT 1
-    # image 1 was resized 2x in y and 3x in x: the proposal is the box in resized pixels
+    masks_image0 = torch.ones(2, 60, 50, dtype=torch.uint8)  # two GT of image 0: full masks, never the match
+    masks_image1 = torch.zeros(1, 60, 50, dtype=torch.uint8)
+    masks_image1[0, 20:48, 10:24] = 1  # the GT of image 1: the left half of the original box (10, 20, 38, 48)
+    gt_valid = torch.tensor([[True, True], [True, False]])  # image 1: one GT and a padding row
+    # image 1 was resized 2x in y and 3x in x: the proposal is the box in resized pixels, matched to its GT 0
     scales = torch.tensor([[1.0, 1.0], [2.0, 3.0]])
     rois = torch.tensor([[1.0, 30.0, 40.0, 114.0, 96.0]])
-    target = head.targets(rois, torch.tensor([1]), stacked, scales)
+    target = head.targets(rois, torch.tensor([0]), gt_valid, [masks_image0, masks_image1], scales)
     expected = torch.zeros(1, 28, 28)
     expected[:, :, :14] = 1
     torch.testing.assert_close(target, expected)
@@ -49,11 +49,10 @@ def test_targets_are_the_mask_cropped_to_the_box():
 
 def test_targets_binarised_and_partially_outside():
     head = _head(aligned=True)
-    masks = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
-    masks[..., :, :] = 1
+    masks = torch.ones(1, 28, 28, dtype=torch.uint8)
     # box twice the mask: the right / bottom half lies outside the image and becomes 0
-    target = head.targets(torch.tensor([[0.0, 0.0, 0.0, 56.0, 56.0]]), torch.tensor([0]), masks,
-                          torch.ones(1, 2))
+    target = head.targets(torch.tensor([[0.0, 0.0, 0.0, 56.0, 56.0]]), torch.tensor([0]), torch.tensor([[True]]),
+                          [masks], torch.ones(1, 2))
     assert set(target.unique().tolist()) == {0.0, 1.0}
     assert target[0, :13, :13].min().item() == 1.0 and target[0, 15:, :].max().item() == 0.0
 

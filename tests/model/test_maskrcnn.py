@@ -7,6 +7,7 @@ import torch
 from maskrcnn.config import BackboneConfig, BoxHeadConfig, MaskHeadConfig, ModelConfig, TransformConfig
 from maskrcnn.model import MaskRCNN, build_model
 from maskrcnn.model.maskrcnn import LOSS_KEYS
+from maskrcnn.model.pretrained import WeightsError
 
 
 def _tiny_config(**changes) -> ModelConfig:
@@ -146,32 +147,37 @@ def test_resize_maps_outputs_back_to_the_original_size():
     assert (output["boxes"][:, 2] <= 90).all() and (output["boxes"][:, 3] <= 60).all()
 
 
-def test_fused_batchnorm_backbone_in_eval():
-    torch.manual_seed(0)
-    model = build_model(_tiny_config())
-    with torch.no_grad():  # non-trivial batch statistics, as after training
-        for module in model.backbone.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-    model.eval()
-    fused = model.inference_backbone()
-    assert fused is not model.backbone and fused is model.inference_backbone()  # cached
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
-    x = torch.rand(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        expected, got = model.backbone(x), fused(x)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
-    with torch.no_grad():
-        model.backbone.body.conv1.weight.mul_(2)  # a weight change (optimizer step, load_state_dict) rebuilds
-    assert model.inference_backbone() is not fused
-    fused = model.inference_backbone()
-    model.eval()  # train() / eval() drop the copy: writes through .data are not seen by the weights key
-    assert model._fused_backbone is None and model.inference_backbone() is not fused
+def test_inference_requires_eval_mode(model):
+    images, _ = _synthetic_pair()
     model.train()
-    assert model.inference_backbone() is model.backbone and model._fused_backbone is None
+    with pytest.raises(RuntimeError, match="eval"):
+        model.inference(images)
+    with pytest.raises(RuntimeError, match="eval"):
+        model.detect(images)
+    assert model.training  # the mode is the caller's: never changed
+
+
+def test_detect_is_padded_and_inference_is_its_pasted_valid_prefix(model):
+    images, _ = _synthetic_pair()
+    model.eval()
+    with torch.no_grad():
+        detections = model.detect(images)
+        outputs = model.inference(images)
+    D = model.box_head.detections_per_img
+    assert detections.boxes.shape == (2, D, 4) and detections.masks.shape == (2, D, 28, 28)
+    assert detections.scores.shape == detections.labels.shape == detections.valid.shape == (2, D)
+    for index, output in enumerate(outputs):
+        count = output["boxes"].shape[0]
+        valid = detections.valid[index]
+        assert valid[:count].all() and not valid[count:].any()  # a prefix
+        torch.testing.assert_close(detections.boxes[index, :count], output["boxes"])
+        torch.testing.assert_close(detections.scores[index, :count], output["scores"])
+        assert torch.equal(detections.labels[index, :count], output["labels"])
+        assert (detections.scores[index, count:] == 0).all() and (detections.labels[index, count:] == 0).all()
+        # the pasted mask of a detection is its box-relative mask resampled inside the box: means agree roughly
+        box = output["boxes"][0].round().int().tolist()
+        inside = output["masks"][0, 0, box[1]:box[3], box[0]:box[2]]
+        assert abs(inside.mean().item() - detections.masks[index, 0].mean().item()) < 0.1
 
 
 def test_thirty_sgd_steps_halve_the_loss():
@@ -215,5 +221,5 @@ def test_weights_from_checkpoint_and_state_dict(tmp_path, model):
             assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         build_model(dataclasses.replace(cfg, weights=str(tmp_path / "missing.pt")))
-    with pytest.raises(RuntimeError, match="bare.pt"):
+    with pytest.raises(WeightsError, match="bare.pt"):
         build_model(dataclasses.replace(cfg, num_classes=5, weights=str(tmp_path / "bare.pt")))

@@ -1,6 +1,6 @@
 """Mask R-CNN model: `build_model(cfg)` from a config, `from_torchvision(model)` from torchvision's weights."""
 
-from maskrcnn.model.convert import from_torchvision
-from maskrcnn.model.maskrcnn import MaskRCNN, build_model
+from maskrcnn.model.build import build_model, from_torchvision
+from maskrcnn.model.maskrcnn import MaskRCNN
 
 __all__ = ["MaskRCNN", "build_model", "from_torchvision"]

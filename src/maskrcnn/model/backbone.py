@@ -12,11 +12,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision import models
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from maskrcnn.model.pretrained import load_backbone_file, load_resnet_weights
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 
@@ -123,55 +124,12 @@ def build_backbone(*, depth: int, weights: str = "none", norm: str = "batch", tr
     backbone = Backbone(body, [64 * expansion * 2**i for i in range(4)], out_channels, fpn_norm)
 
     if weights == "imagenet":
-        _load_resnet(body, _download(imagenet), f"torchvision {imagenet}")
+        load_resnet_weights(body, imagenet)
     elif weights != "none":
-        _load_file(backbone, Path(weights))
+        load_backbone_file(backbone, Path(weights))
     if frozen:
         stages = _STAGES[:trainable_layers]
         for name, parameter in body.named_parameters():
             if not name.startswith(stages):
                 parameter.requires_grad_(False)
     return backbone
-
-
-def _download(imagenet: models.WeightsEnum) -> dict[str, Tensor]:
-    try:
-        return imagenet.get_state_dict(progress=False)
-    except Exception as error:  # URLError, socket and SSL errors, HTTP errors: all mean "could not fetch"
-        raise RuntimeError(
-            f"downloading the ImageNet weights {imagenet} from {imagenet.url} failed ({error}). Without network, "
-            f"fetch that file elsewhere and give its local path as the backbone weights instead of 'imagenet'"
-        ) from error
-
-
-def _load_file(backbone: Backbone, path: Path) -> None:
-    """Loads a ResNet or whole-backbone state dict from `path`, detecting which by its keys."""
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path} (give 'none', 'imagenet' or a path)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (ResNet or backbone), got {type(state).__name__}")
-    if any(key.startswith("body.") for key in state):
-        _load_state(backbone, state, str(path))
-    elif "conv1.weight" in state:
-        _load_resnet(backbone.body, state, str(path))
-    else:
-        raise ValueError(f"{path}: neither a ResNet state dict (conv1.weight, layer1.*) nor a backbone state dict "
-                         f"(body.*, fpn.*); first keys: {list(state)[:5]}")
-
-
-def _load_resnet(body: ResNetTrunk, state: dict[str, Tensor], source: str) -> None:
-    """Loads a torchvision ResNet state dict into the trunk; the classifier `fc.*` is dropped."""
-    _load_state(body, {key: value for key, value in state.items() if not key.startswith("fc.")}, source)
-
-
-def _load_state(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Strict `load_state_dict` whose errors name the weights' source."""
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"{source}: weights do not fit this backbone (wrong depth?): {error}") from None
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit this backbone (wrong depth or layout?); "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from maskrcnn.model.box_head import LevelRoIAlign, image_index_rois
+from maskrcnn.model.poolers import LevelRoIAlign, image_index_rois
 
 
 class MaskHead(nn.Module):
@@ -72,24 +72,30 @@ class MaskHead(nn.Module):
         return logits[torch.arange(logits.shape[0], device=logits.device), labels]  # (R, M, M)
 
     @torch.no_grad()
-    def targets(self, rois: Tensor, gt_index: Tensor, gt_masks: Tensor, scales: Tensor) -> Tensor:
+    def targets(self, rois: Tensor, matched_gt: Tensor, gt_valid: Tensor, masks_per_image: Sequence[Tensor],
+                scales: Tensor) -> Tensor:
         """Mask targets: the GT mask cut out inside each RoI, resampled to M x M and binarised at 0.5.
 
         One `roi_align` over the GT masks of the whole batch at their original resolution, so a target is
         the mask cropped to the proposal box (the original project resized the whole image mask instead).
 
         Args:
-            rois: f32[R, 5] (image index, box) in resized-image pixels.
-            gt_index: i64[R] row of `gt_masks` matched by each RoI (global over the batch).
-            gt_masks: u8/bool/float[N, 1, Hm, Wm] GT masks of the batch, each at its original size, zero padded.
+            rois: f32[R, 5] (image index, box) in resized-image pixels, the foreground RoIs.
+            matched_gt: i64[R] index (into G) of the GT box each RoI is matched to, within its image.
+            gt_valid: bool[B, G], valid GT rows first in every image (`pad_per_image`).
+            masks_per_image: B tensors u8/bool[N_i, H_i, W_i], each at its image's original size.
             scales: f32[B, 2] (resized / original) for (y, x) of every image (`ImageBatch.scales`).
         Returns:
             f32[R, M, M] of 0 and 1.
         """
         image = rois[:, 0].to(torch.int64)
+        # matched GT row -> row of the stacked masks of the whole batch: images in order, N_i rows each
+        counts = gt_valid.sum(dim=1)  # (B,)
+        first_row = torch.cumsum(counts, 0) - counts  # (B,)
+        gt_masks = stack_masks(masks_per_image)  # (N, 1, Hm, Wm)
         scale_xyxy = scales[image][:, [1, 0, 1, 0]]  # (R, 2) -> (R, 4) as (x, y, x, y)
         boxes = rois[:, 1:] / scale_xyxy  # back to original-image pixels
-        mask_rois = image_index_rois(gt_index, boxes)
+        mask_rois = image_index_rois(first_row[image] + matched_gt, boxes)
         # adaptive sampling (ratio -1) averages over the whole bin: the target is the area covered at 0.5
         cut = roi_align(gt_masks.to(boxes.dtype), mask_rois, self.mask_size, spatial_scale=1.0,
                         sampling_ratio=-1, aligned=self.pooler.aligned)  # (R, 1, M, M)

@@ -110,6 +110,23 @@ class BalancedSampler:
         return positive, negative
 
 
+def gather_matched(gt_values: Tensor, matched_idx: Tensor) -> Tensor:
+    """Per reference box, the value of its matched GT row.
+
+    Args:
+        gt_values: [B, G, *rest] per GT box (e.g. boxes f32[B, G, 4]); G may be 0.
+        matched_idx: i64[B, A] from `Matcher`.
+    Returns:
+        [B, A, *rest]; zeros when the batch has no GT at all (G = 0: nothing to gather, every box is background).
+    """
+    B, A = matched_idx.shape
+    rest = gt_values.shape[2:]
+    if gt_values.shape[1] == 0:
+        return gt_values.new_zeros((B, A, *rest))
+    index = matched_idx.view(B, A, *([1] * len(rest))).expand(B, A, *rest)  # (B, A) -> (B, A, *rest)
+    return torch.gather(gt_values, 1, index)
+
+
 def pairwise_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     """IoU of every box of `boxes_a` with every box of `boxes_b`, per image of a batch.
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou
+from torchvision.ops import Conv2dNormActivation, box_iou
 
 from maskrcnn.model.anchors import AnchorGenerator
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.matcher import BalancedSampler, Matcher
+from maskrcnn.model.box_ops import clip_boxes, nms_per_image
+from maskrcnn.model.matcher import BalancedSampler, Matcher, gather_matched
 from maskrcnn.model.transform import sizes_tensor
-from maskrcnn.structures import ImageBatch, pack_per_image
+from maskrcnn.structures import ImageBatch
 
 
 class RPNHead(nn.Module):
@@ -134,15 +135,10 @@ class RPN(nn.Module):
             box_targets: f32[B, A, 4] encoded deltas to the matched GT box, 0 where not positive.
         """
         B, G = gt_valid.shape
-        if G == 0:
-            # no GT in the whole batch: one invalid row keeps the gather below well defined
-            gt_boxes = gt_boxes.new_zeros((B, 1, 4))
-            gt_valid = gt_valid.new_zeros((B, 1))
-            G = 1
-        iou = box_iou(gt_boxes.reshape(B * G, 4), anchors).view(B, G, -1)  # (B*G, A) -> (B, G, A)
+        iou = box_iou(gt_boxes.reshape(B * G, 4), anchors).view(B, G, anchors.shape[0])  # (B*G, A) -> (B, G, A)
         matched_idx, match_label = self.matcher(iou, gt_valid)
         positive, negative = self.sampler(match_label)
-        matched_boxes = torch.gather(gt_boxes, 1, matched_idx[:, :, None].expand(-1, -1, 4))  # (B, A, 4)
+        matched_boxes = gather_matched(gt_boxes, matched_idx)  # (B, A, 4)
         box_targets = self.box_coder.encode(matched_boxes, anchors[None])  # (B, A, 4)
         # non-positive anchors may match padding (zero boxes, log 0): zero them so no inf/nan reaches the loss
         box_targets = torch.where(positive[:, :, None], box_targets, 0.0)
@@ -191,24 +187,15 @@ class RPN(nn.Module):
         top_logits = torch.gather(logits, 1, top_idx)  # (B, K)
         top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, K, 4)
         boxes = self.box_coder.decode(top_deltas, anchors[top_idx])  # (B, K, 4)
-        sizes = sizes_tensor(batch.image_sizes, device)  # (B, 2) as (h, w)
-        max_xyxy = sizes[:, [1, 0, 1, 0]][:, None, :]  # (B, 2) -> (B, 1, 4)
-        boxes = torch.minimum(boxes.clamp(min=0), max_xyxy)  # clip to each image, not to the padded canvas
+        boxes = clip_boxes(boxes, sizes_tensor(batch.image_sizes, device)[:, None, :])  # to each image, not the canvas
         scores = torch.sigmoid(top_logits)  # (B, K)
 
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         keep = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)  # (B, K)
-        groups = torch.arange(B, device=device)[:, None] * L + levels  # (B, K): image * L + level
-        flat = keep.view(-1).nonzero().squeeze(1)  # (B*K,) -> (M,), the host sync that NMS needs anyway
-        flat_boxes, flat_scores, flat_groups = boxes.view(-1, 4)[flat], scores.view(-1)[flat], groups.view(-1)[flat]
-        kept = batched_nms(flat_boxes, flat_scores, flat_groups, self.nms_thresh)  # sorted by decreasing score
-
-        # per image, the first P survivors in score order: stable sort by image keeps the score order inside it
-        kept_image = torch.div(flat_groups[kept], L, rounding_mode="floor")
-        kept_image, order = torch.sort(kept_image, stable=True)
-        kept = kept[order]
-        valid, proposals, proposal_scores = pack_per_image(kept_image, B, min(post_nms_top_n, K), flat_boxes[kept],
-                                                           flat_scores[kept])
+        image = torch.arange(B, device=device)[:, None].expand(B, K)  # (B, K)
+        valid, proposals, proposal_scores = nms_per_image(
+            boxes.view(-1, 4), scores.view(-1), keep.view(-1), image.reshape(-1), levels.repeat(B), num_groups=L,
+            num_images=B, iou_threshold=self.nms_thresh, limit=min(post_nms_top_n, K))  # (B*K,) flat inputs
         return proposals, proposal_scores, valid
 
 

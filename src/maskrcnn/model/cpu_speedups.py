@@ -1,0 +1,308 @@
+"""The optional CPU speed layer: `optimize_for_cpu(model)`. The model is correct without it; a reader of the
+algorithm can skip this file. Everything here keeps the state dict (same keys, same values) and changes results
+only by float rounding.
+
+What it does, and why (measured on the project's 2-core VM, torch 2.14, fp32; see benchmarks/RESULTS.md):
+- channels_last (NHWC) convolutions: oneDNN's NHWC kernels are faster on CPU (backbone at 800x1088, 1 thread:
+  2.18 -> 1.89 s per image at inference).
+- the weight gradient of 3x3 convolutions, from NHWC tensors as they are or from NCHW copies, whichever measures
+  faster for that shape on this machine (`MeasuredChoice`, as `cudnn.benchmark`): oneDNN's NHWC weight gradient
+  is slow for some shapes (stride 2, 128 ch at 200 x 272: 49 ms against 18 + 8 ms for the copies) and not others.
+- BatchNorm folded into the convolution before it in eval mode, recomputed from the current weights at every call
+  (no cache: weights changed by training or load_state_dict are always used).
+- RoIAlign split across threads: torchvision's CPU kernels use one thread whatever torch's thread count
+  (1024 RoIs on a 2 x 256 x 200 x 272 map, forward + backward 1170 -> 694 ms on 2 threads), on NCHW copies of
+  the NHWC maps made as 2-D transposes (3x faster than `contiguous()`).
+
+Each applies only where it can (CPU, float32, no autocast); elsewhere the plain torch / torchvision op runs.
+Private calls, each with its reason: `nn.Conv2d._conv_forward` (overridden: the one place where a conv's weight
+and bias meet its input), `torch.ops.aten.convolution_backward` (the input and weight gradients of a convolution
+as two separate calls), `torch.ops.torchvision.roi_align` / `_roi_align_backward` (the kernels without their
+autograd wrapper, so that threads can run them on parts of the RoIs / channels).
+
+Shape letters: B images, C channels, H, W height and width, R RoIs, S pooled size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import roi_align as torchvision_roi_align
+
+T = TypeVar("T")
+
+
+def optimize_for_cpu(model: nn.Module, *, channels_last: bool = True, measured_weight_grad: bool = True,
+                     fold_batchnorm: bool = True, threaded_roi_align: bool = True) -> nn.Module:
+    """Applies the speed layer to `model` in place and returns it; the state dict is unchanged.
+
+    Args:
+        model: a MaskRCNN (any module without `threaded_roi_align`), in any mode, on any device (the tricks
+            check the device at every call).
+        channels_last: NHWC memory layout for every 4-D weight, hence for the activations of the convolutions.
+        measured_weight_grad: 3x3 convolutions take their weight gradient from NHWC or NCHW, whichever is faster.
+        fold_batchnorm: in eval mode, BatchNorm after a convolution is folded into that convolution's weights.
+        threaded_roi_align: the poolers of both heads run RoIAlign on torch's CPU threads.
+    Returns:
+        the same model object.
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    for parent in list(model.modules()):
+        children = list(parent.children())
+        for conv, norm in zip(children, [*children[1:], None]):
+            if type(conv) is not nn.Conv2d:
+                continue
+            conv.__class__ = SpeedConv2d  # the same object and parameters: the state dict does not change
+            conv.measured_weight_grad = measured_weight_grad and conv.kernel_size == (3, 3)
+            conv.folded_norm = None
+            if fold_batchnorm and type(norm) in _FOLDED_NORMS:
+                norm.__class__ = _FOLDED_NORMS[type(norm)]
+                # a plain attribute, not a submodule: the norm stays registered (and saved) where it is
+                object.__setattr__(conv, "folded_norm", norm)
+    if threaded_roi_align:
+        model.box_head.pooler.roi_align = cpu_roi_align
+        model.mask_head.pooler.roi_align = cpu_roi_align
+    return model
+
+
+# ------------------------------------------------------------------------------------ measured choice
+
+
+class MeasuredChoice:
+    """Runs each of several equivalent computations once per key and remembers the fastest, as `cudnn.benchmark`
+    does for convolution algorithms; later calls with that key run only the remembered one.
+
+    Args:
+        timer: seconds as a float (`time.perf_counter`); tests put a fake one here.
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self.timer = timer
+        self.choices: dict[Hashable, str] = {}
+
+    def __call__(self, key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
+        """The result of the remembered candidate for `key`; on first use, of the fastest of them all."""
+        if key in self.choices:
+            return candidates[self.choices[key]]()
+        results, seconds = {}, {}
+        for name, compute in candidates.items():
+            compute()  # untimed first: one-off costs (oneDNN builds a primitive per shape) are not the path's
+            start = self.timer()
+            results[name] = compute()
+            seconds[name] = self.timer() - start
+        self.choices[key] = min(seconds, key=seconds.get)
+        return results[self.choices[key]]
+
+
+# one per process: the weight-gradient layout of every 3x3 convolution shape seen so far
+weight_grad_layout = MeasuredChoice()
+
+
+# ------------------------------------------------------------------------------------ convolutions
+
+
+class SpeedConv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters, same state dict) with two CPU paths, set up by `optimize_for_cpu`:
+    - eval mode with `folded_norm`: the BatchNorm after it folded into its weight and bias, at every call;
+    - training on CPU in float32 with an NHWC input (3x3 only): the weight gradient from the layout that
+      `weight_grad_layout` measured faster for this shape.
+    """
+
+    folded_norm: nn.Module | None
+    measured_weight_grad: bool
+
+    # the private hook of nn.Conv2d where weight, bias and input meet; overriding it keeps forward() as torch's
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.folded_norm is not None and not self.training:
+            weight, bias = _fold(weight, bias, self.folded_norm)
+        elif self.measured_weight_grad and _nhwc_float32_training_on_cpu(input, weight) and self.groups == 1 \
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple):
+            return _MeasuredWeightGradConv.apply(input, weight, bias, self.stride, self.padding, self.dilation)
+        return super()._conv_forward(input, weight, bias)
+
+
+def _nhwc_float32_training_on_cpu(input: Tensor, weight: Tensor) -> bool:
+    return (weight.requires_grad and torch.is_grad_enabled() and input.device.type == "cpu"
+            and input.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and input.dim() == 4
+            and input.is_contiguous(memory_format=torch.channels_last))
+
+
+def _fold(weight: Tensor, bias: Tensor | None, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """conv(x) * s + t == conv'(x) with w' = w * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)
+    (the order of `torch.nn.utils.fusion.fuse_conv_bn_weights`)."""
+    scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight  # (Cout,)
+    folded_bias = (bias if bias is not None else torch.zeros_like(norm.running_mean)) - norm.running_mean
+    return weight * scale[:, None, None, None], folded_bias * scale + norm.bias
+
+
+class _FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """FrozenBatchNorm2d whose eval-mode work the convolution before it does (`SpeedConv2d`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.training else x
+
+
+class _FoldedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose eval-mode work the convolution before it does (`SpeedConv2d`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.training else x
+
+
+# norms that fold: affine with running statistics (BatchNorm2d's defaults; optimize_for_cpu checks nothing else)
+_FOLDED_NORMS = {FrozenBatchNorm2d: _FoldedFrozenBatchNorm2d, nn.BatchNorm2d: _FoldedBatchNorm2d}
+
+
+class _MeasuredWeightGradConv(torch.autograd.Function):
+    """conv2d with the NHWC forward and input gradient, and the weight gradient from whichever layout measured
+    faster for the shape."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+        """f32[B, Cin, H, W] NHWC, f32[Cout, Cin, k, k], f32[Cout] or None -> f32[B, Cout, H', W'] NHWC."""
+        ctx.save_for_backward(x, weight)
+        ctx.settings = (stride, padding, dilation, bias is not None)
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.settings
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+
+        def convolution_backward(grad: Tensor, input: Tensor, kernel: Tensor, output_mask: list[bool]):
+            # aten's op, not autograd's: it computes the input and the weight gradients in separate calls
+            return torch.ops.aten.convolution_backward(
+                grad, input, kernel, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
+                False, [0, 0], 1, output_mask)
+
+        grad_input = grad_weight = grad_bias = None
+        if need_input:
+            grad_input, _, _ = convolution_backward(grad_output, x, weight, [True, False, False])
+        if need_weight or need_bias:
+            # the bias gradient comes with the weight gradient's pass: asked of the input-gradient call, it made
+            # that call 2.8x slower (p2 of the FPN: 121 -> 343 ms)
+            mask = [False, need_weight, need_bias]
+            batch, channels, height, width = x.shape
+            # positions bucketed by powers of 2: canvases of similar size share one measurement
+            key = (batch, channels, tuple(weight.shape), stride, round(math.log2(height * width)), x.dtype)
+            _, grad_weight, grad_bias = weight_grad_layout(key, {
+                "nhwc": lambda: convolution_backward(grad_output, x, weight, mask),
+                "nchw": lambda: convolution_backward(nchw_copy(grad_output), nchw_copy(x), weight.contiguous(), mask),
+            })
+        return grad_input, grad_weight, grad_bias, None, None, None
+
+
+# ------------------------------------------------------------------------------------ layout copies
+
+
+def nchw_copy(x: Tensor) -> Tensor:
+    """f32[B, C, H, W] in any layout -> the same values NCHW-contiguous (x itself when it already is);
+    differentiable, its gradient passes through unchanged, as that of `x.contiguous()`."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous()
+    return _NCHWCopy.apply(x)
+
+
+class _NCHWCopy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        """f32[B, C, H, W] NHWC -> NCHW-contiguous copy."""
+        batch, channels, height, width = x.shape
+        out = x.new_empty((batch, channels, height, width))
+        rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view: (B, H*W, C)
+        # a 2-D transpose per image: torch's 3-D and 4-D permuted copies of the same data are about 3x slower
+        # (1 x 256 x 200 x 272: 31-40 ms against 11 ms)
+        for image in range(batch):
+            out[image].view(channels, height * width).copy_(rows[image].t())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+# ------------------------------------------------------------------------------------ RoIAlign
+
+
+def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale: float = 1.0,
+                  sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """`torchvision.ops.roi_align` (same signature, same values) on an NCHW copy of the map, split across torch's
+    threads on CPU in float32 (the RoIs in the forward, the channels in the backward).
+
+    Args:
+        input: f32[B, C, H, W] in any layout.
+        boxes: f32[R, 5] (image index, x1, y1, x2, y2).
+    Returns:
+        f32[R, C, S, S].
+    """
+    input = nchw_copy(input)
+    workers = torch.get_num_threads() if input.device.type == "cpu" else 1
+    splittable = min(boxes.shape[0], input.shape[1]) >= workers  # RoIs in the forward, channels in the backward
+    # the threads call the kernels directly, so float32 only (under autocast the plain call casts)
+    if workers > 1 and splittable and input.dtype == boxes.dtype == torch.float32 \
+            and not torch.is_autocast_enabled("cpu"):
+        return _ThreadedRoIAlign.apply(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, workers)
+    return torchvision_roi_align(input, boxes, output_size, spatial_scale=spatial_scale,
+                                 sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of `workers` threads for this process."""
+    # keyed by process id too: a forked child inherits the pool object but not its threads, and would wait forever
+    return _process_executor(workers, os.getpid())
+
+
+@functools.cache
+def _process_executor(workers: int, pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
+
+
+class _ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision's roi_align kernels on `workers` threads. Each thread's backward writes the gradient of its own
+    channels, so none is summed and forward and gradient equal one roi_align call exactly (700 RoIs on a
+    2 x 256 x 200 x 272 map, backward alone: 448 ms in one call, 216 ms split by channels)."""
+
+    @staticmethod
+    def forward(ctx, feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int,
+                aligned: bool, workers: int) -> Tensor:
+        """f32[B, C, H, W] NCHW map, f32[R, 5] RoIs -> f32[R, C, S, S]."""
+        ctx.save_for_backward(rois)
+        ctx.settings = (output_size, spatial_scale, sampling_ratio, aligned, workers, tuple(feature.shape))
+
+        def pool(chunk: Tensor) -> Tensor:
+            with torch.no_grad():  # grad mode is per thread: the workers must not record a graph of their own
+                # the kernel without its autograd wrapper: this Function is the wrapper
+                return torch.ops.torchvision.roi_align(feature, chunk, spatial_scale, output_size, output_size,
+                                                       sampling_ratio, aligned)
+
+        return torch.cat(list(_executor(workers).map(pool, rois.tensor_split(workers))))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rois,) = ctx.saved_tensors
+        output_size, spatial_scale, sampling_ratio, aligned, workers, (B, C, H, W) = ctx.settings
+
+        def scatter(grad_channels: Tensor) -> Tensor:
+            """f32[R, Cw, S, S] gradient of some channels -> f32[B, Cw, H, W]."""
+            # torchvision's backward kernel, called on a slice of the channels (its public op has no such entry)
+            return torch.ops.torchvision._roi_align_backward(grad_channels.contiguous(), rois, spatial_scale,
+                                                             output_size, output_size, B, grad_channels.shape[1],
+                                                             H, W, sampling_ratio, aligned)
+
+        grads = list(_executor(workers).map(scatter, grad.tensor_split(workers, dim=1)))
+        return torch.cat(grads, dim=1), None, None, None, None, None, None

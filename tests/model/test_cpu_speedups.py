@@ -1,0 +1,246 @@
+import copy
+import dataclasses
+import itertools
+import multiprocessing
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from maskrcnn.config import BackboneConfig, BoxHeadConfig, MaskHeadConfig, ModelConfig, TransformConfig
+from maskrcnn.model import build_model
+from maskrcnn.model import cpu_speedups
+from maskrcnn.model.cpu_speedups import MeasuredChoice, SpeedConv2d, cpu_roi_align, nchw_copy, optimize_for_cpu
+
+
+@pytest.fixture
+def torch_threads():
+    """Sets torch's CPU thread count for one test and restores it afterwards."""
+    threads = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(threads)
+
+
+def _nhwc(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64).float().contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------ measured choice
+
+
+def test_measured_choice_takes_the_faster_path_once_and_remembers_it():
+    clock = itertools.count()  # every timer call advances one second...
+    slow_calls = []
+
+    def fast():
+        return "fast result"
+
+    def slow():
+        slow_calls.append(1)
+        next(clock)  # ...and "slow" costs one extra second
+        return "slow result"
+
+    choice = MeasuredChoice(timer=lambda: float(next(clock)))
+    assert choice("shape A", {"slow": slow, "fast": fast}) == "fast result"
+    assert choice.choices == {"shape A": "fast"}
+    calls_while_measuring = len(slow_calls)
+    assert calls_while_measuring == 2  # one untimed warm-up, one timed call
+    assert choice("shape A", {"slow": slow, "fast": fast}) == "fast result"
+    assert len(slow_calls) == calls_while_measuring  # remembered: the slow path is not run again
+    choice("shape B", {"fast": fast, "slow": slow})  # a new key is measured anew
+    assert choice.choices == {"shape A": "fast", "shape B": "fast"}
+
+
+class _Forced:
+    """Stands in for the measured choice: always takes one path, and records the keys it was asked for."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.keys = []
+
+    def __call__(self, key, candidates):
+        self.keys.append(key)
+        return candidates[self.name]()
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("stride, bias", [(1, True), (2, False)])
+def test_conv_gradients_equal_conv2d_whichever_layout_is_chosen(monkeypatch, layout, stride, bias):
+    torch.manual_seed(0)
+    reference = nn.Conv2d(6, 8, 3, stride=stride, padding=1, bias=bias).double()
+    holder = nn.Sequential(nn.Conv2d(6, 8, 3, stride=stride, padding=1, bias=bias))
+    optimize_for_cpu(holder, threaded_roi_align=False)
+    conv = holder[0]
+    conv.load_state_dict(reference.state_dict())
+    forced = _Forced(layout)
+    monkeypatch.setattr(cpu_speedups, "weight_grad_layout", forced)
+    x = _nhwc(2, 6, 11, 13).requires_grad_()
+    x_reference = x.detach().double().requires_grad_()
+    y = conv(x)
+    y_reference = reference(x_reference)
+    torch.testing.assert_close(y.double(), y_reference, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(y.shape, dtype=torch.float64)
+    (y * upstream.float()).sum().backward()
+    (y_reference * upstream).sum().backward()
+    assert len(forced.keys) == 1  # the weight gradient went through the measured choice
+    torch.testing.assert_close(x.grad.double(), x_reference.grad, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(conv.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_convs_outside_cpu_float32_training_take_no_measured_path(monkeypatch):
+    holder = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    optimize_for_cpu(holder, threaded_roi_align=False)
+    forced = _Forced("nchw")
+    monkeypatch.setattr(cpu_speedups, "weight_grad_layout", forced)
+    x = _nhwc(1, 4, 8, 8)
+    holder(x.contiguous()).sum().backward()  # NCHW input
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert holder(x).dtype == torch.bfloat16
+    holder.double()(x.double()).sum().backward()  # float64
+    assert forced.keys == []
+
+
+# ------------------------------------------------------------------------------------ layout copies
+
+
+def test_nchw_copy_keeps_values_and_passes_the_gradient_through():
+    x = _nhwc(2, 3, 4, 5).requires_grad_()
+    y = nchw_copy(x)
+    assert y.is_contiguous() and not x.is_contiguous()
+    assert torch.equal(y, x.detach().contiguous())
+    weights = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    (y * weights).sum().backward()
+    assert torch.equal(x.grad, weights)  # d/dx sum(x * w) = w
+
+
+# ------------------------------------------------------------------------------------ RoIAlign
+
+
+def _rois(count: int, images: int = 2) -> torch.Tensor:
+    xy = torch.rand(count, 2) * 60
+    return torch.cat([torch.randint(0, images, (count, 1)).float(), xy, xy + torch.rand(count, 2) * 30 + 1], dim=1)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_roi_align_equals_torchvision_forward_and_backward(torch_threads, threads, dtype):
+    torch_threads(threads)
+    torch.manual_seed(0)
+    feature = _nhwc(2, 4, 20, 24).to(dtype).requires_grad_()
+    rois = _rois(7).to(dtype)
+    grad = torch.randn(7, 4, 5, 5, dtype=dtype)
+    expected = roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    (expected_grad,) = torch.autograd.grad(expected, feature, grad)
+    got = cpu_roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    (got_grad,) = torch.autograd.grad(got, feature, grad)
+    assert torch.equal(got, expected)
+    assert torch.equal(got_grad, expected_grad)  # each thread computes whole channels, as the one call does
+
+
+def _pool_in_child(features, rois):
+    torch.set_num_threads(2)
+    return cpu_roi_align(features, rois, 3, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+
+
+def test_threaded_roi_align_works_in_a_forked_child_after_use_in_the_parent(torch_threads):
+    """A forked child inherits the thread pool object but not its threads: it must get a pool of its own."""
+    features = torch.randn(1, 4, 16, 16)
+    rois = torch.tensor([[0.0, 2, 2, 30, 30], [0.0, 4, 4, 20, 28]])
+    torch_threads(2)
+    expected = cpu_roi_align(features, rois, 3, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_pool_in_child, (features, rois)).get(timeout=60)
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------ whole model
+
+
+def _tiny_config(**changes) -> ModelConfig:
+    values = dict(num_classes=2, backbone=BackboneConfig(depth=18, fpn_channels=32),
+                  transform=TransformConfig(min_size=None, max_size=None),
+                  box_head=BoxHeadConfig(representation_size=64, batch_size_per_image=64),
+                  mask_head=MaskHeadConfig(conv_channels=16), cpu_speedups=False)
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+
+
+def _images():
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 96, generator=generator) * 0.3, torch.rand(3, 80, 112, generator=generator) * 0.3]
+    images[0][:, 10:60, 12:50] = 0.9
+    images[1][:, 30:70, 10:100] = 0.6
+    return images
+
+
+def _assert_same_detections(got, expected):
+    for mine, theirs in zip(got, expected):
+        assert mine["boxes"].shape == theirs["boxes"].shape and theirs["boxes"].shape[0] > 0
+        torch.testing.assert_close(mine["boxes"], theirs["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(mine["scores"], theirs["scores"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(mine["labels"], theirs["labels"])
+        torch.testing.assert_close(mine["masks"], theirs["masks"], atol=1e-3, rtol=1e-3)
+
+
+@pytest.fixture
+def plain_and_fast():
+    torch.manual_seed(0)
+    plain = build_model(_tiny_config())
+    _randomise_batchnorm(plain)
+    return plain, optimize_for_cpu(copy.deepcopy(plain))
+
+
+def test_optimize_for_cpu_keeps_the_state_dict_detections_and_losses(plain_and_fast):
+    plain, fast = plain_and_fast
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        assert torch.equal(fast.state_dict()[key], value), key
+    images = _images()
+    with torch.no_grad():
+        _assert_same_detections(fast.eval()(images), plain.eval()(images))
+    targets = [{"boxes": torch.tensor([[12.0, 10, 50, 60]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros(1, 96, 96, dtype=torch.uint8)},
+               {"boxes": torch.tensor([[10.0, 30, 100, 70]]), "labels": torch.tensor([2]),
+                "masks": torch.zeros(1, 80, 112, dtype=torch.uint8)}]
+    losses = []
+    for model in (plain.train(), fast.train()):
+        torch.manual_seed(1)  # the same RoI sampling
+        losses.append(model(images, targets))
+    for key in losses[0]:
+        torch.testing.assert_close(losses[1][key], losses[0][key], atol=1e-4, rtol=1e-4)
+
+
+def test_weights_changed_after_an_eval_are_used_by_the_next_eval(plain_and_fast):
+    plain, fast = plain_and_fast
+    images = _images()
+    with torch.no_grad():
+        fast.eval()(images)
+        # changes while in eval mode, both ways a user makes them: in place, and by load_state_dict
+        for model in (plain, fast):
+            model.backbone.body.conv1.weight.mul_(1.5)
+            model.backbone.body.bn1.running_var.mul_(2.0)
+        changed = copy.deepcopy(plain.state_dict())
+        changed["backbone.body.layer1.0.bn1.weight"].mul_(0.5)
+        for model in (plain, fast):
+            model.load_state_dict(changed)
+        _assert_same_detections(fast(images), plain.eval()(images))
+
+
+def test_build_model_applies_the_speed_layer_when_configured():
+    fast = build_model(_tiny_config(cpu_speedups=True))
+    plain = build_model(dataclasses.replace(_tiny_config()))
+    assert any(type(m) is SpeedConv2d for m in fast.modules())
+    assert not any(type(m) is SpeedConv2d for m in plain.modules())
+    assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
