@@ -39,7 +39,8 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
     import torch
 
     from maskrcnn.config import config_to_dict
-    from maskrcnn.engine.train import CheckpointError, load_checkpoint, resolve_device
+    from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
+    from maskrcnn.engine.common import resolve_device
     from maskrcnn.model import build_model
 
     state = load_checkpoint(path)
@@ -65,39 +66,44 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
 
 
 def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
-    """Trains, evaluates, writes the report; prints where everything is."""
-    from maskrcnn.data import build_dataset
+    """Trains, evaluates, writes the report; prints where everything is. Returns the exit status: 0, or 128 + the
+    signal's number when SIGINT / SIGTERM stopped the training (after saving last.pt)."""
+    import signal
+
     from maskrcnn.engine import distributed
     from maskrcnn.engine.train import train
-    from maskrcnn.viz.report import build_report
+    from maskrcnn.viz.report import build_report, format_metric
 
     started = time.perf_counter()
-    val_set = build_dataset(cfg.data, "val")
-    result = train(cfg, val_set=val_set, resume=resume)
+    result = train(cfg, resume=resume)
+    if result.interrupted_by is not None:
+        if distributed.is_main():
+            print(f"stopped by {result.interrupted_by} after iteration {result.iterations}; saved "
+                  f"{result.out_dir / 'last.pt'}. Continue with: maskrcnn train {result.out_dir / 'config.yaml'} "
+                  f"--resume", file=sys.stderr)
+        return 128 + signal.Signals[result.interrupted_by].value
     if not distributed.is_main():
         return 0
-    md, html = build_report(result.out_dir, config=cfg, evaluation=result.evaluation, model=result.model,
-                            dataset=val_set, device=result.device, title=title)
+    md, html = build_report(result.out_dir, config=cfg, evaluation=result.evaluation, title=title)
     voc = result.evaluation.metrics["voc"]
     print(f"trained {result.iterations} iterations" + (" (stopped by the time budget)" if result.stopped_early else "")
           + f", {(time.perf_counter() - started) / 60:.1f} minutes with evaluation and report")
     print(_summary(result.evaluation.metrics))
-    print(f"mask mAP@{voc['iou_thresh']:g} (original metric): {_fmt(voc['segm']['mAP'])}")
+    print(f"mask mAP@{voc['iou_thresh']:g} (original metric): {format_metric(voc['segm']['mAP'])}")
     print(f"report: {html}\n        {md}")
     return 0
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _summary(metrics: dict) -> str:
+    from maskrcnn.viz.report import format_metric
+
     voc = metrics["voc"]
     lines = [f"{'':6} {'AP':>6} {'AP50':>6} {'AP75':>6} {'mAP@' + format(voc['iou_thresh'], 'g'):>8}"]
     for label, kind in (("boxes", "bbox"), ("masks", "segm")):
         stats = metrics[kind]
-        lines.append(f"{label:6} {_fmt(stats['AP']):>6} {_fmt(stats['AP50']):>6} {_fmt(stats['AP75']):>6} "
-                     f"{_fmt(voc[kind]['mAP']):>8}")
+        lines.append(f"{label:6} {format_metric(stats['AP']):>6} {format_metric(stats['AP50']):>6} "
+                     f"{format_metric(stats['AP75']):>6} "
+                     f"{format_metric(voc[kind]['mAP']):>8}")
     return "\n".join(lines)
 
 
@@ -132,20 +138,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run_training(cfg, resume=args.resume, title=f"Mask R-CNN run ({Path(args.config).name})")
 
 
+# What `evaluate` writes into its output folder: replaced only with --overwrite (the folder may be a training run's).
+EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "report.md", "report.html", "figures")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from maskrcnn.data import build_dataset
     from maskrcnn.engine.evaluate import evaluate_dataset
     from maskrcnn.viz.report import build_report
 
-    cfg, model, device, _ = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent / f"eval_{checkpoint.stem}"
+    existing = [name for name in EVALUATION_OUTPUTS if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise CommandError(f"{out / existing[0]} exists (from a training run or an earlier evaluation); pass "
+                           f"--overwrite to replace it or choose another --out")
+    cfg, model, device, _ = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
     dataset = build_dataset(cfg.data, "val")
     result = evaluate_dataset(model, dataset, batch_size=cfg.eval.batch_size, device=device,
                               num_workers=cfg.data.num_workers, iou_thresh=cfg.eval.iou_thresh,
-                              max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out, progress=True)
-    md, html = build_report(out, config=cfg, evaluation=result, model=model, dataset=dataset, device=device,
-                            metrics_jsonl=checkpoint.parent / "metrics.jsonl", title=f"Evaluation of {checkpoint}")
+                              max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out, progress=True,
+                              num_vis=cfg.eval.num_vis)
+    md, html = build_report(out, config=cfg, evaluation=result, metrics_jsonl=checkpoint.parent / "metrics.jsonl",
+                            title=f"Evaluation of {checkpoint}")
     print(_summary(result.metrics))
     print(f"metrics: {out / 'metrics.json'}\nreport: {html}\n        {md}")
     return 0
@@ -156,7 +171,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from maskrcnn.engine.evaluate import autocast, detections_to_coco, images_to_model
+    from maskrcnn.engine.common import autocast, images_to_model
+    from maskrcnn.engine.evaluate import detections_to_coco
     from maskrcnn.viz.draw import draw_detections, save_png
 
     paths = _image_paths(args.inputs)
@@ -241,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by `maskrcnn train`")
     evaluate.add_argument("--data-config", metavar="CONFIG", help="take the data section from this YAML instead")
     evaluate.add_argument("--out", metavar="DIR", help="output folder (default: eval_<name> next to the checkpoint)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace the metrics and report already in the output folder")
     add_set(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -276,12 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `maskrcnn` and `python -m maskrcnn`; returns the exit status."""
     args = build_parser().parse_args(argv)
     from maskrcnn.data.common import DatasetError
-    from maskrcnn.engine.train import CheckpointError, NonFiniteLossError
+    from maskrcnn.engine.checkpoint import CheckpointError, RunLockedError
+    from maskrcnn.engine.train import NonFiniteLossError
+    from maskrcnn.fileio import DiskFullError
 
     try:
         return args.func(args)
-    except (CommandError, ConfigError, CheckpointError, DatasetError, NonFiniteLossError, FileNotFoundError,
-            NotADirectoryError, PermissionError, ValueError) as error:
+    except (CommandError, ConfigError, CheckpointError, DatasetError, NonFiniteLossError, RunLockedError,
+            DiskFullError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as error:
         print(f"maskrcnn: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,13 +18,12 @@ def test_report_references_every_figure(tmp_path, tiny_config):
     torch.manual_seed(0)
     model = build_model(cfg.model)
     dataset = build_dataset(cfg.data, "val")
-    evaluation = evaluate_dataset(model, dataset, batch_size=2, device=torch.device("cpu"))
+    evaluation = evaluate_dataset(model, dataset, batch_size=2, device=torch.device("cpu"), num_vis=2)
     records = [{"iteration": i, "loss": 5.0 - i, "loss_rpn_cls": 1.0, "loss_rpn_box": 1.0, "loss_box_cls": 1.0,
                 "loss_box_reg": 1.0, "loss_mask": 1.0 - 0.1 * i} for i in range(1, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    md_path, html_path = build_report(tmp_path, config=cfg, evaluation=evaluation, model=model, dataset=dataset,
-                                      device=torch.device("cpu"))
+    md_path, html_path = build_report(tmp_path, config=cfg, evaluation=evaluation)
     md, html = md_path.read_text(), html_path.read_text()
     figures = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "figures").glob("*.png"))
     expected = {"loss_rpn", "loss_box_head", "loss_mask_head", "loss_total", "pr_bbox", "pr_segm",

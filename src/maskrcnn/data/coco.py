@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePath
 
@@ -26,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from maskrcnn.data.common import DatasetError, read_rgb, warn_degenerate
+from maskrcnn.fileio import atomic_write
 
 DEFAULT_SUBSET_CLASSES: dict[str, dict] = {
     "vehicles": {"supercategories": ["vehicle"]},
@@ -264,16 +263,8 @@ def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,
     subset["categories"] = [{"id": i, "name": name, "supercategory": name}
                             for i, name in enumerate(classes, start=1)]
 
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_json.name}.", dir=out_json.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(subset, file)
-        os.replace(tmp, out_json)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out_json, "w") as file:
+        json.dump(subset, file)
     per_class = {name: 0 for name in classes}
     names = list(classes)
     for ann in annotations:

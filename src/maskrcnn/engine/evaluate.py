@@ -14,7 +14,7 @@ import io
 import json
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,29 @@ from torch import Tensor
 from tqdm import tqdm
 
 from maskrcnn.data import build_eval_loader
+from maskrcnn.engine.common import autocast, images_to_model, output_to_cpu
+from maskrcnn.fileio import write_text_atomic
 
 # COCOeval.stats indices 0..5 and their usual names.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
+
+
+@dataclass
+class Picture:
+    """One evaluated image as the report draws it, on the CPU.
+
+    Attributes:
+        image: uint8 [3, H, W] as the data set gave it.
+        target: its ground truth {"boxes" f32[N, 4], "labels" i64[N], "masks" u8[N, H, W], ...}.
+        output: the model's output {"boxes" f32[D, 4], "labels" i64[D], "scores" f32[D], "masks" bool[D, H, W]
+            (probability >= 0.5, as drawn and scored)} plus, from a model with `inference(images,
+            return_proposals=True)`, "proposals" f32[P, 4] and "proposal_scores" f32[P].
+    """
+
+    image: Tensor
+    target: dict
+    output: dict
 
 
 @dataclass
@@ -42,25 +61,15 @@ class EvalResult:
             size) are None, per-class AP of a class without ground truth is None and left out of the mean.
         pr_curves: {"bbox" | "segm": {class_name: {"precision": [...], "recall": [...], "ap": float | None}}}.
         detections: COCO-format results, one dict per detection with both "bbox" and "segmentation".
+        class_names: the K foreground names; label k is class_names[k-1].
+        pictures: the first `num_vis` images with their outputs, for the report.
     """
 
     metrics: dict
     pr_curves: dict
     detections: list[dict]
-
-
-def images_to_model(images: list[Tensor], device: torch.device) -> list[Tensor]:
-    """uint8 [3, H, W] images -> float [3, H, W] in 0..1 on `device` (moved as uint8: 4x less to copy)."""
-    for i, image in enumerate(images):
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"image {i} of the batch: expected uint8 [3, H, W] from the data set, got "
-                             f"{image.dtype} {tuple(image.shape)}")
-    return [image.to(device, non_blocking=True).float().div_(255.0) for image in images]
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op context on CPU, which runs in fp32."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    class_names: list[str]
+    pictures: list[Picture]
 
 
 def _rle(binary_masks: np.ndarray) -> list[dict]:
@@ -260,65 +269,62 @@ def coco_stats(coco_gt: COCO, detections: list[dict], *, iou_type: str, image_id
     return {name: (None if value < 0 else float(value)) for name, value in zip(COCO_STAT_NAMES, evaluator.stats[:6])}
 
 
-@torch.no_grad()  # not inference_mode: tensors the model caches here (anchors) are reused in training
-def evaluate(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[list[Tensor], list[dict]]],
-    *,
-    class_names: list[str],
-    device: torch.device,
-    coco_gt: COCO | None = None,
-    label_to_category_id: dict[int, int] | None = None,
-    iou_thresh: float = 0.5,
-    max_images: int | None = None,
-    amp: bool = True,
-    out_dir: str | Path | None = None,
-    progress: bool = False,
-) -> EvalResult:
-    """Runs the model over batches of a data set and scores the detections.
+def _predict(model: torch.nn.Module, images: list[Tensor], *, device: torch.device, amp: bool,
+             with_proposals: bool) -> list[dict]:
+    """The model's outputs for uint8 images; with the RPN proposals when asked and the model can return them."""
+    inputs = images_to_model(images, device)
+    with autocast(device, amp):
+        if with_proposals and callable(getattr(model, "inference", None)):
+            return model.inference(inputs, return_proposals=True)
+        return model(inputs)
 
-    Args:
-        model: torchvision calling convention; in eval mode `model(images)` -> per image {boxes, labels, scores, masks}.
-        batches: (images uint8 [3,H,W] list, targets list) in data-set order; targets carry "image_id" and, when
-            `coco_gt` is None, "boxes", "labels", "masks" to build the ground truth from.
-        class_names: K foreground names; label k is class_names[k-1].
-        device: where the model runs.
-        coco_gt: ground truth of the data set (e.g. the dataset's `coco`); None builds it from the targets.
-        label_to_category_id: label -> category id of `coco_gt`; None: identity.
-        iou_thresh: IoU of the per-class AP (the original project's metric).
-        max_images: stop after this many images; None: all.
-        amp: bf16 autocast on CUDA.
-        out_dir: where to write metrics.json, detections.json and pr_curves.json; None writes nothing.
-        progress: show a tqdm bar.
-    Returns:
-        EvalResult with the metrics, PR curves and COCO results.
-    """
-    model.eval()
-    label_to_category_id = label_to_category_id or {k: k for k in range(1, len(class_names) + 1)}
-    detections: list[dict] = []
-    gt_images: list[dict] = []
-    gt_annotations: list[dict] = []
-    image_ids: list[int] = []
+
+def _picture(image: Tensor, target: dict, output: dict) -> Picture:
+    output = output_to_cpu(output)
+    output["masks"] = output["masks"][:, 0] >= 0.5  # (D, 1, H, W) -> (D, H, W), 1 byte a pixel instead of 4
+    return Picture(image=image, target=target, output=output)
+
+
+@dataclass
+class _Inference:
+    """What one pass over the batches collected (see `_infer`)."""
+
+    image_ids: list[int] = field(default_factory=list)
+    detections: list[dict] = field(default_factory=list)
+    gt_images: list[dict] = field(default_factory=list)  # filled when the ground truth comes from the targets
+    gt_annotations: list[dict] = field(default_factory=list)
+    pictures: list[Picture] = field(default_factory=list)
+
+
+def _infer(model: torch.nn.Module, batches: Iterable, *, device: torch.device, amp: bool, max_images: int | None,
+           label_to_category_id: dict[int, int], gt_from_targets: bool, num_vis: int, progress: bool) -> _Inference:
+    """Runs the model (in the mode it is in) over the batches; see `evaluate` for the arguments."""
+    run = _Inference()
     bar = tqdm(desc="evaluate", unit="img", total=max_images, disable=not progress, dynamic_ncols=True)
     for images, targets in batches:
-        if max_images is not None and len(image_ids) >= max_images:
+        if max_images is not None and len(run.image_ids) >= max_images:
             break
         if max_images is not None:
-            images, targets = images[: max_images - len(image_ids)], targets[: max_images - len(image_ids)]
-        with autocast(device, amp):
-            outputs = model(images_to_model(images, device))
+            images, targets = images[: max_images - len(run.image_ids)], targets[: max_images - len(run.image_ids)]
+        outputs = _predict(model, images, device=device, amp=amp, with_proposals=len(run.pictures) < num_vis)
         for image, target, output in zip(images, targets, outputs):
             image_id = int(target["image_id"])
-            image_ids.append(image_id)
-            detections.extend(detections_to_coco(output, image_id, label_to_category_id))
-            if coco_gt is None:
-                gt_images.append({"id": image_id, "height": int(image.shape[-2]), "width": int(image.shape[-1])})
-                gt_annotations.extend(targets_to_coco_annotations(target, image_id, len(gt_annotations) + 1))
+            run.image_ids.append(image_id)
+            run.detections.extend(detections_to_coco(output, image_id, label_to_category_id))
+            if len(run.pictures) < num_vis:
+                run.pictures.append(_picture(image, target, output))
+            if gt_from_targets:
+                run.gt_images.append({"id": image_id, "height": int(image.shape[-2]), "width": int(image.shape[-1])})
+                run.gt_annotations.extend(targets_to_coco_annotations(target, image_id, len(run.gt_annotations) + 1))
         bar.update(len(images))
     bar.close()
-    if coco_gt is None:
-        coco_gt = build_coco_ground_truth(gt_images, gt_annotations, class_names)
+    return run
 
+
+def score_detections(coco_gt: COCO, detections: list[dict], *, image_ids: list[int], class_names: list[str],
+                     label_to_category_id: dict[int, int], iou_thresh: float) -> tuple[dict, dict]:
+    """COCO AP and the original project's per-class AP of detections; returns (metrics, pr_curves) as described
+    in `EvalResult`."""
     metrics: dict = {}
     pr_curves: dict = {}
     voc: dict = {"iou_thresh": iou_thresh}
@@ -336,20 +342,71 @@ def evaluate(
     metrics["voc"] = voc
     metrics["num_images"] = len(image_ids)
     metrics["num_detections"] = len(detections)
+    return metrics, pr_curves
 
-    result = EvalResult(metrics=metrics, pr_curves=pr_curves, detections=detections)
+
+@torch.no_grad()  # not inference_mode: tensors the model caches here (anchors) are reused in training
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[list[Tensor], list[dict]]],
+    *,
+    class_names: list[str],
+    device: torch.device,
+    coco_gt: COCO | None = None,
+    label_to_category_id: dict[int, int] | None = None,
+    iou_thresh: float = 0.5,
+    max_images: int | None = None,
+    amp: bool = True,
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+    num_vis: int = 0,
+) -> EvalResult:
+    """Runs the model over batches of a data set (in eval mode; its mode is restored after) and scores the
+    detections.
+
+    Args:
+        model: torchvision calling convention; in eval mode `model(images)` -> per image {boxes, labels, scores, masks}.
+        batches: (images uint8 [3,H,W] list, targets list) in data-set order; targets carry "image_id" and, when
+            `coco_gt` is None, "boxes", "labels", "masks" to build the ground truth from.
+        class_names: K foreground names; label k is class_names[k-1].
+        device: where the model runs.
+        coco_gt: ground truth of the data set (e.g. the dataset's `coco`); None builds it from the targets.
+        label_to_category_id: label -> category id of `coco_gt`; None: identity.
+        iou_thresh: IoU of the per-class AP (the original project's metric).
+        max_images: stop after this many images; None: all.
+        amp: bf16 autocast on CUDA.
+        out_dir: where to write metrics.json, detections.json and pr_curves.json; None writes nothing.
+        progress: show a tqdm bar.
+        num_vis: keep the first num_vis images with their outputs (and proposals) in `EvalResult.pictures`.
+    Returns:
+        EvalResult with the metrics, PR curves, COCO results and pictures.
+    """
+    label_to_category_id = label_to_category_id or {k: k for k in range(1, len(class_names) + 1)}
+    was_training = model.training
+    model.eval()
+    try:
+        run = _infer(model, batches, device=device, amp=amp, max_images=max_images,
+                     label_to_category_id=label_to_category_id, gt_from_targets=coco_gt is None, num_vis=num_vis,
+                     progress=progress)
+    finally:
+        model.train(was_training)
+    if coco_gt is None:
+        coco_gt = build_coco_ground_truth(run.gt_images, run.gt_annotations, class_names)
+    metrics, pr_curves = score_detections(coco_gt, run.detections, image_ids=run.image_ids, class_names=class_names,
+                                          label_to_category_id=label_to_category_id, iou_thresh=iou_thresh)
+    result = EvalResult(metrics=metrics, pr_curves=pr_curves, detections=run.detections,
+                        class_names=list(class_names), pictures=run.pictures)
     if out_dir is not None:
         write_eval_files(result, out_dir)
     return result
 
 
 def write_eval_files(result: EvalResult, out_dir: str | Path) -> None:
-    """metrics.json, detections.json (COCO results) and pr_curves.json into `out_dir`."""
+    """metrics.json, detections.json (COCO results) and pr_curves.json into `out_dir`, each written atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
-    (out / "detections.json").write_text(json.dumps(result.detections))
-    (out / "pr_curves.json").write_text(json.dumps(result.pr_curves))
+    write_text_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2))
+    write_text_atomic(out / "detections.json", json.dumps(result.detections))
+    write_text_atomic(out / "pr_curves.json", json.dumps(result.pr_curves))
 
 
 def evaluate_dataset(

@@ -1,103 +1,45 @@
 """Training loop: SGD / AdamW, warm-up then step or cosine schedule, bf16 autocast, gradient clipping, logging,
-periodic evaluation, atomic checkpoints and exact resume.
+periodic evaluation, atomic checkpoints, exact resume, and a clean stop on SIGINT / SIGTERM.
 
-Run directory (written by rank 0 only):
+Run directory (written by rank 0 only, which holds its lock, `checkpoint.RunLock`, while training):
     config.yaml     the full config of the run
     metrics.jsonl   one JSON record per log period, {"iteration", "lr", "loss", "loss_*", "time"} with the losses
                     averaged over the period, and one per evaluation, {"iteration", "eval": {...metrics}}
     metrics.json    the last evaluation (plus detections.json, pr_curves.json)
-    last.pt         checkpoint every checkpoint_period iterations and at the end; best.pt: best mask AP so far
+    last.pt         checkpoint every checkpoint_period iterations, before every evaluation, at the end and when a
+                    signal stops the run; best.pt: the weights of the best mask AP so far
     tb/             TensorBoard scalars when the tensorboard package is installed
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
-import tempfile
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from maskrcnn.config import Config, config_to_dict, save_config
-from maskrcnn.data import build_dataset, build_train_loader
+from maskrcnn.data import DatasetError, build_dataset, build_train_loader
 from maskrcnn.engine import distributed
-from maskrcnn.engine.evaluate import EvalResult, autocast, evaluate_dataset, images_to_model
+from maskrcnn.engine.checkpoint import RunLock, load_checkpoint, save_checkpoint
+from maskrcnn.engine.common import autocast, images_to_model, resolve_device, targets_to_device
+from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
+from maskrcnn.fileio import read_jsonl, remove_temp_files, write_text_atomic
 from maskrcnn.model import build_model
-
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the message names the iteration and the loss term."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing or not one of ours; the message names the file."""
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Writes `state` with torch.save so that `path` is always either the old file or the complete new one.
-
-    The bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
-    fsync'ed, and then `os.replace` swaps it in. A crash or an exception mid-write leaves the old file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Loads a checkpoint written by `save_checkpoint` (on the CPU).
-
-    Raises:
-        CheckpointError: the file does not exist or is not a checkpoint dict with a "model" entry.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path}: not a maskrcnn checkpoint (no 'model' entry)")
-    return state
-
-
-def rng_state() -> dict:
-    """The state of every random generator the run uses (python, numpy, torch CPU, every CUDA device)."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_iteration(seed: int, iteration: int) -> None:
@@ -105,8 +47,8 @@ def seed_iteration(seed: int, iteration: int) -> None:
 
     Why per iteration: the RPN and RoI samplers draw from torch's global generator, and whatever else ran in
     between (a periodic evaluation, a checkpoint reload) would shift their draws. Seeding each iteration makes the
-    randomness of iteration i depend on i only, and resume exact (the data's augmentations are seeded per sample
-    by the loader).
+    randomness of iteration i depend on i only, and resume exact without storing any generator state in the
+    checkpoint (the data's augmentations are seeded per sample by the loader).
     """
     value = (seed * 1_000_003 + iteration) % (2**31)
     random.seed(value)
@@ -166,20 +108,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, **schedule) -> torch.optim
 # ------------------------------------------------------------------------------------------- the loop
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; other names as given (a missing GPU is an error)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} requested but CUDA is not available")
-    return device
-
-
-def targets_to_device(targets: list[dict], device: torch.device) -> list[dict]:
-    return [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DistributedDataParallel (or the model itself)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -201,10 +129,11 @@ class MetricsLogger:
                 self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tb"))
 
     def drop_after(self, iteration: int) -> None:
-        """Removes records past `iteration` (a resumed run repeats the iterations after its checkpoint)."""
+        """Removes records past `iteration` (a resumed run repeats the iterations after its checkpoint), and a
+        last line torn by a kill."""
         if self.enabled and self.path.is_file():
-            lines = self.path.read_text().splitlines(keepends=True)
-            self.path.write_text("".join(line for line in lines if json.loads(line)["iteration"] <= iteration))
+            kept = [record for record in read_jsonl(self.path) if record["iteration"] <= iteration]
+            write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -227,16 +156,53 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
+class StopSignals:
+    """Turns the first SIGINT / SIGTERM into a request to stop after the current iteration (the trainer then saves
+    last.pt and returns); a second one stops at once. A context manager; outside the main thread it does nothing
+    (Python delivers signals to the main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the name of the signal that asked to stop
+        self._previous: dict = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            # a DataLoader worker forked with this handler: the main process decides when to stop, so Ctrl-C (sent
+            # to the whole process group) must not end the worker; SIGTERM keeps its default effect
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\nmaskrcnn: {self.received}: saving last.pt after this iteration, then stopping "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
 @dataclass
 class TrainResult:
     """What `train` leaves behind: the run directory, iterations done, the final evaluation (rank 0, None on the
-    other ranks), whether the time budget stopped the run early, and the trained model (unwrapped from DDP) with
-    its device."""
+    other ranks and after a stop by signal), whether the time budget stopped the run early, the signal that
+    stopped it (None: it ran to its end), and the trained model (unwrapped from DDP) with its device."""
 
     out_dir: Path
     iterations: int
     evaluation: EvalResult | None
     stopped_early: bool
+    interrupted_by: str | None
     model: torch.nn.Module
     device: torch.device
 
@@ -244,6 +210,210 @@ class TrainResult:
 def mask_ap(result: EvalResult) -> float:
     """The number best.pt is chosen by: COCO mask AP (segm, IoU 0.5:0.95)."""
     return result.metrics["segm"]["AP"] or 0.0
+
+
+def check_validation_set(val_set) -> None:
+    """Fails before the first iteration when the evaluation could not run: an empty validation split, or a first
+    sample that cannot be read (a wrong folder, an undecodable image)."""
+    if len(val_set) == 0:
+        raise DatasetError("the validation split has no images: evaluation needs at least one (see the data "
+                           "section of the config)")
+    val_set[0]
+
+
+def prepare_run_folder(cfg: Config) -> None:
+    """Removes the temporary files of checkpoint writes that a kill interrupted and writes config.yaml. Call it
+    while holding the folder's lock: another run's temporary files would be in use."""
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir)
+    save_config(cfg, out_dir / "config.yaml")
+
+
+class Trainer:
+    """One training run: `__init__` sets it up (model, data, optimiser, schedule, resume), `run` loops over `step`
+    with logging, periodic checkpoints and evaluations, and the stop conditions. Use it through `train`."""
+
+    def __init__(self, cfg: Config, *, device: torch.device, model: torch.nn.Module | None, train_set, val_set,
+                 resume: bool) -> None:
+        tc = self.tc = cfg.train
+        self.cfg, self.device, self.main = cfg, device, distributed.is_main()
+        self.out_dir = Path(tc.out_dir)
+        seed_iteration(tc.seed, 0)
+        model = model if model is not None else build_model(cfg.model)
+        model.to(device)
+        self.train_set = train_set if train_set is not None else build_dataset(cfg.data, "train")
+        self.val_set = val_set if val_set is not None else build_dataset(cfg.data, "val")
+        if self.main:
+            check_validation_set(self.val_set)
+            prepare_run_folder(cfg)
+        self.optimizer = build_optimizer(model, name=tc.optimizer, lr=tc.lr, momentum=tc.momentum,
+                                         weight_decay=tc.weight_decay)
+        self.scheduler = build_scheduler(
+            self.optimizer, max_iters=tc.max_iters, warmup_iters=tc.warmup_iters, warmup_factor=tc.warmup_factor,
+            schedule=tc.schedule, steps=tc.steps, gamma=tc.gamma,
+        )
+        self.start_iter = self._resume(model) if resume else 0
+        self.best_ap = self._best_ap() if resume else -1.0
+        self.saved_at = self.start_iter if resume else None  # the iteration last.pt holds
+        if distributed.get_world_size() > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.model = model
+        if device.type == "cuda":
+            # cudnn.benchmark tunes every convolution once per input shape: a gain with one fixed canvas, a loss
+            # with canvases that vary by batch (torchvision with variable sizes: about 20x fewer iterations)
+            torch.backends.cudnn.benchmark = cfg.model.transform.fixed_canvas is not None
+        self.loader = build_train_loader(
+            self.train_set, batch_size=tc.batch_size, num_workers=cfg.data.num_workers,
+            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, seed=tc.seed, rank=distributed.get_rank(),
+            world_size=distributed.get_world_size(), start_iter=self.start_iter,
+        )
+        self.logger = MetricsLogger(out_dir=self.out_dir, enabled=self.main)
+        self.logger.drop_after(self.start_iter)
+        self.window: dict[str, list[float]] = {}  # loss values since the last log record
+
+    def _resume(self, model: torch.nn.Module) -> int:
+        """Loads last.pt into the model, optimiser and schedule; returns its iteration."""
+        state = load_checkpoint(self.out_dir / "last.pt")
+        model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return int(state["iteration"])
+
+    def _best_ap(self) -> float:
+        """The mask AP of the run's best.pt (-1 without one): a resumed run replaces it only by a better model."""
+        path = self.out_dir / "best.pt"
+        return float(load_checkpoint(path)["best_ap"]) if self.main and path.is_file() else -1.0
+
+    def _state(self, iteration: int) -> dict:
+        """What every checkpoint holds: weights, iteration, config and class names (tensors and plain values)."""
+        return {"model": unwrap(self.model).state_dict(), "iteration": iteration, "config": config_to_dict(self.cfg),
+                "class_names": list(self.train_set.class_names)}
+
+    def save(self, iteration: int) -> None:
+        """last.pt at `iteration`, with the optimiser and schedule to resume from (rank 0; once per iteration)."""
+        if self.main and self.saved_at != iteration:
+            state = self._state(iteration) | {"optimizer": self.optimizer.state_dict(),
+                                              "scheduler": self.scheduler.state_dict()}
+            save_checkpoint(state, self.out_dir / "last.pt")
+        self.saved_at = iteration
+
+    def evaluate(self, iteration: int) -> EvalResult | None:
+        """Evaluates on the validation set (rank 0; the others wait), logs the metrics and writes best.pt when
+        the mask AP improved. Returns the evaluation (None on the other ranks)."""
+        result = None
+        if self.main:
+            ec = self.cfg.eval
+            result = evaluate_dataset(
+                unwrap(self.model), self.val_set, batch_size=ec.batch_size, device=self.device,
+                num_workers=self.cfg.data.num_workers, iou_thresh=ec.iou_thresh, max_images=ec.max_images,
+                amp=self.tc.amp, out_dir=self.out_dir, num_vis=ec.num_vis,
+            )
+            self.logger.log({"iteration": iteration, "eval": result.metrics})
+            if mask_ap(result) > self.best_ap:
+                self.best_ap = mask_ap(result)
+                save_checkpoint(self._state(iteration) | {"best_ap": self.best_ap}, self.out_dir / "best.pt")
+        distributed.barrier()
+        return result
+
+    def step(self, iteration: int) -> dict[str, float]:
+        """One iteration: a batch, the losses, one optimiser and schedule step. Returns the loss values.
+
+        Raises:
+            NonFiniteLossError: before the step, which is not taken.
+        """
+        tc = self.tc
+        seed_iteration(tc.seed, iteration)
+        images, targets = next(self.loader)
+        images = images_to_model(images, self.device)
+        targets = targets_to_device(targets, self.device)
+        with autocast(self.device, tc.amp):
+            loss_dict = self.model(images, targets)
+        loss_dict = {k: v.float() for k, v in loss_dict.items() if k.startswith("loss")}
+        total = sum(loss_dict.values())
+        # One host sync per iteration: needed anyway for logging, and it stops a NaN before the step.
+        values = dict(zip(loss_dict, torch.stack(list(loss_dict.values())).tolist()))
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLossError(
+                f"iteration {iteration}: loss term {bad[0]} is {values[bad[0]]} (all terms: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                + "); stopping, the last checkpoint is unchanged"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if tc.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return values
+
+    def log(self, iteration: int, values: dict[str, float], *, started: float, bar: tqdm) -> None:
+        """Collects the losses of one iteration; every log period (and at the end) writes their means."""
+        for name, value in values.items():
+            self.window.setdefault(name, []).append(value)
+        if iteration % self.tc.log_period and iteration != self.tc.max_iters:
+            return
+        # The mean over the log period: single-iteration values are too noisy to read a curve from.
+        means = {k: torch.tensor(sum(v) / len(v), device=self.device) for k, v in self.window.items()}
+        reduced = {k: float(v) for k, v in distributed.reduce_loss_dict(means).items()}
+        self.window.clear()
+        record = {"iteration": iteration, "lr": self.optimizer.param_groups[0]["lr"], "loss": sum(reduced.values()),
+                  **reduced, "time": time.perf_counter() - started}
+        self.logger.log(record)
+        bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in reduced.items()} | {"lr": f"{record['lr']:.2e}"})
+
+    def should_stop(self, stop: StopSignals, *, started: float) -> bool:
+        """True when a signal asked to stop or the time budget is spent, on every rank alike."""
+        tc = self.tc
+        out_of_time = tc.max_minutes is not None and (time.perf_counter() - started) / 60.0 >= tc.max_minutes
+        flag = out_of_time or stop.received is not None
+        if distributed.get_world_size() > 1:  # every rank must stop at the same iteration
+            reduced = torch.tensor(float(flag), device=self.device)
+            torch.distributed.all_reduce(reduced)
+            flag = bool(reduced.item())
+        return flag
+
+    def checkpoint_and_evaluate(self, iteration: int) -> None:
+        """The periodic work after an iteration: last.pt every checkpoint period and, saved first so that a failing
+        evaluation loses nothing, before every evaluation."""
+        tc = self.tc
+        due_eval = bool(tc.eval_period) and iteration % tc.eval_period == 0 and iteration < tc.max_iters
+        if due_eval or (tc.checkpoint_period and iteration % tc.checkpoint_period == 0):
+            self.save(iteration)
+        if due_eval:
+            self.evaluate(iteration)
+
+    def run(self, stop: StopSignals, *, progress: bool) -> TrainResult:
+        """Trains to max_iters, the time budget or a stop signal; saves last.pt, then evaluates (not after a
+        signal: the user asked to stop)."""
+        tc = self.tc
+        self.model.train()
+        started = time.perf_counter()
+        stopped_early = False
+        iteration = self.start_iter
+        bar = tqdm(total=tc.max_iters, initial=iteration, desc="train", unit="it",
+                   disable=not (progress and self.main), dynamic_ncols=True)
+        try:
+            while iteration < tc.max_iters:
+                values = self.step(iteration)
+                iteration += 1
+                bar.update(1)
+                self.log(iteration, values, started=started, bar=bar)
+                if self.should_stop(stop, started=started) and iteration < tc.max_iters:
+                    stopped_early = stop.received is None
+                    break
+                self.checkpoint_and_evaluate(iteration)
+            self.save(iteration)
+            evaluation = None if stop.received else self.evaluate(iteration)
+        finally:
+            bar.close()
+            self.logger.close()
+        return TrainResult(out_dir=self.out_dir, iterations=iteration, evaluation=evaluation,
+                           stopped_early=stopped_early, interrupted_by=stop.received, model=unwrap(self.model),
+                           device=self.device)
 
 
 def train(
@@ -255,161 +425,30 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Trains `cfg.train.max_iters` iterations (or until `cfg.train.max_minutes`), evaluating on the way.
+    """Trains `cfg.train.max_iters` iterations (or until `cfg.train.max_minutes`, or a SIGINT / SIGTERM),
+    evaluating on the way.
 
     Args:
         cfg: the whole config; `cfg.train.out_dir` is the run directory.
         model: None builds `build_model(cfg.model)`; any model with torchvision's calling convention works
             (the loss is the sum of every `loss_*` entry of its loss dict).
         train_set, val_set: None builds them with `build_dataset(cfg.data, "train" | "val")`.
-        resume: continue from `out_dir/last.pt` (model, optimiser, schedule, iteration, random state).
+        resume: continue from `out_dir/last.pt` (model, optimiser, schedule, iteration).
         progress: show a tqdm bar.
     Returns:
         TrainResult.
     Raises:
         NonFiniteLossError: a loss term became NaN/inf; no step is taken with it and last.pt stays as it was.
-        CheckpointError: `resume` without a readable last.pt.
+        CheckpointError: `resume` without a readable last.pt, or weights that became NaN/inf (never saved).
+        RunLockedError: another live process trains in `out_dir`.
+        DatasetError: the validation set is empty or its first sample unreadable (checked before training).
+        DiskFullError: no space left for a checkpoint; the previous one is kept.
     """
     tc = cfg.train
     if tc.num_threads is not None:
         torch.set_num_threads(tc.num_threads)
-    out_dir = Path(tc.out_dir)
-    dist_device = distributed.init_distributed()
-    device = dist_device or resolve_device(tc.device)
-    main = distributed.is_main()
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-
-    seed_iteration(tc.seed, 0)
-    model = model if model is not None else build_model(cfg.model)
-    model.to(device)
-    train_set = train_set if train_set is not None else build_dataset(cfg.data, "train")
-    val_set = val_set if val_set is not None else build_dataset(cfg.data, "val")
-    optimizer = build_optimizer(model, name=tc.optimizer, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    scheduler = build_scheduler(
-        optimizer, max_iters=tc.max_iters, warmup_iters=tc.warmup_iters, warmup_factor=tc.warmup_factor,
-        schedule=tc.schedule, steps=tc.steps, gamma=tc.gamma,
-    )
-    start_iter = 0
-    best_ap = -1.0
-    if resume:
-        state = load_checkpoint(out_dir / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_iter = int(state["iteration"])
-        best_ap = float(state.get("best_ap", -1.0))
-        set_rng_state(state["rng"])
-    if distributed.get_world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if device.type == "cuda":
-        # cudnn.benchmark tunes every convolution once per input shape: a gain with one fixed canvas, a loss with
-        # canvases that vary by batch (torchvision with variable sizes: about 20x fewer iterations, DESIGN.md)
-        torch.backends.cudnn.benchmark = cfg.model.transform.fixed_canvas is not None
-
-    loader = build_train_loader(
-        train_set, batch_size=tc.batch_size, num_workers=cfg.data.num_workers,
-        aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, seed=tc.seed, rank=distributed.get_rank(),
-        world_size=distributed.get_world_size(), start_iter=start_iter,
-    )
-    logger = MetricsLogger(out_dir=out_dir, enabled=main)
-    logger.drop_after(start_iter)
-
-    def checkpoint(iteration: int, name: str) -> None:
-        if main:
-            state = {
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "iteration": iteration, "rng": rng_state(),
-                "config": config_to_dict(cfg), "best_ap": best_ap, "class_names": list(train_set.class_names),
-            }
-            save_checkpoint(state, out_dir / name)
-
-    def run_evaluation(iteration: int) -> EvalResult | None:
-        nonlocal best_ap
-        result = None
-        if main:
-            result = evaluate_dataset(
-                unwrap(model), val_set, batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers,
-                iou_thresh=cfg.eval.iou_thresh, max_images=cfg.eval.max_images, amp=tc.amp, out_dir=out_dir,
-            )
-            logger.log({"iteration": iteration, "eval": result.metrics})
-            if mask_ap(result) > best_ap:
-                best_ap = mask_ap(result)
-                checkpoint(iteration, "best.pt")
-        distributed.barrier()
-        model.train()
-        return result
-
-    model.train()
-    started = time.perf_counter()
-    stopped_early = False
-    window: dict[str, list[float]] = {}  # loss values since the last log record
-    iteration = start_iter
-    bar = tqdm(total=tc.max_iters, initial=start_iter, desc="train", unit="it", disable=not (progress and main),
-               dynamic_ncols=True)
-    try:
-        while iteration < tc.max_iters:
-            seed_iteration(tc.seed, iteration)
-            images, targets = next(loader)
-            images = images_to_model(images, device)
-            targets = targets_to_device(targets, device)
-            with autocast(device, tc.amp):
-                loss_dict = model(images, targets)
-            loss_dict = {k: v.float() for k, v in loss_dict.items() if k.startswith("loss")}
-            total = sum(loss_dict.values())
-            # One host sync per iteration: needed anyway for logging, and it stops a NaN before the step.
-            values = dict(zip(loss_dict, torch.stack(list(loss_dict.values())).tolist()))
-            bad = [name for name, value in values.items() if not math.isfinite(value)]
-            if bad:
-                raise NonFiniteLossError(
-                    f"iteration {iteration}: loss term {bad[0]} is {values[bad[0]]} (all terms: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                    + "); stopping, the last checkpoint is unchanged"
-                )
-            for name, value in values.items():
-                window.setdefault(name, []).append(value)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if tc.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            iteration += 1
-            bar.update(1)
-
-            if iteration % tc.log_period == 0 or iteration == tc.max_iters:
-                # The mean over the log period: single-iteration values are too noisy to read a curve from.
-                means = {k: torch.tensor(sum(v) / len(v), device=device) for k, v in window.items()}
-                reduced = {k: float(v) for k, v in distributed.reduce_loss_dict(means).items()}
-                window.clear()
-                record = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
-                          "loss": sum(reduced.values()), **reduced, "time": time.perf_counter() - started}
-                logger.log(record)
-                bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in reduced.items()} | {"lr": f"{record['lr']:.2e}"})
-            out_of_time = tc.max_minutes is not None and (time.perf_counter() - started) / 60.0 >= tc.max_minutes
-            if distributed.get_world_size() > 1:  # every rank must stop at the same iteration
-                flag = torch.tensor(float(out_of_time), device=device)
-                torch.distributed.all_reduce(flag)
-                out_of_time = bool(flag.item())
-            if out_of_time and iteration < tc.max_iters:
-                stopped_early = True
-                break
-            if tc.eval_period and iteration % tc.eval_period == 0 and iteration < tc.max_iters:
-                run_evaluation(iteration)
-            if tc.checkpoint_period and iteration % tc.checkpoint_period == 0:
-                checkpoint(iteration, "last.pt")
-        evaluation = run_evaluation(iteration)
-        checkpoint(iteration, "last.pt")
-    finally:
-        bar.close()
-        logger.close()
-    return TrainResult(out_dir=out_dir, iterations=iteration, evaluation=evaluation, stopped_early=stopped_early,
-                       model=unwrap(model), device=device)
-
-
-def with_out_dir(cfg: Config, out_dir: str | Path) -> Config:
-    """`cfg` with train.out_dir replaced."""
-    return replace(cfg, train=replace(cfg.train, out_dir=str(out_dir)))
+    device = distributed.init_distributed() or resolve_device(tc.device)
+    lock = RunLock(tc.out_dir) if distributed.is_main() else contextlib.nullcontext()
+    with lock, StopSignals() as stop:
+        trainer = Trainer(cfg, device=device, model=model, train_set=train_set, val_set=val_set, resume=resume)
+        return trainer.run(stop, progress=progress)

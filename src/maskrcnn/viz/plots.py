@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from maskrcnn.fileio import read_jsonl  # noqa: E402
 
 # One figure per stage of the network, in the order of the original README; each panel is one loss term.
 LOSS_FIGURES = {
@@ -20,12 +21,12 @@ LOSS_FIGURES = {
 
 
 def read_metrics_jsonl(path: str | Path) -> list[dict]:
-    """Training records (those with losses) from a metrics.jsonl, in file order; evaluation records are skipped."""
+    """Training records (those with losses) from a metrics.jsonl, in file order; evaluation records and a last line
+    torn by a kill are skipped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [record for record in records if "loss" in record]
+    return [record for record in read_jsonl(path) if "loss" in record]
 
 
 def plot_loss_curves(records: list[dict], out_dir: str | Path) -> dict[str, Path]:

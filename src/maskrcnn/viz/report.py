@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from torch import Tensor
 
 from maskrcnn.config import Config, config_to_dict
-from maskrcnn.engine.evaluate import COCO_STAT_NAMES, EvalResult, autocast, images_to_model
+from maskrcnn.engine.evaluate import COCO_STAT_NAMES, EvalResult, Picture
+from maskrcnn.fileio import write_text_atomic
 from maskrcnn.viz.draw import draw_detections, draw_masks, draw_proposals, save_png, side_by_side
 from maskrcnn.viz.plots import plot_loss_curves, plot_pr_curves, read_metrics_jsonl
 
@@ -51,61 +51,50 @@ def enlarge(image: Tensor, items: dict, factor: int) -> tuple[Tensor, dict]:
     return big, items
 
 
-def _fmt(value: float | None) -> str:
+def format_metric(value: float | None) -> str:
+    """A metric as the report and the command line print it: 3 decimals, "n/a" where it does not exist."""
     return "n/a" if value is None else f"{value:.3f}"
 
 
-@torch.no_grad()  # not inference_mode: tensors the model caches here (anchors) are reused in training
 def render_stage_pictures(
-    model: torch.nn.Module,
-    dataset,
+    pictures: list[Picture],
     out_dir: str | Path,
     *,
-    num_images: int,
+    class_names: list[str],
     score_thresh: float,
     top_proposals: int,
-    device: torch.device,
-    amp: bool = True,
 ) -> dict[str, list[Path]]:
-    """Per-stage pictures of the first `num_images` images of `dataset`.
+    """Per-stage pictures of the images evaluation kept (`EvalResult.pictures`); runs no model.
 
-    Each picture shows the ground truth on the left and the stage's output on the right: RPN the top proposals,
-    BoxHead the final boxes with class name and score, MaskHead the masks in class colours.
+    Each picture shows the ground truth on the left and the stage's output on the right: RPN the top proposals
+    (when the evaluated model returned them), BoxHead the final boxes with class name and score, MaskHead the
+    masks in class colours.
 
     Args:
-        model: our MaskRCNN (needs `inference(images, return_proposals=True)`).
-        dataset: items (uint8 [3,H,W], target) and `class_names`.
+        pictures: images, targets and outputs from `evaluate(..., num_vis=n)`.
         out_dir: folder of the PNGs.
-        num_images: images per stage.
+        class_names: K foreground names; label k is class_names[k-1].
         score_thresh: detections drawn score at least this.
         top_proposals: proposals drawn in the RPN picture.
-        device: where the model runs.
-        amp: bf16 autocast on CUDA.
     Returns:
         {"rpn": [paths], "box_head": [paths], "mask_head": [paths]}.
     """
-    model.eval()
-    names = list(dataset.class_names)
-    samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
-    paths: dict[str, list[Path]] = {"rpn": [], "box_head": [], "mask_head": []}
-    if not samples:
-        return paths
-    images = [image for image, _ in samples]
-    with autocast(device, amp):
-        outputs = model.inference(images_to_model(images, device), return_proposals=True)
     out_dir = Path(out_dir)
-    for i, ((image, target), output) in enumerate(zip(samples, outputs)):
-        output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
+    paths: dict[str, list[Path]] = {"rpn": [], "box_head": [], "mask_head": []}
+    for i, picture in enumerate(pictures):
+        image, output = picture.image, picture.output
         factor = max(1, math.ceil(MIN_PICTURE_SIDE / min(image.shape[-2:])))
-        _, target = enlarge(image, target, factor)
+        _, target = enlarge(image, picture.target, factor)
         image, output = enlarge(image, output, factor)
-        truth = draw_detections(image, target["boxes"], target["labels"], None, class_names=names, masks=target["masks"])
-        rpn = draw_proposals(image, output["proposals"], top_n=top_proposals)
-        boxes = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=names,
+        truth = draw_detections(image, target["boxes"], target["labels"], None, class_names=class_names,
+                                masks=target["masks"])
+        if "proposals" in output:
+            rpn = draw_proposals(image, output["proposals"], top_n=top_proposals)
+            paths["rpn"].append(save_png(side_by_side([truth, rpn]), out_dir / f"rpn_{i}.png"))
+        boxes = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=class_names,
                                 score_thresh=score_thresh)
-        masks = draw_masks(image, output["masks"], output["labels"], output["scores"], class_names=names,
+        masks = draw_masks(image, output["masks"], output["labels"], output["scores"], class_names=class_names,
                            score_thresh=score_thresh)
-        paths["rpn"].append(save_png(side_by_side([truth, rpn]), out_dir / f"rpn_{i}.png"))
         paths["box_head"].append(save_png(side_by_side([truth, boxes]), out_dir / f"box_head_{i}.png"))
         paths["mask_head"].append(save_png(side_by_side([truth, masks]), out_dir / f"mask_head_{i}.png"))
     return paths
@@ -117,13 +106,13 @@ def metrics_sections(metrics: dict) -> list[Section]:
     iou = voc["iou_thresh"]
     header = ["", *COCO_STAT_NAMES, f"mAP@{iou:g} (original metric)"]
     rows = [
-        [label, *(_fmt(metrics[kind][name]) for name in COCO_STAT_NAMES), _fmt(voc[kind]["mAP"])]
+        [label, *(format_metric(metrics[kind][name]) for name in COCO_STAT_NAMES), format_metric(voc[kind]["mAP"])]
         for label, kind in (("boxes", "bbox"), ("masks", "segm"))
     ]
-    rows.append(["original project (BoxHead)", *(["-"] * len(COCO_STAT_NAMES)), _fmt(ORIGINAL_BOX_MAP)])
+    rows.append(["original project (BoxHead)", *(["-"] * len(COCO_STAT_NAMES)), format_metric(ORIGINAL_BOX_MAP)])
     per_class_header = ["class", f"box AP@{iou:g}", f"mask AP@{iou:g}"]
     per_class_rows = [
-        [name, _fmt(voc["bbox"]["per_class"][name]), _fmt(voc["segm"]["per_class"][name])]
+        [name, format_metric(voc["bbox"]["per_class"][name]), format_metric(voc["segm"]["per_class"][name])]
         for name in voc["bbox"]["per_class"]
     ]
     text = [
@@ -141,9 +130,6 @@ def build_report(
     *,
     config: Config,
     evaluation: EvalResult,
-    model: torch.nn.Module,
-    dataset,
-    device: torch.device,
     metrics_jsonl: str | Path | None = None,
     title: str = "Mask R-CNN run",
 ) -> tuple[Path, Path]:
@@ -152,10 +138,7 @@ def build_report(
     Args:
         run_dir: the run directory (its metrics.jsonl gives the loss curves when present).
         config: the run's config (printed at the end, and the picture settings of `config.eval`).
-        evaluation: the evaluation to report (metrics and PR curves).
-        model: the trained model, for the per-stage pictures.
-        dataset: images for the pictures (the validation set).
-        device: where the model runs.
+        evaluation: the evaluation to report: metrics, PR curves and the pictured images with their outputs.
         metrics_jsonl: training log for the loss curves; None: run_dir/metrics.jsonl (no curves if absent).
         title: the report's heading.
     Returns:
@@ -165,10 +148,8 @@ def build_report(
     fig_dir = run_dir / FIGURES_DIR
     metrics_path = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
     losses = plot_loss_curves(read_metrics_jsonl(metrics_path), fig_dir) if metrics_path.is_file() else {}
-    pictures = render_stage_pictures(
-        model, dataset, fig_dir, num_images=config.eval.num_vis, score_thresh=config.eval.vis_score_thresh,
-        top_proposals=config.eval.vis_proposals, device=device, amp=config.train.amp,
-    )
+    pictures = render_stage_pictures(evaluation.pictures, fig_dir, class_names=evaluation.class_names,
+                                     score_thresh=config.eval.vis_score_thresh, top_proposals=config.eval.vis_proposals)
     pr = {
         kind: plot_pr_curves(evaluation.pr_curves[kind], fig_dir / f"pr_{kind}.png",
                              title=f"{label} precision-recall at IoU {evaluation.metrics['voc']['iou_thresh']:g}")
@@ -198,8 +179,8 @@ def build_report(
     sections.append(Section("Config", code=yaml.safe_dump(config_to_dict(config), sort_keys=False)))
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    md_path.write_text(to_markdown(title, sections, run_dir))
-    html_path.write_text(to_html(title, sections, run_dir))
+    write_text_atomic(md_path, to_markdown(title, sections, run_dir))
+    write_text_atomic(html_path, to_html(title, sections, run_dir))
     return md_path, html_path
 
 
