@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 
 import maskrcnn.engine.train as train_module
-from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from maskrcnn.config import config_from_dict
+from maskrcnn.data import DatasetError
+from maskrcnn.engine.checkpoint import LOCK_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from maskrcnn.engine.train import NonFiniteLossError, lr_factor, train
+from maskrcnn.fileio import DiskFullError
+from maskrcnn.model import build_model
 
 
 def test_lr_factor_warmup_step_and_cosine():
@@ -45,6 +55,14 @@ def test_train_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_config):
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"bbox", "segm", "voc"} <= set(metrics)
     assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in run.glob(".*")) == []  # no lock file or temporary left behind
+    # our own checkpoint is a valid `model.weights` (loaded with weights_only=True there)
+    reloaded = build_model(replace(cfg.model, weights=str(run / "last.pt"))).state_dict()
+    assert all(torch.equal(reloaded[name], value) for name, value in state["model"].items())
+
+
+def training_records(run) -> list[int]:
+    return [r["iteration"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -110,8 +128,6 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path):
 
 
 def test_non_finite_loss_names_iteration_and_term(tmp_path, tiny_config):
-    from maskrcnn.model import build_model
-
     cfg = tiny_config(tmp_path / "nan", "train.checkpoint_period=1")
 
     class NanAtThirdStep(torch.nn.Module):
@@ -140,3 +156,102 @@ def test_time_budget_stops_early_and_evaluates(tmp_path, tiny_config):
     assert result.stopped_early and result.iterations == 1
     assert result.evaluation is not None and (tmp_path / "t" / "metrics.json").is_file()
     assert load_checkpoint(tmp_path / "t" / "last.pt")["iteration"] == 1
+
+
+def test_last_checkpoint_is_written_before_the_final_evaluation(tmp_path, monkeypatch, tiny_config):
+    """A validation set that breaks the final evaluation loses no training (it lost iteration 3 before)."""
+    def broken_evaluation(*args, **kwargs):
+        raise DatasetError("val/7.png: cannot decode image (image id 7)")
+
+    monkeypatch.setattr(train_module, "evaluate_dataset", broken_evaluation)
+    with pytest.raises(DatasetError, match="7.png"):
+        train(tiny_config(tmp_path / "run", "train.max_iters=3"), progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 3
+
+
+class UnreadableValidationSet:
+    class_names = ("a", "b")
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index):
+        raise DatasetError(f"val/{index}.png: cannot decode image (image id {index})")
+
+
+@pytest.mark.parametrize("val_set, message", [([], "the validation split has no images"),
+                                               (UnreadableValidationSet(), "val/0.png: cannot decode")])
+def test_validation_set_is_checked_before_training(tmp_path, tiny_config, val_set, message):
+    with pytest.raises(DatasetError, match=message):
+        train(tiny_config(tmp_path / "run"), val_set=val_set, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before the first iteration
+
+
+def test_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, tiny_config):
+    """ENOSPC from the second checkpoint write (tests/test_fileio.py also fills a real tmpfs)."""
+    real_save = torch.save
+    calls = []
+
+    def save_until_full(obj, handle, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    run = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=f"^no space left on {run} while writing last.pt; the previous version"):
+        train(tiny_config(run), progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(run / "last.pt")["iteration"] == 2
+    assert not list(run.glob(".*.tmp"))
+
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+
+import torch
+import yaml
+
+from maskrcnn.config import config_from_dict
+from maskrcnn.engine.train import train
+
+real_save = torch.save
+saves = []
+
+
+def save_then_die(obj, handle, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:  # half of the second checkpoint is on disk when the process is killed
+        handle.write(b"PK\x03\x04" + bytes(4096))
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, handle, *args, **kwargs)
+
+
+torch.save = save_then_die
+train(config_from_dict(yaml.safe_load(open(sys.argv[1])), []), progress=False)
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_then_resume(tmp_path, tiny_values):
+    """SIGKILL mid-write leaves a temporary file, a stale lock and (here added by hand) a torn metrics line; the
+    resumed run cleans them up and continues from the previous checkpoint."""
+    run = tmp_path / "run"
+    values = {**tiny_values, "train": {**tiny_values["train"], "out_dir": str(run), "checkpoint_period": 1,
+                                       "max_iters": 3}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+    (tmp_path / "killed.py").write_text(KILLED_WHILE_SAVING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    completed = subprocess.run([sys.executable, str(tmp_path / "killed.py"), str(tmp_path / "config.yaml")],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == -9, completed.stderr[-2000:]
+    assert len(list(run.glob(".last.pt.*.tmp"))) == 1 and (run / LOCK_NAME).is_file()
+    assert load_checkpoint(run / "last.pt")["iteration"] == 1
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"iteration": 3, "lr": 0.0')  # an append cut short
+
+    result = train(config_from_dict(values, []), resume=True, progress=False)
+    assert result.iterations == 3
+    assert training_records(run) == [1, 2, 3]
+    assert sorted(p.name for p in run.glob(".*")) == []

@@ -1,0 +1,88 @@
+"""Checkpoints load without running code and refuse NaN weights; the run folder's lock refuses a second writer."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maskrcnn.engine.checkpoint import (
+    LOCK_NAME,
+    CheckpointError,
+    RunLock,
+    RunLockedError,
+    first_non_finite,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: what a crafted .pt file does to whoever loads it with pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_malicious_checkpoint(path, marker) -> None:
+    """A file that looks like one of ours (a dict with "model") but carries the payload."""
+    torch.save({"model": {"w": torch.ones(2)}, "iteration": 1, "extra": Payload(marker)}, path)
+
+
+def test_a_crafted_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "payload-ran"
+    write_malicious_checkpoint(tmp_path / "evil.pt", marker)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'evil.pt'}: refused") and "\n" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_are_refused_at_load_naming_file_and_tensor(tmp_path, bad):
+    torch.save({"model": {"a.weight": torch.ones(3), "b.bias": torch.tensor([0.0, bad]),
+                          "c.weight": torch.tensor([bad])}}, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=r"nan\.pt: weight b\.bias holds NaN or infinite values"):
+        load_checkpoint(tmp_path / "nan.pt")
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "iteration": 1}, path)
+    with pytest.raises(CheckpointError, match=r"last\.pt: not written, weight w is NaN or infinite"):
+        save_checkpoint({"model": {"w": torch.tensor([1.0, math.nan])}, "iteration": 2}, path)
+    assert load_checkpoint(path)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_first_non_finite_ignores_integer_tensors():
+    state = {"num_batches_tracked": torch.tensor(3), "w": torch.zeros(2), "v": torch.tensor([math.inf])}
+    assert first_non_finite(state) == "v"
+    assert first_non_finite({"w": torch.zeros(2)}) is None
+
+
+def test_second_writer_is_refused_with_the_owners_pid(tmp_path):
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(RunLockedError) as info:
+            with RunLock(tmp_path):
+                pass
+        assert str(info.value).startswith(f"{tmp_path}: another training (pid {os.getpid()}) is writing")
+    assert not (tmp_path / LOCK_NAME).exists()  # released
+    with RunLock(tmp_path):  # and free again
+        pass
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(dead.stdout)  # what a killed trainer leaves behind
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
