@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
+
+import torch
 
 from maskrcnn.config import Config, config_from_dict
 
@@ -40,3 +43,24 @@ def tiny_config():
 def tiny_values() -> dict:
     """The tiny config as nested plain values (for YAML files and --set overrides)."""
     return copy.deepcopy(TINY)
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: what a crafted .pt file does to whoever loads it with pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def write_malicious_checkpoint():
+    """write(path, marker): a file that looks like one of our checkpoints (a dict with "model") but whose loading
+    with pickle creates `marker`."""
+
+    def write(path, marker) -> None:
+        torch.save({"model": {"w": torch.ones(2)}, "iteration": 1, "extra": Payload(marker)}, path)
+
+    return write

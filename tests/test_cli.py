@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from maskrcnn.cli import main, preset_path
 from maskrcnn.config import load_config
+from maskrcnn.engine.checkpoint import load_checkpoint
+from maskrcnn.fileio import read_jsonl
 
 
 def flat_overrides(values: dict, prefix: str = "") -> list[str]:
@@ -157,3 +165,80 @@ def test_data_pennfudan_from_folder(tmp_path, capsys):
     assert main(["data", "pennfudan", str(tmp_path / "dest"), "--source", str(tmp_path / "src")]) == 0
     assert (tmp_path / "dest" / "PNGImages").is_dir()
     assert str(tmp_path / "dest") in capsys.readouterr().out
+
+
+def test_crafted_checkpoint_runs_no_code_in_predict_evaluate_or_resume(tmp_path, capsys, trained_run,
+                                                                      write_malicious_checkpoint):
+    config, _ = trained_run
+    marker = tmp_path / "payload-ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    evil = run / "last.pt"
+    write_malicious_checkpoint(evil, marker)
+    image = tmp_path / "im.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    for argv in (["predict", str(evil), str(image), "--out", str(tmp_path / "pred")],
+                 ["evaluate", str(evil), "--out", str(tmp_path / "ev")],
+                 ["train", str(config), "--out", str(run), "--resume"]):
+        one_line_error(capsys, argv, f"{evil}: refused")
+        assert not marker.exists(), argv[0]
+
+
+def test_checkpoint_with_nan_weights_is_refused_naming_file_and_tensor(tmp_path, capsys, trained_run):
+    _, out = trained_run
+    state = torch.load(out / "last.pt", weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    one_line_error(capsys, ["evaluate", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "ev")],
+                   f"{tmp_path / 'nan.pt'}: weight {name} holds NaN")
+
+
+def test_evaluate_refuses_to_replace_a_runs_metrics_and_report(tmp_path, capsys, trained_run):
+    _, out = trained_run
+    before = {name: (out / name).read_bytes() for name in ("metrics.json", "report.md")}
+    one_line_error(capsys, ["evaluate", str(out / "last.pt"), "--out", str(out)], str(out / "metrics.json"),
+                   "--overwrite")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    ev = tmp_path / "ev"
+    assert main(["evaluate", str(out / "last.pt"), "--out", str(ev)]) == 0
+    capsys.readouterr()
+    one_line_error(capsys, ["evaluate", str(out / "last.pt"), "--out", str(ev)], "--overwrite")
+    assert main(["evaluate", str(out / "last.pt"), "--out", str(ev), "--overwrite"]) == 0
+
+
+def test_sigint_saves_a_checkpoint_a_second_trainer_is_refused_and_resume_continues(tmp_path, capsys, tiny_values):
+    """A real training process: while it runs, a second one on the same folder gets one line naming its pid;
+    SIGINT makes it save last.pt at the end of the iteration and exit 130; --resume continues from there."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_values))
+    run = tmp_path / "run"
+    argv = ["train", str(config), "--out", str(run), "--set", "train.checkpoint_period=0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    trainer = subprocess.Popen([sys.executable, "-m", "maskrcnn", *argv, "--set", "train.max_iters=100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while len(training_iterations(run)) < 2:
+            assert trainer.poll() is None and time.monotonic() < deadline, trainer.stderr.read()[-2000:]
+            time.sleep(0.2)
+        one_line_error(capsys, argv, f"{run}: another training (pid {trainer.pid})")
+        trainer.send_signal(signal.SIGINT)
+        _, stderr = trainer.communicate(timeout=240)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert trainer.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    done = training_iterations(run)
+    assert done == list(range(1, len(done) + 1))  # the iteration running at SIGINT finished and was logged
+    assert f"stopped by SIGINT after iteration {done[-1]}" in stderr and "Traceback" not in stderr
+    assert load_checkpoint(run / "last.pt")["iteration"] == done[-1]
+    assert main([*argv, "--resume", "--set", f"train.max_iters={done[-1] + 2}"]) == 0
+    assert training_iterations(run) == list(range(1, done[-1] + 3))
+
+
+def training_iterations(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [record["iteration"] for record in read_jsonl(path) if "loss" in record]

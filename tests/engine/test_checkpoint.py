@@ -21,22 +21,7 @@ from maskrcnn.engine.checkpoint import (
 )
 
 
-class Payload:
-    """Unpickling this runs `touch <marker>`: what a crafted .pt file does to whoever loads it with pickle."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def write_malicious_checkpoint(path, marker) -> None:
-    """A file that looks like one of ours (a dict with "model") but carries the payload."""
-    torch.save({"model": {"w": torch.ones(2)}, "iteration": 1, "extra": Payload(marker)}, path)
-
-
-def test_a_crafted_pickle_is_refused_without_running(tmp_path):
+def test_a_crafted_pickle_is_refused_without_running(tmp_path, write_malicious_checkpoint):
     marker = tmp_path / "payload-ran"
     write_malicious_checkpoint(tmp_path / "evil.pt", marker)
     with pytest.raises(CheckpointError) as info:

@@ -178,3 +178,52 @@ def test_evaluate_dataset_uses_the_datasets_coco_ground_truth():
     result = evaluate_dataset(Replay([[as_output(target, [0.9])]]), OneImage(), batch_size=1, device=torch.device("cpu"))
     assert result.metrics["voc"]["segm"]["mAP"] == pytest.approx(0.5)
     assert result.detections[0]["category_id"] == 4
+
+
+class ModeRecorder(Replay):
+    """Replay that records whether it was in train mode at each call."""
+
+    def __init__(self, outputs_per_call):
+        super().__init__(outputs_per_call)
+        self.modes = []
+
+    def forward(self, images):
+        self.modes.append(self.training)
+        return super().forward(images)
+
+
+def test_evaluate_runs_in_eval_mode_restores_the_mode_and_keeps_the_pictured_outputs():
+    targets = [rect_target([[2, 2, 20, 20]], [1], image_id=i) for i in range(3)]
+    outputs = [as_output(t, [0.9]) for t in targets]
+    model = ModeRecorder([outputs[:2], outputs[2:]]).train()
+    batches = [([image(), image()], targets[:2]), ([image()], targets[2:])]
+    result = evaluate(model, batches, class_names=["x"], device=torch.device("cpu"), num_vis=2)
+    assert model.modes == [False, False] and model.training
+    assert len(result.pictures) == 2 and result.class_names == ["x"]
+    picture = result.pictures[1]
+    assert picture.target is targets[1] and torch.equal(picture.image, image())
+    assert picture.output["masks"].dtype == torch.bool and picture.output["masks"].shape == (1, H, W)
+    assert torch.equal(picture.output["masks"], targets[1]["masks"].bool())  # binarised at 0.5
+    assert torch.equal(picture.output["boxes"], targets[1]["boxes"])
+    assert "proposals" not in picture.output  # a model without `inference(..., return_proposals=True)`
+
+
+def test_pictured_outputs_carry_the_proposals_of_our_model(tiny_config, tmp_path):
+    """Our MaskRCNN returns its proposals from `inference`, which the report draws; evaluation calls it in eval
+    mode (inference requires it) and its outputs are those of a plain call."""
+    from maskrcnn.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tmp_path).model).train()
+    pictured = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    target = {"image_id": 1, "boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1]),
+              "masks": torch.ones(1, 64, 64, dtype=torch.uint8)}
+    result = evaluate(model, [([pictured], [target])], class_names=["a", "b"], device=torch.device("cpu"), num_vis=1)
+    assert model.training
+    output = result.pictures[0].output
+    assert output["proposals"].ndim == 2 and output["proposals"].shape[1] == 4
+    assert output["proposal_scores"].shape == output["proposals"].shape[:1]
+    with torch.no_grad():
+        expected = model.eval()([pictured.float() / 255.0])[0]
+    torch.testing.assert_close(output["boxes"], expected["boxes"])
+    torch.testing.assert_close(output["scores"], expected["scores"])

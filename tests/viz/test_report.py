@@ -1,15 +1,19 @@
-"""The report: every figure exists and is referenced from report.md and report.html, sections in order."""
+"""The report: every figure exists and is referenced from report.md and report.html, sections in order, and the
+pictures show what evaluation returned."""
 
 from __future__ import annotations
 
 import json
 import re
 
+import numpy as np
 import torch
+from PIL import Image
 
 from maskrcnn.data import build_dataset
-from maskrcnn.engine.evaluate import evaluate_dataset
+from maskrcnn.engine.evaluate import evaluate, evaluate_dataset
 from maskrcnn.model import build_model
+from maskrcnn.viz.draw import PROPOSAL_COLOR
 from maskrcnn.viz.report import ORIGINAL_BOX_MAP, build_report, enlarge
 
 
@@ -50,3 +54,44 @@ def test_enlarge_scales_image_boxes_and_masks():
     assert items["boxes"].tolist() == [[0.0, 0.0, 3.0, 3.0]]
     assert items["masks"].shape == (1, 6, 6) and items["masks"].sum() == 9
     assert items["labels"] == 1
+
+
+class Prepared(torch.nn.Module):
+    """A stand-in model with our `inference` signature: one prepared output (with proposals) per image."""
+
+    def __init__(self, output: dict):
+        super().__init__()
+        self.output = output
+
+    def inference(self, images, return_proposals=False):
+        assert not self.training and return_proposals
+        return [dict(self.output) for _ in images]
+
+
+def test_report_draws_what_evaluation_returned(tmp_path, tiny_config):
+    """The pictures show the evaluated outputs (no model is run again): a predicted mask at rows/columns 32..56
+    and a proposal at 0..10 of a black 64x64 image, enlarged 6x (384 px), right of the ground truth (4 px gap)."""
+    cfg = tiny_config(tmp_path, "eval.num_vis=1")
+    masks = torch.zeros(1, 1, 64, 64)
+    masks[0, 0, 32:56, 32:56] = 0.9
+    output = {"boxes": torch.tensor([[32.0, 32.0, 56.0, 56.0]]), "labels": torch.tensor([1]),
+              "scores": torch.tensor([0.9]), "masks": masks, "proposals": torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
+              "proposal_scores": torch.tensor([0.8])}
+    truth = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    truth[0, 8:24, 8:24] = 1
+    target = {"image_id": 1, "boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]), "labels": torch.tensor([1]),
+              "masks": truth}
+    black = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    evaluation = evaluate(Prepared(output), [([black], [target])], class_names=["a", "b"],
+                          device=torch.device("cpu"), num_vis=1)
+    build_report(tmp_path, config=cfg, evaluation=evaluation)
+
+    right = 384 + 4
+    mask_picture = np.asarray(Image.open(tmp_path / "figures" / "mask_head_0.png"))  # (384, 772, 3)
+    assert mask_picture.shape == (384, 2 * 384 + 4, 3)
+    assert mask_picture[264, right + 264].any()  # inside the predicted mask (6 * 44)
+    assert not mask_picture[100, right + 100].any()  # where only the ground truth is
+    assert mask_picture[100, 100].any() and not mask_picture[264, 264].any()  # ground truth on the left
+    rpn_picture = np.asarray(Image.open(tmp_path / "figures" / "rpn_0.png"))
+    assert tuple(rpn_picture[0, right + 30]) == PROPOSAL_COLOR  # top edge of the proposal, 6 * (0..10)
+    assert not rpn_picture[264, right + 264].any()  # the RPN picture shows no detections

@@ -449,6 +449,7 @@ def train(
         torch.set_num_threads(tc.num_threads)
     device = distributed.init_distributed() or resolve_device(tc.device)
     lock = RunLock(tc.out_dir) if distributed.is_main() else contextlib.nullcontext()
-    with lock, StopSignals() as stop:
+    # enable_grad: a caller (e.g. an evaluation before) may have turned gradients off for the whole thread
+    with lock, StopSignals() as stop, torch.enable_grad():
         trainer = Trainer(cfg, device=device, model=model, train_set=train_set, val_set=val_set, resume=resume)
         return trainer.run(stop, progress=progress)
