@@ -136,6 +136,14 @@ def test_errors_are_one_line(tmp_path, capsys, trained_run):
     one_line_error(capsys, ["data", "pennfudan", str(tmp_path / "pf"), "--source", str(tmp_path)], "PNGImages")
 
 
+def test_resume_with_a_config_that_does_not_fit_is_one_line_and_changes_nothing(tmp_path, capsys, trained_run):
+    config, out = trained_run
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    one_line_error(capsys, ["train", str(config), "--out", str(out), "--resume", "--set",
+                            "model.box_head.representation_size=16"], f"{out / 'last.pt'}: does not fit")
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
 def test_data_coco_subset(tmp_path, capsys):
     instances = {
         "images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10},

@@ -72,6 +72,7 @@ def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
 
     from maskrcnn.engine import distributed
     from maskrcnn.engine.train import train
+    from maskrcnn.fileio import full_disk_as_error
     from maskrcnn.viz.report import build_report, format_metric
 
     started = time.perf_counter()
@@ -84,7 +85,8 @@ def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
         return 128 + signal.Signals[result.interrupted_by].value
     if not distributed.is_main():
         return 0
-    md, html = build_report(result.out_dir, config=cfg, evaluation=result.evaluation, title=title)
+    with full_disk_as_error(result.out_dir):
+        md, html = build_report(result.out_dir, config=cfg, evaluation=result.evaluation, title=title)
     voc = result.evaluation.metrics["voc"]
     print(f"trained {result.iterations} iterations" + (" (stopped by the time budget)" if result.stopped_early else "")
           + f", {(time.perf_counter() - started) / 60:.1f} minutes with evaluation and report")
@@ -145,6 +147,7 @@ EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "repo
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from maskrcnn.data import build_dataset
     from maskrcnn.engine.evaluate import evaluate_dataset
+    from maskrcnn.fileio import full_disk_as_error
     from maskrcnn.viz.report import build_report
 
     checkpoint = Path(args.checkpoint)
@@ -155,12 +158,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            f"--overwrite to replace it or choose another --out")
     cfg, model, device, _ = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
     dataset = build_dataset(cfg.data, "val")
-    result = evaluate_dataset(model, dataset, batch_size=cfg.eval.batch_size, device=device,
-                              num_workers=cfg.data.num_workers, iou_thresh=cfg.eval.iou_thresh,
-                              max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out, progress=True,
-                              num_vis=cfg.eval.num_vis)
-    md, html = build_report(out, config=cfg, evaluation=result, metrics_jsonl=checkpoint.parent / "metrics.jsonl",
-                            title=f"Evaluation of {checkpoint}")
+    with full_disk_as_error(out):
+        result = evaluate_dataset(model, dataset, batch_size=cfg.eval.batch_size, device=device,
+                                  num_workers=cfg.data.num_workers, iou_thresh=cfg.eval.iou_thresh,
+                                  max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out, progress=True,
+                                  num_vis=cfg.eval.num_vis)
+        md, html = build_report(out, config=cfg, evaluation=result,
+                                metrics_jsonl=checkpoint.parent / "metrics.jsonl", title=f"Evaluation of {checkpoint}")
     print(_summary(result.metrics))
     print(f"metrics: {out / 'metrics.json'}\nreport: {html}\n        {md}")
     return 0

@@ -64,6 +64,20 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+@contextmanager
+def full_disk_as_error(folder: str | Path) -> Iterator[None]:
+    """Turns running out of space anywhere in the block (appending to a log, saving a picture: writes that are not
+    atomic) into one `DiskFullError` naming `folder`; a `DiskFullError` from `atomic_write` passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except BaseException as error:
+        if _is_disk_full(error):
+            raise DiskFullError(f"no space left on {folder}; the files written before are kept") from None
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """`Path.write_text`, atomically (see `atomic_write`)."""
     with atomic_write(path, "w") as handle:

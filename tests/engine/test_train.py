@@ -207,6 +207,16 @@ def test_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, 
     assert not list(run.glob(".*.tmp"))
 
 
+def test_full_disk_while_logging_is_one_error_naming_the_folder(tmp_path, monkeypatch, tiny_config):
+    def log_to_full_disk(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module.MetricsLogger, "log", log_to_full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=f"^no space left on {run}; the files written before are kept"):
+        train(tiny_config(run), progress=False)
+
+
 KILLED_WHILE_SAVING = """
 import os, signal, sys
 

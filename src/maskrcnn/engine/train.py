@@ -32,10 +32,10 @@ from tqdm import tqdm
 from maskrcnn.config import Config, config_to_dict, save_config
 from maskrcnn.data import DatasetError, build_dataset, build_train_loader
 from maskrcnn.engine import distributed
-from maskrcnn.engine.checkpoint import RunLock, load_checkpoint, save_checkpoint
+from maskrcnn.engine.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
 from maskrcnn.engine.common import autocast, images_to_model, resolve_device, targets_to_device
 from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
-from maskrcnn.fileio import read_jsonl, remove_temp_files, write_text_atomic
+from maskrcnn.fileio import full_disk_as_error, read_jsonl, remove_temp_files, write_text_atomic
 from maskrcnn.model import build_model
 
 class NonFiniteLossError(RuntimeError):
@@ -246,7 +246,6 @@ class Trainer:
         self.val_set = val_set if val_set is not None else build_dataset(cfg.data, "val")
         if self.main:
             check_validation_set(self.val_set)
-            prepare_run_folder(cfg)
         self.optimizer = build_optimizer(model, name=tc.optimizer, lr=tc.lr, momentum=tc.momentum,
                                          weight_decay=tc.weight_decay)
         self.scheduler = build_scheduler(
@@ -255,6 +254,8 @@ class Trainer:
         )
         self.start_iter = self._resume(model) if resume else 0
         self.best_ap = self._best_ap() if resume else -1.0
+        if self.main:  # only now: a failed check or resume leaves the run folder as it was
+            prepare_run_folder(cfg)
         self.saved_at = self.start_iter if resume else None  # the iteration last.pt holds
         if distributed.get_world_size() > 1:
             model = torch.nn.parallel.DistributedDataParallel(
@@ -275,11 +276,25 @@ class Trainer:
         self.window: dict[str, list[float]] = {}  # loss values since the last log record
 
     def _resume(self, model: torch.nn.Module) -> int:
-        """Loads last.pt into the model, optimiser and schedule; returns its iteration."""
-        state = load_checkpoint(self.out_dir / "last.pt")
-        model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Loads last.pt into the model, optimiser and schedule; returns its iteration.
+
+        Raises:
+            CheckpointError: last.pt is missing or unreadable, lacks what a resume needs, or does not fit the model
+                and optimiser of the config (e.g. another number of classes).
+        """
+        path = self.out_dir / "last.pt"
+        state = load_checkpoint(path)
+        missing = [key for key in ("optimizer", "scheduler", "iteration") if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: cannot resume from it, it has no {missing[0]} (not a last.pt written by "
+                                  f"training)")
+        try:
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:  # mismatched keys, shapes or parameter groups
+            raise CheckpointError(f"{path}: does not fit the model and optimiser of the config "
+                                  f"({str(error).strip().splitlines()[-1].strip()[:200]})") from None
         return int(state["iteration"])
 
     def _best_ap(self) -> float:
@@ -442,7 +457,7 @@ def train(
         CheckpointError: `resume` without a readable last.pt, or weights that became NaN/inf (never saved).
         RunLockedError: another live process trains in `out_dir`.
         DatasetError: the validation set is empty or its first sample unreadable (checked before training).
-        DiskFullError: no space left for a checkpoint; the previous one is kept.
+        DiskFullError: no space left in `out_dir`; the checkpoints written before are kept.
     """
     tc = cfg.train
     if tc.num_threads is not None:
@@ -450,6 +465,6 @@ def train(
     device = distributed.init_distributed() or resolve_device(tc.device)
     lock = RunLock(tc.out_dir) if distributed.is_main() else contextlib.nullcontext()
     # enable_grad: a caller (e.g. an evaluation before) may have turned gradients off for the whole thread
-    with lock, StopSignals() as stop, torch.enable_grad():
+    with lock, StopSignals() as stop, torch.enable_grad(), full_disk_as_error(tc.out_dir):
         trainer = Trainer(cfg, device=device, model=model, train_set=train_set, val_set=val_set, resume=resume)
         return trainer.run(stop, progress=progress)
