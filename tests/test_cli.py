@@ -140,7 +140,9 @@ def test_resume_with_a_config_that_does_not_fit_is_one_line_and_changes_nothing(
     config, out = trained_run
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     one_line_error(capsys, ["train", str(config), "--out", str(out), "--resume", "--set",
-                            "model.box_head.representation_size=16"], f"{out / 'last.pt'}: does not fit")
+                            "model.box_head.representation_size=16"], f"{out / 'last.pt'}: weights do not fit")
+    one_line_error(capsys, ["train", str(config), "--out", str(out), "--resume", "--set", "train.optimizer=adamw"],
+                   f"{out / 'last.pt'}: trained with train.optimizer=sgd")
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 

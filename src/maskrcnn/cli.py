@@ -39,9 +39,10 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
     import torch
 
     from maskrcnn.config import config_to_dict
-    from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
+    from maskrcnn.engine.checkpoint import load_checkpoint
     from maskrcnn.engine.common import resolve_device
     from maskrcnn.model import build_model
+    from maskrcnn.model.pretrained import load_state_dict_checked
 
     state = load_checkpoint(path)
     if "config" not in state:
@@ -53,11 +54,7 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
     # The weights come from the checkpoint: never load (or download) the ones the config names.
     model_cfg = replace(cfg.model, weights="none", backbone=replace(cfg.model.backbone, weights="none"))
     model = build_model(model_cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:  # missing / unexpected keys or shape mismatches: name the first problem only
-        raise CheckpointError(f"{path}: its weights do not fit the model of its config "
-                              f"({str(error).strip().splitlines()[-1].strip()})") from None
+    load_state_dict_checked(model, state["model"], path, hint="the model of the checkpoint's config")
     device = resolve_device(cfg.train.device)
     model.to(device).eval()
     torch.set_grad_enabled(False)

@@ -37,6 +37,7 @@ from maskrcnn.engine.common import autocast, images_to_model, resolve_device, ta
 from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
 from maskrcnn.fileio import full_disk_as_error, read_jsonl, remove_temp_files, write_text_atomic
 from maskrcnn.model import build_model
+from maskrcnn.model.pretrained import load_state_dict_checked
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the message names the iteration and the loss term."""
@@ -279,8 +280,9 @@ class Trainer:
         """Loads last.pt into the model, optimiser and schedule; returns its iteration.
 
         Raises:
-            CheckpointError: last.pt is missing or unreadable, lacks what a resume needs, or does not fit the model
-                and optimiser of the config (e.g. another number of classes).
+            CheckpointError: last.pt is missing or unreadable, lacks what a resume needs, or its optimiser state
+                does not fit the config.
+            WeightsError: its weights do not fit the model of the config (e.g. another number of classes).
         """
         path = self.out_dir / "last.pt"
         state = load_checkpoint(path)
@@ -288,12 +290,16 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path}: cannot resume from it, it has no {missing[0]} (not a last.pt written by "
                                   f"training)")
+        saved_optimizer = state.get("config", {}).get("train", {}).get("optimizer", self.tc.optimizer)
+        if saved_optimizer != self.tc.optimizer:  # another optimizer's state loads silently, then fails mid-step
+            raise CheckpointError(f"{path}: trained with train.optimizer={saved_optimizer}, the config says "
+                                  f"{self.tc.optimizer}; resume with the same optimizer")
+        load_state_dict_checked(model, state["model"], str(path), hint="the model of the config")
         try:
-            model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as error:  # mismatched keys, shapes or parameter groups
-            raise CheckpointError(f"{path}: does not fit the model and optimiser of the config "
+        except (ValueError, KeyError) as error:  # parameter groups of other sizes, another optimizer
+            raise CheckpointError(f"{path}: its optimiser state does not fit train.optimizer of the config "
                                   f"({str(error).strip().splitlines()[-1].strip()[:200]})") from None
         return int(state["iteration"])
 
