@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -181,6 +183,140 @@ _CHOICES = {
 }
 
 
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value >= low), f"at least {low}"
+
+
+def _above(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value > low), f"above {low}"
+
+
+def _between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def test(value: Any) -> bool:
+        return (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+
+    return test, f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+_PROBABILITY = _between(0.0, 1.0)
+_FRACTION = _between(0.0, 1.0, open_low=True)  # 0 would sample or keep nothing
+
+# The range of every number whose type alone does not make it valid. Checked at load, before any work starts, so
+# that `train.log_period: 0` is an error naming the key instead of a ZeroDivisionError hours later. A rule on a
+# tuple applies to each element; a None value (where the field allows None) is not checked.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.num_classes": _at_least(1),
+    "model.backbone.trainable_layers": _between(0, 5),
+    "model.backbone.fpn_channels": _at_least(1),
+    "model.transform.min_size": _at_least(1),
+    "model.transform.max_size": _at_least(1),
+    "model.transform.size_divisible": _at_least(1),
+    "model.transform.fixed_canvas": _at_least(1),
+    "model.transform.image_std": _above(0.0),
+    "model.rpn.anchor_sizes": _above(0),
+    "model.rpn.aspect_ratios": _above(0.0),
+    "model.rpn.fg_iou_thresh": _PROBABILITY,
+    "model.rpn.bg_iou_thresh": _PROBABILITY,
+    "model.rpn.batch_size_per_image": _at_least(1),
+    "model.rpn.positive_fraction": _FRACTION,
+    "model.rpn.pre_nms_top_n_train": _at_least(1),
+    "model.rpn.pre_nms_top_n_test": _at_least(1),
+    "model.rpn.post_nms_top_n_train": _at_least(1),
+    "model.rpn.post_nms_top_n_test": _at_least(1),
+    "model.rpn.nms_thresh": _FRACTION,
+    "model.rpn.min_size": _at_least(0.0),
+    "model.rpn.score_thresh": _PROBABILITY,
+    "model.box_head.pooler_size": _at_least(1),
+    "model.box_head.sampling_ratio": _at_least(0),
+    "model.box_head.representation_size": _at_least(1),
+    "model.box_head.fg_iou_thresh": _PROBABILITY,
+    "model.box_head.bg_iou_thresh": _PROBABILITY,
+    "model.box_head.batch_size_per_image": _at_least(1),
+    "model.box_head.positive_fraction": _FRACTION,
+    "model.box_head.bbox_reg_weights": _above(0.0),
+    "model.box_head.score_thresh": _PROBABILITY,
+    "model.box_head.nms_thresh": _FRACTION,
+    "model.box_head.detections_per_img": _at_least(1),
+    "model.mask_head.pooler_size": _at_least(1),
+    "model.mask_head.sampling_ratio": _at_least(0),
+    "model.mask_head.conv_channels": _at_least(1),
+    "model.mask_head.num_convs": _at_least(0),
+    "data.num_val": _at_least(0),
+    "data.val_fraction": _between(0.0, 1.0, open_high=True),
+    "data.synthetic_train_size": _at_least(1),
+    "data.synthetic_val_size": _at_least(1),
+    "data.synthetic_image_size": _at_least(1),
+    "data.synthetic_num_classes": _at_least(1),
+    "data.flip_prob": _PROBABILITY,
+    "data.num_workers": _at_least(0),
+    "train.lr": _above(0.0),
+    "train.momentum": _between(0.0, 1.0, open_high=True),
+    "train.weight_decay": _at_least(0.0),
+    "train.batch_size": _at_least(1),
+    "train.max_iters": _at_least(0),
+    "train.max_minutes": _above(0.0),
+    "train.warmup_iters": _at_least(0),
+    "train.warmup_factor": _FRACTION,
+    "train.steps": _at_least(1),
+    "train.gamma": _above(0.0),
+    "train.clip_grad_norm": _above(0.0),
+    "train.num_threads": _at_least(1),
+    "train.log_period": _at_least(1),
+    "train.eval_period": _at_least(0),
+    "train.checkpoint_period": _at_least(0),
+    "eval.batch_size": _at_least(1),
+    "eval.iou_thresh": _FRACTION,
+    "eval.max_images": _at_least(1),
+    "eval.num_vis": _at_least(0),
+    "eval.vis_score_thresh": _PROBABILITY,
+    "eval.vis_proposals": _at_least(0),
+}
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")  # train.device values torch can run on
+
+
+def _lookup(config: Config, key: str) -> Any:
+    value: Any = config
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def check_config(config: Config) -> Config:
+    """Checks the values that the types alone leave open (ranges, pairs of fields, the device name, the run
+    directory); returns `config` unchanged.
+
+    Raises:
+        ConfigError: the first bad value, naming its key.
+    """
+    for key, (test, wanted) in _RANGES.items():
+        value = _lookup(config, key)
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is not None and not test(item):
+                raise ConfigError(f"{key}: must be {wanted}, got {value!r:.80}")
+    transform = config.model.transform
+    if transform.min_size is not None and transform.max_size is not None and transform.min_size > transform.max_size:
+        raise ConfigError(f"model.transform.min_size ({transform.min_size}) is larger than model.transform.max_size "
+                          f"({transform.max_size})")
+    for head in ("rpn", "box_head"):
+        section = getattr(config.model, head)
+        if section.bg_iou_thresh > section.fg_iou_thresh:
+            raise ConfigError(f"model.{head}.bg_iou_thresh ({section.bg_iou_thresh}) is above model.{head}."
+                              f"fg_iou_thresh ({section.fg_iou_thresh})")
+    steps = config.train.steps
+    if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+        raise ConfigError(f"train.steps: must be increasing, got {list(steps)}")
+    if not DEVICE_PATTERN.fullmatch(config.train.device):
+        raise ConfigError(f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {config.train.device!r:.80}")
+    if not config.train.out_dir:
+        raise ConfigError("train.out_dir: must name a folder, got ''")
+    if Path(config.train.out_dir).exists() and not Path(config.train.out_dir).is_dir():
+        raise ConfigError(f"train.out_dir: {config.train.out_dir} exists and is not a folder")
+    return config
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Checks `value` against a type annotation (after `from __future__ import annotations`, a string
     resolved by `typing.get_type_hints`) and converts lists to tuples and ints to floats where the type says so."""
@@ -208,7 +344,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _build(annotation, value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r:.80}")
         args = typing.get_args(annotation)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
@@ -217,19 +353,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {value!r:.80}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r:.80}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {value!r:.80}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r:.80}")
         return value
     raise TypeError(f"{key}: unsupported annotation {annotation!r}")
 
@@ -260,18 +396,65 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+# Bounds on what a config may cost to read: a config is about 150 values, so these leave room for any real file
+# while a YAML "billion laughs" (aliases of aliases, cheap to parse, exponential to walk) fails at once.
+MAX_CONFIG_BYTES = 1 << 20  # size of a YAML config file
+MAX_CONFIG_NODES = 10_000  # values (mappings, lists and scalars) after expanding every alias
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that also reads `1e-4` as a float: YAML 1.1 (PyYAML) wants a dot in floats, so it reads
+    `1e-4` as the string '1e-4', which every user means as a number."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _count_nodes(value: Any, source: str) -> None:
+    """Raises ConfigError once the values reached through `value` (aliases counted every time they are used, as
+    every later walk over the config would meet them) exceed MAX_CONFIG_NODES; stops there, so it is cheap."""
+    pending, count = [value], 0
+    while pending:
+        item = pending.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"{source}: more than {MAX_CONFIG_NODES} values once its YAML aliases are expanded "
+                              f"(an alias bomb?); a config needs a few hundred")
+        if isinstance(item, dict):
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parses config YAML (`1e-4` is a float) and bounds its size.
+
+    Args:
+        text: the YAML document.
+        source: the file or override named in errors.
+    Raises:
+        ConfigError: invalid YAML, or more than MAX_CONFIG_BYTES characters or MAX_CONFIG_NODES values.
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters, more than a config may have ({MAX_CONFIG_BYTES})")
+    try:
+        value = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+    _count_nodes(value, source)
+    return value
+
+
 def parse_override(text: str) -> dict:
     """'train.lr=0.01' -> {'train': {'lr': 0.01}}; the value is parsed as YAML (numbers, lists, null, true)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.path=value")
+        raise ConfigError(f"override '{text:.200}' must look like key.path=value")
     path, raw = text.split("=", 1)
     keys = path.strip().split(".")
     if not all(keys):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({error})") from None
+        raise ConfigError(f"override '{text:.200}' has an empty key")
+    value = parse_yaml(raw, f"override '{text:.200}'")
     nested: dict = {keys[-1]: value}
     for key in reversed(keys[:-1]):
         nested = {key: nested}
@@ -282,7 +465,29 @@ def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
     """Builds a checked `Config` from nested dict values plus dotted overrides."""
     for text in overrides:
         values = _merge(values, parse_override(text))
-    return _build(Config, values)
+    return check_config(_build(Config, values))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw nested values of a YAML config file (not yet checked against `Config`).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: not a YAML mapping, not UTF-8, or over the size bounds (MAX_CONFIG_BYTES, MAX_CONFIG_NODES).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a config may have ({MAX_CONFIG_BYTES})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+    values = parse_yaml(text, str(path)) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return values
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -292,17 +497,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         FileNotFoundError: the file does not exist.
         ConfigError: invalid YAML, an unknown key, a wrong type or a value outside its choices; names the key.
     """
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    values = {} if path is None else read_config_file(path)
     try:
         return config_from_dict(values, overrides)
     except ConfigError as error:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path, PurePath
 
@@ -23,7 +24,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from maskrcnn.data.common import DatasetError, read_rgb, warn_degenerate
+from maskrcnn.data.common import MAX_IMAGE_PIXELS, DatasetError, read_rgb, resolve_inside, warn_degenerate
 from maskrcnn.fileio import atomic_write
 
 DEFAULT_SUBSET_CLASSES: dict[str, dict] = {
@@ -57,6 +58,18 @@ def _require(record: object, keys: tuple[str, ...], what: str, path: Path) -> No
         raise DatasetError(f"{path}: {what} {record.get('id', '(no id)')} is missing required key(s) {missing}")
 
 
+def _check_id(record: dict, key: str, what: str, path: Path) -> None:
+    """Ids are JSON integers (COCO's format): a list, a string or a float id is an error naming the record."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        where = f"a {what}'s id" if key == "id" else f"{what} {record['id']}: {key}"
+        raise DatasetError(f"{path}: {where} must be an integer, got {value!r:.40}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_file_name(file_name: object, image_id: object, path: Path) -> None:
     """Rejects names that would read outside the images folder (absolute paths, '..')."""
     if not isinstance(file_name, str) or not file_name:
@@ -66,8 +79,82 @@ def _check_file_name(file_name: object, image_id: object, path: Path) -> None:
         raise DatasetError(f"{path}: image {image_id}: file_name {file_name!r} escapes the images folder")
 
 
+def _check_image(image: dict, path: Path) -> None:
+    """Integer id, safe file name, and a size whose masks fit in memory (decoding allocates height x width)."""
+    _check_id(image, "id", "image", path)
+    _check_file_name(image["file_name"], image["id"], path)
+    height, width = image["height"], image["width"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+        raise DatasetError(f"{path}: image {image['id']}: height and width must be positive integers, got "
+                           f"{height!r:.40} and {width!r:.40}")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{path}: image {image['id']}: {width} x {height} pixels is over the limit of "
+                           f"{MAX_IMAGE_PIXELS} (maskrcnn.data.common.MAX_IMAGE_PIXELS)")
+
+
+def _compressed_rle_counts(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString, in Python), or None when the
+    string is malformed. Needed to check a string before pycocotools decodes it: its decoder trusts the runs and
+    writes past its buffer or leaves pixels uninitialised when they do not add up to height x width."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                return None  # the last run's continuation bit promised another character
+            char = ord(counts[position]) - 48
+            if not 0 <= char < 64:
+                return None  # outside the alphabet '0'..'o' of the 6-bit groups
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position += 1
+            shift += 5
+            if not more and char & 0x10:
+                value -= 1 << shift  # sign extension of the last 5-bit group
+        if len(runs) > 2:
+            value += runs[-2]  # runs after the first two are stored as differences
+        runs.append(value)
+    return runs
+
+
+def _check_rle(rle: dict, size: tuple[int, int], ann_id: object, path: Path) -> None:
+    """`size` is the image's [h, w]; the runs (a list, or a compressed string) are non-negative and add up to h*w."""
+    if "size" not in rle or "counts" not in rle:
+        raise DatasetError(f"{path}: annotation {ann_id}: RLE segmentation needs 'size' and 'counts'")
+    rle_size = rle["size"]
+    if not isinstance(rle_size, list) or len(rle_size) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in rle_size):
+        raise DatasetError(f"{path}: annotation {ann_id}: RLE size must be [height, width], got {rle_size!r:.40}")
+    if tuple(rle_size) != tuple(size):
+        raise DatasetError(f"{path}: annotation {ann_id}: RLE size {rle_size} differs from its image's (height, "
+                           f"width) {list(size)}")
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            raise DatasetError(f"{path}: annotation {ann_id}: RLE counts must be integers")
+        runs = counts
+    elif isinstance(counts, str):
+        runs = _compressed_rle_counts(counts)
+        if runs is None:
+            raise DatasetError(f"{path}: annotation {ann_id}: RLE counts is not a valid compressed RLE string")
+    else:
+        raise DatasetError(f"{path}: annotation {ann_id}: RLE counts must be a list of run lengths or a compressed "
+                           f"string, got {type(counts).__name__}")
+    if any(run < 0 for run in runs):
+        raise DatasetError(f"{path}: annotation {ann_id}: RLE counts has a negative run length")
+    if sum(runs) != size[0] * size[1]:
+        raise DatasetError(f"{path}: annotation {ann_id}: RLE runs add up to {sum(runs)} pixels, but its image has "
+                           f"{size[0]} x {size[1]} = {size[0] * size[1]}")
+
+
 def _check_segmentation(segmentation: object, size: tuple[int, int], ann_id: object, path: Path) -> None:
-    """Polygons need >= 3 points each; an RLE must have the size of its image (h, w)."""
+    """Polygons need >= 3 points of finite numbers near the image; an RLE must be consistent with its image (h, w).
+
+    Polygon points may lie outside the image (COCO's do, by a fraction of a pixel), but at most one image size away
+    from it: pycocotools rasterises every edge at 5x resolution, so a point at 1e8 would allocate gigabytes.
+    """
+    height, width = size
     if isinstance(segmentation, list):
         if not segmentation:
             raise DatasetError(f"{path}: annotation {ann_id}: segmentation has no polygon")
@@ -76,14 +163,38 @@ def _check_segmentation(segmentation: object, size: tuple[int, int], ann_id: obj
                 count = len(polygon) if isinstance(polygon, list) else "no"
                 raise DatasetError(f"{path}: annotation {ann_id}: polygon {j} has {count} coordinates; a polygon "
                                    f"needs at least 3 points as a flat list of x, y pairs")
+            if not all(_is_number(v) for v in polygon):
+                bad = next(v for v in polygon if not _is_number(v))
+                raise DatasetError(f"{path}: annotation {ann_id}: polygon {j} has a coordinate {bad!r:.40} that is "
+                                   f"not a finite number")
+            xs, ys = np.asarray(polygon[0::2], dtype=np.float64), np.asarray(polygon[1::2], dtype=np.float64)
+            if xs.min() < -width or xs.max() > 2 * width or ys.min() < -height or ys.max() > 2 * height:
+                raise DatasetError(f"{path}: annotation {ann_id}: polygon {j} reaches x {xs.min():g}..{xs.max():g}, "
+                                   f"y {ys.min():g}..{ys.max():g}, far outside its {width} x {height} image "
+                                   f"(allowed: one image size beyond each border)")
     elif isinstance(segmentation, dict):
-        if "size" not in segmentation or "counts" not in segmentation:
-            raise DatasetError(f"{path}: annotation {ann_id}: RLE segmentation needs 'size' and 'counts'")
-        if tuple(segmentation["size"]) != tuple(size):
-            raise DatasetError(f"{path}: annotation {ann_id}: RLE size {list(segmentation['size'])} differs from its "
-                               f"image's (height, width) {list(size)}")
+        _check_rle(segmentation, size, ann_id, path)
     else:
         raise DatasetError(f"{path}: annotation {ann_id}: segmentation must be a polygon list or an RLE object")
+
+
+def _check_annotation(ann: dict, path: Path) -> None:
+    """Integer ids, a 0/1 iscrowd (the strings "0" / "1" are read as the numbers), finite bbox and area."""
+    _check_id(ann, "id", "annotation", path)
+    for key in ("image_id", "category_id"):
+        _check_id(ann, key, "annotation", path)
+    crowd = ann.get("iscrowd", 0)
+    if crowd in ("0", "1"):
+        ann["iscrowd"] = crowd = int(crowd)
+    if crowd not in (0, 1) or isinstance(crowd, float):
+        raise DatasetError(f"{path}: annotation {ann['id']}: iscrowd must be 0 or 1, got {crowd!r:.40}")
+    bbox = ann["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise DatasetError(f"{path}: annotation {ann['id']}: bbox must be [x, y, width, height] of finite numbers, "
+                           f"got {bbox!r:.80}")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        raise DatasetError(f"{path}: annotation {ann['id']}: area must be a non-negative number, got "
+                           f"{ann['area']!r:.40}")
 
 
 def _to_rle(segmentation: list | dict, height: int, width: int) -> dict:
@@ -118,11 +229,17 @@ class CocoDataset(Dataset):
         self.transform = transform
         data = _load_json(path)
 
+        if not data["categories"]:
+            raise DatasetError(f"{path}: 'categories' is empty; a data set needs at least one category")
         for category in data["categories"]:
             _require(category, ("id", "name"), "category", path)
+            _check_id(category, "id", "category", path)
+            if not isinstance(category["name"], str):
+                raise DatasetError(f"{path}: category {category['id']}: name must be a string")
         category_ids = sorted(c["id"] for c in data["categories"])
-        if len(set(category_ids)) != len(category_ids):
-            raise DatasetError(f"{path}: duplicate category ids")
+        duplicates = sorted({cid for cid in category_ids if category_ids.count(cid) > 1})
+        if duplicates:
+            raise DatasetError(f"{path}: duplicate category id(s) {duplicates[:10]}")
         names = {c["id"]: c["name"] for c in data["categories"]}
         self.label_to_category_id = {label: cid for label, cid in enumerate(category_ids, start=1)}
         self.category_id_to_label = {cid: label for label, cid in self.label_to_category_id.items()}
@@ -131,15 +248,20 @@ class CocoDataset(Dataset):
         images = {}
         for image in data["images"]:
             _require(image, ("id", "file_name", "height", "width"), "image", path)
+            _check_image(image, path)
             if image["id"] in images:
                 raise DatasetError(f"{path}: duplicate image id {image['id']}")
-            _check_file_name(image["file_name"], image["id"], path)
             images[image["id"]] = image
 
         # Non-crowd annotations, gathered for one vectorised box conversion: M of them.
         owners, boxes_xywh, labels, segmentations = [], [], [], []
+        annotation_ids: set[int] = set()
         for ann in data["annotations"]:
             _require(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), "annotation", path)
+            _check_annotation(ann, path)
+            if ann["id"] in annotation_ids:  # pycocotools would keep only the last of them
+                raise DatasetError(f"{path}: duplicate annotation id {ann['id']}")
+            annotation_ids.add(ann["id"])
             image = images.get(ann["image_id"])
             if image is None:
                 raise DatasetError(f"{path}: annotation {ann['id']} points to unknown image id {ann['image_id']}")
@@ -147,8 +269,6 @@ class CocoDataset(Dataset):
                 raise DatasetError(f"{path}: annotation {ann['id']} has unknown category id {ann['category_id']}")
             height, width = image["height"], image["width"]
             _check_segmentation(ann["segmentation"], (height, width), ann["id"], path)
-            if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
-                raise DatasetError(f"{path}: annotation {ann['id']}: bbox must be [x, y, width, height]")
             ann.setdefault("iscrowd", 0)  # COCOeval needs both fields
             if "area" not in ann:
                 ann["area"] = float(mask_utils.area(_to_rle(ann["segmentation"], height, width)))
@@ -192,10 +312,12 @@ class CocoDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         image, boxes, labels, segmentations = self._records[index]
         height, width = image["height"], image["width"]
-        file = self.images_dir / image["file_name"]
+        file = resolve_inside(self.images_dir, image["file_name"], image["id"], self.annotations_path)
         pixels = read_rgb(file, image["id"])
         if tuple(pixels.shape[1:]) != (height, width):
-            raise DatasetError(f"{file}: image {image['id']} decodes to (h, w) {tuple(pixels.shape[1:])} but "
+            # read_rgb applies the EXIF rotation; a json written from the stored pixels then has h and w swapped
+            hint = " (the file's EXIF orientation rotates it)" if tuple(pixels.shape[1:]) == (width, height) else ""
+            raise DatasetError(f"{file}: image {image['id']} decodes to (h, w) {tuple(pixels.shape[1:])}{hint} but "
                                f"{self.annotations_path} says {(height, width)}")
         if segmentations:
             rles = [_to_rle(s, height, width) for s in segmentations]
@@ -237,6 +359,9 @@ def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,
     instances_json = Path(instances_json)
     classes = DEFAULT_SUBSET_CLASSES if classes is None else classes
     data = _load_json(instances_json)
+    for category in data["categories"]:
+        _require(category, ("id", "name"), "category", instances_json)
+        _check_id(category, "id", "category", instances_json)
     new_id_of: dict[object, int] = {}
     for new_id, (name, spec) in enumerate(classes.items(), start=1):
         unknown = set(spec) - {"supercategories", "names"}
@@ -254,6 +379,8 @@ def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,
     annotations = []
     for ann in data["annotations"]:
         _require(ann, ("id", "image_id", "category_id"), "annotation", instances_json)
+        for key in ("id", "image_id", "category_id"):
+            _check_id(ann, key, "annotation", instances_json)
         if ann["category_id"] in new_id_of:
             annotations.append({**ann, "category_id": new_id_of[ann["category_id"]]})
     kept_images = {ann["image_id"] for ann in annotations}

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from maskrcnn.data.common import DatasetError, masks_to_boxes, read_rgb, read_size
+from maskrcnn.data.common import DatasetError, masks_to_boxes, read_id_map, read_rgb, read_size, resolve_inside
 
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 
@@ -93,13 +92,9 @@ class PennFudanDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         image_id = self.indices[index]
-        image = read_rgb(self.image_files[image_id], image_id)
-        mask_file = self.mask_files[image_id]
-        try:
-            with Image.open(mask_file) as mask_image:
-                ids = np.asarray(mask_image)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise DatasetError(f"{mask_file}: cannot decode mask (image id {image_id}): {error}") from None
+        image_file, mask_file = self.image_files[image_id], self.mask_files[image_id]
+        image = read_rgb(resolve_inside(image_file.parent, image_file.name, image_id, self.root), image_id)
+        ids = read_id_map(resolve_inside(mask_file.parent, mask_file.name, image_id, self.root), image_id)
         if ids.ndim != 2 or ids.shape != tuple(image.shape[1:]):
             raise DatasetError(f"{mask_file}: mask of shape {ids.shape} differs from its image's (h, w) "
                                f"{tuple(image.shape[1:])} (image id {image_id})")
