@@ -101,10 +101,10 @@ def test_train_resume_evaluate_predict(trained_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(out / "last.pt"), str(images), "--out", str(tmp_path / "pred"),
                  "--score-thresh", "0.0"]) == 0
-    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == ["im0_pred.png", "im1_pred.png"]
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == ["im0.png_pred.png", "im1.png_pred.png"]
     predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert all({"image_id", "category_id", "bbox", "score", "segmentation", "file_name"} <= set(p) for p in predictions)
-    assert Image.open(tmp_path / "pred" / "im0_pred.png").size == (40, 48)
+    assert Image.open(tmp_path / "pred" / "im0.png_pred.png").size == (40, 48)
 
 
 def test_evaluate_with_data_config(trained_run, tmp_path):
@@ -118,7 +118,7 @@ def test_evaluate_with_data_config(trained_run, tmp_path):
 
 
 def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("maskrcnn: error:")
     assert "Traceback" not in err

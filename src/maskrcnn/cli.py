@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
+import urllib.error
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from maskrcnn.config import Config, ConfigError, config_from_dict, load_config
+from maskrcnn.config import Config, check_config, config_from_dict, load_config, read_config_file
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -27,11 +35,17 @@ class CommandError(Exception):
     """A user error found by the command line itself (e.g. no image in the given folders)."""
 
 
+# A detector for `predict`: uint8[3, H, W] image -> {"boxes" f32[D, 4], "labels" i64[D], "scores" f32[D],
+# "masks" f32[D, 1, H, W]} on the CPU, in the image's coordinates.
+Detector = Callable[["Tensor"], dict]
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
 def _out_dir(cfg: Config, out: str | None) -> Config:
-    return cfg if out is None else replace(cfg, train=replace(cfg.train, out_dir=str(out)))
+    """`cfg` with train.out_dir set from --out, checked as the config file's value is (an existing file is refused)."""
+    return cfg if out is None else check_config(replace(cfg, train=replace(cfg.train, out_dir=str(out))))
 
 
 def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[str]):
@@ -49,6 +63,8 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
         raise CommandError(f"{path}: checkpoint has no config; it was not written by `maskrcnn train`")
     values = state["config"]
     if data_config is not None:
+        if "data" not in read_config_file(data_config):
+            raise CommandError(f"--data-config {data_config}: the file has no 'data' section to evaluate on")
         values = dict(values, data=config_to_dict(load_config(data_config).data))
     cfg = config_from_dict(values, overrides)
     # The weights come from the checkpoint: never load (or download) the ones the config names.
@@ -107,19 +123,91 @@ def _summary(metrics: dict) -> str:
 
 
 def _image_paths(inputs: list[str]) -> list[Path]:
+    """The image files named or held (directly) by the inputs, each once, in the order given (folders sorted)."""
     paths: list[Path] = []
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
             if not found:
                 raise CommandError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
             paths += found
-        elif path.is_file():
+        elif path.exists():
             paths.append(path)
         else:
             raise CommandError(f"image or folder not found: {path}")
-    return paths
+    seen: set[str] = set()
+    unique = []
+    for path in paths:  # a file named twice (or named and inside a named folder) is predicted once
+        if os.path.abspath(path) not in seen:
+            seen.add(os.path.abspath(path))
+            unique.append(path)
+    return unique
+
+
+def _overlay_names(paths: list[Path]) -> list[Path]:
+    """Overlay file of every image, relative to the output folder: the image's path below the deepest folder that
+    holds all of them, its whole name kept (a/x.jpg -> a/x.jpg_pred.png), so that a/x.jpg and b/x.jpg, or y.jpg
+    and y.png, never write the same overlay."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in absolute]))
+    return [p.relative_to(common).with_name(f"{p.name}_pred.png") for p in absolute]
+
+
+def _checkpoint_detector(checkpoint: str, overrides: list[str]) -> tuple[Detector, list[str]]:
+    """A `Detector` running one of our .pt checkpoints, and its class names."""
+    from maskrcnn.engine.common import autocast, images_to_model
+
+    cfg, model, device, class_names = _build_for_checkpoint(checkpoint, None, overrides)
+
+    def detect(image: Tensor) -> dict:
+        with autocast(device, cfg.train.amp):
+            output = model(images_to_model([image], device))[0]
+        return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
+
+    return detect, class_names
+
+
+def _predict_images(paths: list[Path], detect: Detector, class_names: list[str], out: Path,
+                    score_thresh: float) -> int:
+    """Runs `detect` on every image; writes overlays, predictions.json (COCO results) and images.json (per image:
+    its id, file, overlay and number of detections, or the error that made it skipped).
+
+    An image that cannot be read is skipped and reported (stderr and images.json); the others are still written.
+    Returns 0, or raises CommandError when no image could be read.
+    """
+    from maskrcnn.data.common import DatasetError, read_rgb
+    from maskrcnn.engine.evaluate import detections_to_coco
+    from maskrcnn.fileio import write_text_atomic
+    from maskrcnn.viz.draw import draw_detections, save_png
+
+    results, records = [], []
+    for image_id, (path, overlay_name) in enumerate(zip(paths, _overlay_names(paths)), start=1):
+        try:
+            image = read_rgb(path)
+        except DatasetError as error:
+            print(f"maskrcnn: warning: skipped {error}", file=sys.stderr)
+            records.append({"image_id": image_id, "file_name": str(path), "error": str(error)})
+            continue
+        output = detect(image)
+        keep = output["scores"] >= score_thresh
+        output = {k: v[keep] for k, v in output.items()}
+        overlay = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=class_names,
+                                  masks=output["masks"])
+        save_png(overlay, out / overlay_name)
+        for det in detections_to_coco(output, image_id, {k: k for k in range(1, len(class_names) + 1)}):
+            results.append({**det, "file_name": str(path)})
+        records.append({"image_id": image_id, "file_name": str(path), "overlay": str(overlay_name),
+                        "detections": int(keep.sum())})
+        print(f"{path}: {int(keep.sum())} detections")
+    write_text_atomic(out / "predictions.json", json.dumps(results))
+    write_text_atomic(out / "images.json", json.dumps(records, indent=1))
+    skipped = sum("error" in record for record in records)
+    if skipped == len(records):
+        raise CommandError(f"none of the {len(records)} image(s) could be read; the reasons are in {out / 'images.json'}")
+    print(f"overlays, predictions.json (COCO results, category_id = label) and images.json in {out}"
+          + (f"; {skipped} unreadable image(s) skipped, listed in images.json" if skipped else ""))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -168,40 +256,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from maskrcnn.engine.common import autocast, images_to_model
-    from maskrcnn.engine.evaluate import detections_to_coco
-    from maskrcnn.viz.draw import draw_detections, save_png
-
     paths = _image_paths(args.inputs)
-    cfg, model, device, class_names = _build_for_checkpoint(args.checkpoint, None, args.set)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: exists and is not a folder")
+    detect, class_names = _checkpoint_detector(args.checkpoint, args.set)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for image_id, path in enumerate(paths, start=1):
-        try:
-            with Image.open(path) as pil:
-                pixels = np.asarray(pil.convert("RGB"))
-        except OSError as error:
-            raise CommandError(f"{path}: not a readable image ({error})") from None
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
-        with autocast(device, cfg.train.amp):
-            output = model(images_to_model([image], device))[0]
-        output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
-        keep = output["scores"] >= args.score_thresh
-        output = {k: v[keep] for k, v in output.items()}
-        overlay = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=class_names,
-                                  masks=output["masks"])
-        save_png(overlay, out / f"{path.stem}_pred.png")
-        for det in detections_to_coco(output, image_id, {k: k for k in range(1, len(class_names) + 1)}):
-            results.append({**det, "file_name": str(path)})
-        print(f"{path}: {int(keep.sum())} detections")
-    (out / "predictions.json").write_text(json.dumps(results))
-    print(f"overlays and predictions.json (COCO results, category_id = label) in {out}")
-    return 0
+    return _predict_images(paths, detect, class_names, out, args.score_thresh)
 
 
 def cmd_data_coco_subset(args: argparse.Namespace) -> int:
@@ -230,11 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mask R-CNN instance segmentation: train, evaluate, visualise and report, end to end.",
         epilog="Start with `maskrcnn demo`: synthetic data, a CPU-sized model, a report in minutes.",
     )
+    debug_help = "show the full traceback of an error (also: environment variable MASKRCNN_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_set(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+        # also accepted after the command; SUPPRESS keeps a --debug given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
 
     demo = sub.add_parser("demo", help="train and evaluate a small model on synthetic shapes, write a report",
                           description="Train a small Mask R-CNN on synthetic shapes on the CPU, evaluate it on "
@@ -291,20 +356,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `maskrcnn` and `python -m maskrcnn`; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    from maskrcnn.data.common import DatasetError
-    from maskrcnn.engine.checkpoint import CheckpointError, RunLockedError
-    from maskrcnn.engine.train import NonFiniteLossError
-    from maskrcnn.fileio import DiskFullError
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
+
+def _message(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker comes back re-raised with the
+    worker's whole traceback as its message; only the original message (its last exception line) is kept."""
+    text = str(error)
+    if _WORKER_TRACEBACK in text:
+        traceback_text = text.split(_WORKER_TRACEBACK, 1)[1]
+        # the exception line is the last one starting at column 0 with "module.Name: " or "Name: "
+        starts = [m.end() for m in re.finditer(r"^[A-Za-z_][\w.]*: ", traceback_text, flags=re.MULTILINE)]
+        text = traceback_text[starts[-1]:] if starts else traceback_text
+    return " ".join(line.strip() for line in text.strip().splitlines())
+
+
+def _download_failure(error: BaseException) -> bool:
+    """Whether the error was caused (anywhere in its chain) by a failed network access."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def describe_error(error: Exception) -> tuple[str, int]:
+    """(one line for stderr, exit status) of an error that ended a command: 2 for what the user can fix (bad input,
+    files, config, weights, resources), 1 for a bug of this package (its line asks for the traceback)."""
+    text = _message(error)
+    if _download_failure(error):
+        return (f"{text} -- downloading weights needs the internet; offline, give a local file instead, e.g. "
+                f"model.backbone.weights: /path/to/resnet50.pth or model.weights: /path/to/checkpoint.pt"), 2
+    if isinstance(error, (CommandError, OSError, ValueError, RuntimeError)):
+        return text, 2
+    return (f"internal error {type(error).__name__}: {text} (run again with --debug or MASKRCNN_DEBUG=1 for the "
+            f"traceback, and please report it)"), 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `maskrcnn` and `python -m maskrcnn`; returns the exit status.
+
+    Every error ends as one line `maskrcnn: error: ...` naming the file / id / config key, with exit status 2
+    (1 for an internal error); `--debug` or MASKRCNN_DEBUG=1 lets the exception and its traceback through.
+    """
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MASKRCNN_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (CommandError, ConfigError, CheckpointError, DatasetError, NonFiniteLossError, RunLockedError,
-            DiskFullError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as error:
-        print(f"maskrcnn: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("maskrcnn: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if debug:
+            raise
+        line, status = describe_error(error)
+        print(f"maskrcnn: error: {line}", file=sys.stderr)
+        return status
