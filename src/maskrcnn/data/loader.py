@@ -117,6 +117,22 @@ class _SeededSamples(Dataset):
             return self.dataset[index]
 
 
+def _shut_down_on_error(loader: DataLoader) -> Iterator[tuple[list[Tensor], list[dict]]]:
+    """Iterates `loader`; when it raises (e.g. a bad image read in a worker), its workers are shut down at once.
+
+    A DataLoader re-raises a worker's error from inside its iterator, whose frames then hold the iterator in a
+    reference cycle with the error. Left to the garbage collector, the workers' shutdown waited out a 5 s timeout
+    (measured); dropping the error's traceback and this frame's references frees the iterator at once. The
+    worker's own traceback is kept: it is the text of the re-raised error.
+    """
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    except Exception as error:
+        del iterator, loader  # the loader holds its iterator too when its workers are persistent
+        raise error.with_traceback(None) from None
+
+
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 0, aspect_ratio_grouping: bool = True,
                        seed: int = 0, rank: int = 0, world_size: int = 1,
                        start_iter: int = 0) -> Iterator[tuple[list[Tensor], list[dict]]]:
@@ -144,7 +160,7 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 
     loader = DataLoader(_SeededSamples(dataset), batch_sampler=_SeededBatches(sampler), collate_fn=collate,
                         num_workers=num_workers, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))
-    return iter(loader)
+    return _shut_down_on_error(loader)
 
 
 def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 0) -> DataLoader:
