@@ -252,3 +252,47 @@ def training_iterations(run: Path) -> list[int]:
     if not path.is_file():
         return []
     return [record["iteration"] for record in read_jsonl(path) if "loss" in record]
+
+
+def test_predict_names_never_collide_and_unreadable_images_are_skipped(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    for folder, name, size in (("a", "x.png", (20, 30)), ("b", "x.png", (22, 30)), ("a", "y.png", (24, 30)),
+                               ("a", "y.jpg", (26, 30))):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        Image.fromarray(np.full((*size, 3), 90, dtype=np.uint8)).save(tmp_path / folder / name)
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    # a phone photo stored landscape (20 x 30) whose EXIF says "rotate 90 degrees clockwise to view"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((20, 30, 3), 90, dtype=np.uint8)).save(tmp_path / "b" / "phone.jpg", exif=exif.tobytes())
+    capsys.readouterr()
+    pred = tmp_path / "pred"
+    argv = ["predict", str(out / "last.pt"), str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "x.png"),
+            "--out", str(pred), "--score-thresh", "0.0"]
+    assert main(argv) == 0
+    overlays = sorted(str(p.relative_to(pred)) for p in pred.rglob("*.png"))
+    assert overlays == ["a/x.png_pred.png", "a/y.jpg_pred.png", "a/y.png_pred.png", "b/phone.jpg_pred.png",
+                        "b/x.png_pred.png"]  # a/x.png named twice, predicted once
+    assert Image.open(pred / "b" / "x.png_pred.png").size == (30, 22)
+    assert Image.open(pred / "b" / "phone.jpg_pred.png").size == (20, 30)  # upright: 30 high, 20 wide
+    err = capsys.readouterr().err
+    assert f"maskrcnn: warning: skipped {tmp_path / 'a' / 'broken.png'}: cannot decode image" in err
+    records = json.loads((pred / "images.json").read_text())
+    assert [r["file_name"] for r in records] == [str(tmp_path / p) for p in ("a/broken.png", "a/x.png", "a/y.jpg",
+                                                                             "a/y.png", "b/phone.jpg", "b/x.png")]
+    assert [r["image_id"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert "error" in records[0] and "overlay" not in records[0]
+    assert records[1]["overlay"] == "a/x.png_pred.png" and records[1]["detections"] >= 0
+    predictions = json.loads((pred / "predictions.json").read_text())
+    assert {p["image_id"] for p in predictions} <= {2, 3, 4, 5, 6}
+
+
+def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 cut short")
+    capsys.readouterr()
+    assert main(["predict", str(out / "last.pt"), str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "pred")]) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"maskrcnn: warning: skipped {tmp_path / 'broken.jpg'}: cannot decode image")
+    assert error.startswith("maskrcnn: error: none of the 1 image(s) could be read") and "images.json" in error
+    assert "cannot decode image" in json.loads((tmp_path / "pred" / "images.json").read_text())[0]["error"]

@@ -114,3 +114,27 @@ def test_config_is_frozen():
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.train.lr = 1.0
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-4 as a string; every user means the number."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  weight_decay: 5E-5\n  gamma: +1e0\n")
+    config = load_config(path, ["train.warmup_factor=1e-3"])
+    assert (config.train.lr, config.train.weight_decay, config.train.gamma) == (1e-4, 5e-5, 1.0)
+    assert config.train.warmup_factor == 1e-3
+    assert load_config(None, ["data.root=1e5x"]).data.root == "1e5x"  # not a number: stays a string
+
+
+def test_every_range_rule_names_a_config_key():
+    from maskrcnn.config import _RANGES, _lookup
+
+    for key in _RANGES:
+        _lookup(Config(), key)  # AttributeError if a field was renamed without its rule
+
+
+def test_aliases_within_the_bounds_are_fine(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  rpn:\n    anchor_sizes: &sizes [8, 16, 32, 64, 128]\n"
+                    "train:\n  steps: [100, 200]\n  max_iters: 300\n")
+    assert load_config(path).model.rpn.anchor_sizes == (8, 16, 32, 64, 128)

@@ -185,3 +185,22 @@ def test_coco_subset_custom_classes_and_errors(tmp_path):
                           classes={"a": {"supercategories": ["vehicle"]}, "b": {"names": ["car"]}})
     with pytest.raises(DatasetError, match="give 'supercategories' and/or 'names'"):
         build_coco_subset(source, tmp_path / "s.json", classes={"a": {"supercategory": ["vehicle"]}})
+
+
+def test_iscrowd_strings_0_and_1_are_read_as_numbers(coco_dir):
+    data = coco_dict()
+    for ann in data["annotations"]:
+        if ann["id"] in (10, 12):
+            ann["iscrowd"] = {10: "0", 12: "1"}[ann["id"]]
+    (coco_dir / "instances.json").write_text(json.dumps(data))
+    dataset = make(coco_dir)
+    assert dataset[0][1]["labels"].tolist() == [2, 1]  # annotation 10 trains ("0" is not crowd), 12 does not
+    assert dataset.coco.anns[10]["iscrowd"] == 0 and dataset.coco.anns[12]["iscrowd"] == 1
+    assert dataset.coco.getAnnIds(imgIds=[1], iscrowd=True) == [12]
+
+
+def test_a_link_inside_the_images_folder_is_followed(coco_dir):
+    images = coco_dir / "images"
+    (images / "a.png").rename(images / "sub" / "real_a.png")
+    (images / "a.png").symlink_to(images / "sub" / "real_a.png")
+    assert make(coco_dir)[0][0].shape == (3, 20, 30)

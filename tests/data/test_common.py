@@ -52,3 +52,41 @@ def test_warn_degenerate_only_when_something_was_dropped():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_degenerate(0, "data.json")
+
+
+def exif_image(orientation: int) -> Image.Image:
+    """A 2 x 3 (h x w) image whose stored pixels are all 0 but (0, 0), which is 255, tagged with an EXIF orientation."""
+    pixels = np.zeros((2, 3, 3), dtype=np.uint8)
+    pixels[0, 0] = 255
+    image = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.info["exif"] = exif.tobytes()
+    return image
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation, size, bright", [
+    (1, (2, 3), (0, 0)),  # as stored
+    (3, (2, 3), (1, 2)),  # rotated 180 degrees: the first pixel becomes the last
+    (6, (3, 2), (0, 1)),  # "rotate 90 CW to view": the stored top-left corner ends top-right
+    (8, (3, 2), (2, 0)),  # "rotate 90 CCW to view": it ends bottom-left
+])
+def test_exif_orientation_is_applied(tmp_path, suffix, orientation, size, bright):
+    path = tmp_path / f"photo{suffix}"
+    image = exif_image(orientation)
+    image.save(path, exif=image.info["exif"], **({"quality": 100, "subsampling": 0} if suffix == ".jpg" else {}))
+    pixels = read_rgb(path)
+    assert tuple(pixels.shape[1:]) == size and read_size(path) == size
+    brightest = divmod(int(pixels.sum(0).argmax()), size[1])
+    assert brightest == bright
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32896], [65535, 128, 65278]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    pixels = read_rgb(tmp_path / "deep.png")
+    # v / 257 rounded: 128 / 257 = 0.498 -> 0; 32896 / 257 = 128; 65278 / 257 = 254
+    assert pixels[0].tolist() == [[0, 1, 128], [255, 0, 254]]
+    assert (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
