@@ -256,7 +256,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.weight_decay": _at_least(0.0),
     "train.batch_size": _at_least(1),
     "train.max_iters": _at_least(0),
-    "train.max_minutes": _above(0.0),
+    "train.max_minutes": _at_least(0.0),
     "train.warmup_iters": _at_least(0),
     "train.warmup_factor": _FRACTION,
     "train.steps": _at_least(1),
