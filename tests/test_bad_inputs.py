@@ -310,7 +310,7 @@ CLI_CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "evaluate --data-config without data": (evaluate_with_a_data_config_without_data, ("nodata.yaml", "'data'")),
     "error in a DataLoader worker": (train_on_a_corrupt_image_in_a_worker, ("a.png", "image id 1")),
     "ImageNet weights offline": (train_with_imagenet_weights_offline,
-                                 ("internet", "model.backbone.weights: /path/to/resnet50.pth")),
+                                 ("imagenet", "internet", "model.backbone.weights: /path/to.pth")),
 }
 
 

@@ -387,8 +387,8 @@ def describe_error(error: Exception) -> tuple[str, int]:
     files, config, weights, resources), 1 for a bug of this package (its line asks for the traceback)."""
     text = _message(error)
     if _download_failure(error):
-        return (f"{text} -- downloading weights needs the internet; offline, give a local file instead, e.g. "
-                f"model.backbone.weights: /path/to/resnet50.pth or model.weights: /path/to/checkpoint.pt"), 2
+        return f"{text} (downloading needs the internet; offline, give a local file, e.g. " \
+               f"model.backbone.weights: /path/to.pth)", 2
     if isinstance(error, (CommandError, OSError, ValueError, RuntimeError)):
         return text, 2
     return (f"internal error {type(error).__name__}: {text} (run again with --debug or MASKRCNN_DEBUG=1 for the "
