@@ -244,6 +244,29 @@ def test_image_fault_is_one_line_naming_the_file(tmp_path, monkeypatch, case):
         assert "secret.png, outside" in message
 
 
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): the side effect a malicious pickle would have, made harmless."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_pickle_in_the_cis680_files_is_refused_not_run(tmp_path):
+    from maskrcnn.data.cis680 import LABELS_FILE, CIS680Dataset
+
+    marker = tmp_path / "payload_ran"
+    labels = np.empty(2, dtype=object)
+    labels[:] = [np.array([1.0]), _CreatesAFile(marker)]
+    np.save(tmp_path / LABELS_FILE, labels, allow_pickle=True)
+    with pytest.raises(DatasetError) as info:
+        CIS680Dataset(root=tmp_path)
+    assert not marker.exists()
+    assert str(info.value).startswith(f"{tmp_path / LABELS_FILE}: ") and "refused" in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 TINY_TRAIN = {"model": {"num_classes": 2, "backbone": {"depth": 18, "norm": "group", "fpn_channels": 32},

@@ -14,6 +14,7 @@ Shape letters: N images, M masks in total, n objects of one image, H/W image siz
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,12 +46,38 @@ def _open_h5(path: Path) -> h5py.Dataset:
     return file["data"]
 
 
+# What an .npy object array of numpy arrays (the original project's per-image labels and boxes) needs to unpickle.
+_ARRAY_PICKLE_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and scalars only: a pickle can name any callable (`os.system`), so everything else is
+    refused instead of run (`np.load(allow_pickle=True)` would run it)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _ARRAY_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are read")
+        return super().find_class(module, name)
+
+
 def _load_objects(path: Path) -> np.ndarray:
+    """An .npy array; an object array (ragged per-image arrays) is unpickled by `_ArrayUnpickler`."""
     try:
-        return np.load(path, allow_pickle=True)
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            _, _, dtype = read_header(file)
+            if dtype.hasobject:  # np.save pickles the whole object array after the header
+                return _ArrayUnpickler(file).load()
+        return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise DatasetError(f"{path}: cannot read as a numpy array ({error})") from None
 
 
