@@ -78,6 +78,7 @@ BAD_CONFIG_FILES: dict[str, tuple[str | bytes, str]] = {
     "over the size cap": ("# " + "x" * (1 << 20) + "\ntrain: {lr: 0.1}\n", "bytes"),
     "not UTF-8": (b"train: {lr: 0.1}  # \xff\xfe\n", "UTF-8"),
     "bad value in the file": ("train:\n  log_period: 0\n", "train.log_period"),
+    "nested 20000 deep": ("train: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deeply"),
 }
 
 
@@ -108,8 +109,8 @@ def image(data: dict, image_id: int) -> dict:
     return next(i for i in data["images"] if i["id"] == image_id)
 
 
-# name -> (bad json, what the error must say besides the file name, the id included)
-BAD_JSON: dict[str, tuple[dict, str]] = {
+# name -> (bad json as a dict or as text, what the error must say besides the file name, the id included)
+BAD_JSON: dict[str, tuple[dict | str, str]] = {
     "category_id a list": (edit(lambda d: ann(d, 10).update(category_id=[5])), "annotation 10: category_id"),
     "image id a list": (edit(lambda d: image(d, 7).update(id=[7])), "image's id must be an integer, got [7]"),
     "mixed int / str image ids": (edit(lambda d: image(d, 7).update(id="7")), "image's id must be an integer, got '7'"),
@@ -151,18 +152,23 @@ BAD_JSON: dict[str, tuple[dict, str]] = {
     "image height a string": (edit(lambda d: image(d, 7).update(height="10")), "image 7: height and width"),
     "image of 1e12 pixels": (edit(lambda d: image(d, 7).update(height=10 ** 6, width=10 ** 6)),
                              "image 7: 1000000 x 1000000 pixels is over the limit"),
+    "NUL in a file name": (edit(lambda d: image(d, 7).update(file_name="c.png\0.txt")),
+                           "image 7: file_name must be a non-empty string without NUL"),
+    "nested 200000 deep": (json.dumps(coco_dict())[:-1] + ', "info": ' + "[" * 200000 + "]" * 200000 + "}",
+                           "nested too deeply"),
 }
 
 
-def write_coco(root: Path, data: dict) -> Path:
-    """images/ as `coco_dict` expects them, and `data` as instances.json; returns the json's path."""
+def write_coco(root: Path, data: dict | str) -> Path:
+    """images/ as `coco_dict` expects them, and `data` (a dict, or the file's text) as instances.json; returns the
+    json's path."""
     images = root / "images"
     (images / "sub").mkdir(parents=True, exist_ok=True)
     write_image(images / "a.png", 20, 30, "RGB", seed=1)
     write_image(images / "sub" / "b.png", 16, 16, "L", seed=2)
     write_image(images / "c.png", 10, 12, "RGBA", seed=3)
     path = root / "instances.json"
-    path.write_text(json.dumps(data))
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
     return path
 
 

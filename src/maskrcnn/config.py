@@ -442,6 +442,8 @@ def parse_yaml(text: str, source: str) -> Any:
         value = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+    except RecursionError:  # PyYAML composes nested lists and mappings recursively
+        raise ConfigError(f"{source}: lists or mappings nested too deeply for a config") from None
     _count_nodes(value, source)
     return value
 

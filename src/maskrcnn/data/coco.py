@@ -42,6 +42,10 @@ def _load_json(path: Path) -> dict:
         raise DatasetError(f"{path}: annotation file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:  # the json module decodes nested arrays and objects recursively
+        raise DatasetError(f"{path}: arrays or objects nested too deeply for an annotation file") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a folder, not an annotation file") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: the top level must be an object with images, annotations, categories")
     for key in ("images", "annotations", "categories"):
@@ -72,8 +76,9 @@ def _is_number(value: object) -> bool:
 
 def _check_file_name(file_name: object, image_id: object, path: Path) -> None:
     """Rejects names that would read outside the images folder (absolute paths, '..')."""
-    if not isinstance(file_name, str) or not file_name:
-        raise DatasetError(f"{path}: image {image_id}: file_name must be a non-empty string, got {file_name!r}")
+    if not isinstance(file_name, str) or not file_name or "\0" in file_name:
+        raise DatasetError(f"{path}: image {image_id}: file_name must be a non-empty string without NUL, got "
+                           f"{file_name!r:.80}")
     parts = PurePath(file_name)
     if parts.is_absolute() or file_name.startswith(("/", "\\")) or ".." in parts.parts or ".." in file_name.split("\\"):
         raise DatasetError(f"{path}: image {image_id}: file_name {file_name!r} escapes the images folder")
