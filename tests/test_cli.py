@@ -296,3 +296,30 @@ def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path, c
     assert warning.startswith(f"maskrcnn: warning: skipped {tmp_path / 'broken.jpg'}: cannot decode image")
     assert error.startswith("maskrcnn: error: none of the 1 image(s) could be read") and "images.json" in error
     assert "cannot decode image" in json.loads((tmp_path / "pred" / "images.json").read_text())[0]["error"]
+
+
+def test_predict_stopped_midway_keeps_the_results_of_the_images_done(tmp_path):
+    from maskrcnn.cli import _predict_images
+
+    paths = []
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    calls = []
+
+    def detect(image):
+        calls.append(image.shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        masks = torch.zeros(1, 1, 6, 8)
+        masks[..., 1:3, 2:5] = 1.0
+        return {"boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0]]), "labels": torch.tensor([1]),
+                "scores": torch.tensor([0.9]), "masks": masks}
+
+    out = tmp_path / "pred"
+    with pytest.raises(KeyboardInterrupt):
+        _predict_images(paths, detect, ["thing"], out, 0.5)
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [(p["image_id"], p["bbox"], p["file_name"]) for p in predictions] == [(1, [2.0, 1.0, 3.0, 2.0], str(paths[0]))]
+    assert json.loads((out / "images.json").read_text()) == [
+        {"image_id": 1, "file_name": str(paths[0]), "overlay": "a.png_pred.png", "detections": 1}]

@@ -174,6 +174,7 @@ def _predict_images(paths: list[Path], detect: Detector, class_names: list[str],
     its id, file, overlay and number of detections, or the error that made it skipped).
 
     An image that cannot be read is skipped and reported (stderr and images.json); the others are still written.
+    When `detect` raises (or Ctrl-C), both json files still hold the images done so far.
     Returns 0, or raises CommandError when no image could be read.
     """
     from maskrcnn.data.common import DatasetError, read_rgb
@@ -182,26 +183,28 @@ def _predict_images(paths: list[Path], detect: Detector, class_names: list[str],
     from maskrcnn.viz.draw import draw_detections, save_png
 
     results, records = [], []
-    for image_id, (path, overlay_name) in enumerate(zip(paths, _overlay_names(paths)), start=1):
-        try:
-            image = read_rgb(path)
-        except DatasetError as error:
-            print(f"maskrcnn: warning: skipped {error}", file=sys.stderr)
-            records.append({"image_id": image_id, "file_name": str(path), "error": str(error)})
-            continue
-        output = detect(image)
-        keep = output["scores"] >= score_thresh
-        output = {k: v[keep] for k, v in output.items()}
-        overlay = draw_detections(image, output["boxes"], output["labels"], output["scores"], class_names=class_names,
-                                  masks=output["masks"])
-        save_png(overlay, out / overlay_name)
-        for det in detections_to_coco(output, image_id, {k: k for k in range(1, len(class_names) + 1)}):
-            results.append({**det, "file_name": str(path)})
-        records.append({"image_id": image_id, "file_name": str(path), "overlay": str(overlay_name),
-                        "detections": int(keep.sum())})
-        print(f"{path}: {int(keep.sum())} detections")
-    write_text_atomic(out / "predictions.json", json.dumps(results))
-    write_text_atomic(out / "images.json", json.dumps(records, indent=1))
+    try:
+        for image_id, (path, overlay_name) in enumerate(zip(paths, _overlay_names(paths)), start=1):
+            try:
+                image = read_rgb(path)
+            except DatasetError as error:
+                print(f"maskrcnn: warning: skipped {error}", file=sys.stderr)
+                records.append({"image_id": image_id, "file_name": str(path), "error": str(error)})
+                continue
+            output = detect(image)
+            keep = output["scores"] >= score_thresh
+            output = {k: v[keep] for k, v in output.items()}
+            overlay = draw_detections(image, output["boxes"], output["labels"], output["scores"],
+                                      class_names=class_names, masks=output["masks"])
+            save_png(overlay, out / overlay_name)
+            for det in detections_to_coco(output, image_id, {k: k for k in range(1, len(class_names) + 1)}):
+                results.append({**det, "file_name": str(path)})
+            records.append({"image_id": image_id, "file_name": str(path), "overlay": str(overlay_name),
+                            "detections": int(keep.sum())})
+            print(f"{path}: {int(keep.sum())} detections")
+    finally:  # also when stopped (Ctrl-C, out of memory): the images done so far keep their results
+        write_text_atomic(out / "predictions.json", json.dumps(results))
+        write_text_atomic(out / "images.json", json.dumps(records, indent=1))
     skipped = sum("error" in record for record in records)
     if skipped == len(records):
         raise CommandError(f"none of the {len(records)} image(s) could be read; the reasons are in {out / 'images.json'}")
