@@ -1,7 +1,8 @@
 """One report per run, `report.md` and `report.html` with PNG figures, in the order of the original project's
 README: RPN (loss curves, proposals), BoxHead (loss curves, detections), MaskHead (loss curve, masks),
 precision-recall curves; then the metrics (COCO AP next to the original per-class AP@0.5 and its mAP) and the
-config."""
+config. Everything is drawn from what evaluation returned (`EvalResult`, its `pictures` included): no model runs
+here."""
 
 from __future__ import annotations
 
