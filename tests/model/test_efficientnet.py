@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.config import ConfigError, config_from_dict
+from maskrcnn.cli import preset_path
+from maskrcnn.config import ConfigError, config_from_dict, load_config
 from maskrcnn.model import build_model
 from maskrcnn.model.backbone import build_backbone
 from maskrcnn.model.efficientnet import (
@@ -255,3 +256,11 @@ def test_mask_rcnn_with_lite_trunk_trains_and_infers():
     assert model.backbone.body.stem.conv.weight.grad is not None
     (output,) = model.eval()([torch.rand(3, 50, 70)])
     assert output["masks"].shape[1:] == (1, 50, 70)
+
+
+def test_pennfudan_lite_preset_uses_the_lite_normalisation():
+    cfg = load_config(preset_path("pennfudan-lite"))
+    assert cfg.model.backbone.name == "efficientnet_lite0" and cfg.model.backbone.weights == "imagenet"
+    torch.testing.assert_close(torch.tensor(cfg.model.transform.image_mean), torch.tensor(IMAGE_MEAN), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(cfg.model.transform.image_std), torch.tensor(IMAGE_STD), rtol=0, atol=1e-6)
+    assert (cfg.data.format, cfg.data.num_val, cfg.data.split_seed, cfg.model.num_classes) == ("pennfudan", 50, 1, 1)
