@@ -68,32 +68,35 @@ def stage_layout(name: str) -> list[tuple[int, int, int, int, int]]:
              _round_channels(out, width)) for i, (repeats, kernel, stride, expand, out) in enumerate(_STAGES)]
 
 
-class SameConv2d(nn.Conv2d):
-    """Bias-free conv with TensorFlow's "SAME" padding: output size ceil(H / stride); of an odd total padding,
-    the extra row / column goes to the bottom / right. Stride 1 with an odd kernel is plain symmetric padding."""
+class SamePad(nn.Module):
+    """TensorFlow's "SAME" padding for a strided convolution: output size ceil(H / stride); of an odd total
+    padding, the extra row / column goes to the bottom / right. (At stride 1 with an odd kernel, SAME is plain
+    symmetric padding, which the convolution does itself.) A module of its own, so that the convolution after it
+    stays a plain `nn.Conv2d` with its BatchNorm right after it."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
-        symmetric = stride == 1
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=kernel_size // 2 if symmetric else 0, groups=groups, bias=False)
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
 
     def forward(self, x: Tensor) -> Tensor:
-        """f32[B, C, H, W] -> f32[B, C', ceil(H / s), ceil(W / s)]."""
-        if self.stride != (1, 1):
-            pad_h, pad_w = (max((math.ceil(size / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - size, 0)
-                            for size in x.shape[-2:])
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        return self._conv_forward(x, self.weight, self.bias)
+        """f32[B, C, H, W] -> f32[B, C, H + pad_h, W + pad_w]."""
+        pad_h, pad_w = (max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel_size - size, 0)
+                        for size in x.shape[-2:])
+        return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
 class ConvBN(nn.Sequential):
-    """SAME conv -> BatchNorm (eps 1e-3) -> ReLU6 if `act`; conv and norm adjacent so that BatchNorm folding
-    (`fuse_batchnorm`) finds them."""
+    """[SAME padding if strided] -> bias-free conv -> BatchNorm (eps 1e-3) -> ReLU6 if `act`; the conv and its norm
+    are adjacent children, so that BatchNorm folding at inference finds them."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
                  act: bool = True, norm_layer: Callable[..., nn.Module]) -> None:
-        layers = OrderedDict(conv=SameConv2d(in_channels, out_channels, kernel_size, stride, groups),
-                             bn=norm_layer(out_channels, eps=BN_EPS))
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if stride != 1:
+            layers["pad"] = SamePad(kernel_size, stride)
+        layers["conv"] = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                                   padding=kernel_size // 2 if stride == 1 else 0, groups=groups, bias=False)
+        layers["bn"] = norm_layer(out_channels, eps=BN_EPS)
         if act:
             layers["act"] = nn.ReLU6(inplace=True)
         super().__init__(layers)
