@@ -54,7 +54,7 @@ def train_run(out: Path, overrides: list[str]) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     evaluation = [r for r in records if "eval" in r][-1]
-    return {"command": " ".join(command[1:]), "iterations": evaluation["iteration"], "total_minutes": minutes,
+    return {"command": " ".join(command[1:]).replace(f"{ROOT}/", ""), "iterations": evaluation["iteration"], "total_minutes": minutes,
             "train_minutes": train_records[-1]["time"] / 60, "last_loss": train_records[-1]["loss"],
             "bbox": evaluation["eval"]["bbox"], "segm": evaluation["eval"]["segm"]}
 
