@@ -10,9 +10,11 @@ split (the last 50 of `torch.randperm(170, seed 1)` are the test images) and eva
 
 Writes benchmarks/pennfudan_lite.json and prints a Markdown table. With `--inference` instead, times CPU inference
 at 800x1088 of the preset and of the same model on a ResNet-50 trunk (BatchNorm, folded into the convolutions at
-inference like the Lite's): median of 5 calls after 2 warm-up calls, 100 detections per image forced by a zero
-score threshold, random weights (the time does not depend on them). With `--picture CHECKPOINT IMAGE PNG`, draws
-the masks a trained run predicts on one (held-out) photo, one colour per pedestrian: the README's picture.
+inference like the Lite's): median of 5 calls after 2 warm-up calls each, the models called in turn, 100
+detections per image forced by a zero score threshold, random weights (the time does not depend on them); wall-clock
+ms and the CPU ms of the process (with `--threads 1`, a figure that a loaded machine inflates little). With
+`--picture CHECKPOINT IMAGE PNG`, draws the masks a trained run predicts on one (held-out) photo, one colour per
+pedestrian: the README's picture.
 """
 
 from __future__ import annotations
@@ -54,31 +56,40 @@ def train_run(out: Path, overrides: list[str]) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     evaluation = [r for r in records if "eval" in r][-1]
-    return {"command": " ".join(command[1:]).replace(f"{ROOT}/", ""), "iterations": evaluation["iteration"], "total_minutes": minutes,
+    return {"command": " ".join(command[1:]).replace(f"{ROOT}/", ""), "iterations": evaluation["iteration"],
+            "total_minutes": minutes,
             "train_minutes": train_records[-1]["time"] / 60, "last_loss": train_records[-1]["loss"],
             "bbox": evaluation["eval"]["bbox"], "segm": evaluation["eval"]["segm"]}
 
 
-def inference_ms(overrides: list[str], *, threads: int) -> float:
-    """Median ms of one 800x1088 image through the model in eval mode (2 warm-up calls, 5 timed)."""
+def inference_ms(models: dict[str, list[str]], *, threads: int, rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Median wall-clock and process-CPU ms of one 800x1088 image through each model in eval mode: 2 warm-up calls
+    each, then `rounds` rounds that call every model once in turn, so that a change of machine load touches all
+    models alike."""
     import torch
 
     from maskrcnn.config import load_config
     from maskrcnn.model import build_model
 
     torch.set_num_threads(threads)
-    cfg = load_config(PRESET, [*overrides, "model.backbone.weights=none", "model.box_head.score_thresh=0.0",
-                               "model.transform.min_size=800", "model.transform.max_size=1088"])
-    model = build_model(cfg.model).eval()
+    built = {}
+    for name, overrides in models.items():
+        cfg = load_config(PRESET, [*overrides, "model.backbone.weights=none", "model.box_head.score_thresh=0.0",
+                                   "model.transform.min_size=800", "model.transform.max_size=1088"])
+        built[name] = build_model(cfg.model).eval()
     image = torch.rand(3, 800, 1088, generator=torch.Generator().manual_seed(0))
-    times = []
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in built}
     with torch.no_grad():
-        for call in range(7):
-            started = time.perf_counter()
-            model([image])
-            if call >= 2:
-                times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        for model in built.values():
+            for _ in range(2):
+                model([image])
+        for _ in range(rounds):
+            for name, model in built.items():
+                started, started_cpu = time.perf_counter(), time.process_time()
+                model([image])
+                times[name].append(((time.perf_counter() - started) * 1000, (time.process_time() - started_cpu) * 1000))
+    return {name: {"wall_ms": statistics.median(wall for wall, _ in values),
+                   "cpu_ms": statistics.median(cpu for _, cpu in values)} for name, values in times.items()}
 
 
 def picture(checkpoint: Path, image_file: Path, png: Path, *, score_thresh: float = 0.7) -> None:
@@ -129,11 +140,11 @@ def main() -> None:
         return
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if args.inference:
-        results["inference_800x1088_ms"] = {name: inference_ms(overrides, threads=args.threads)
-                                            for name, overrides in INFERENCE.items()}
-        results["inference_threads"] = args.threads
-        for name, ms in results["inference_800x1088_ms"].items():
-            print(f"{name}: {ms:.0f} ms per 800x1088 image")
+        measured = results.setdefault("inference_800x1088", {})
+        measured[f"{args.threads} threads"] = inference_ms(INFERENCE, threads=args.threads)
+        for name, ms in measured[f"{args.threads} threads"].items():
+            print(f"{name}, {args.threads} threads: {ms['wall_ms']:.0f} ms wall, {ms['cpu_ms']:.0f} ms CPU "
+                  "per 800x1088 image")
     else:
         if not os.environ.get("MASKRCNN_PENNFUDAN") and not (ROOT.parent / "shared/data/PennFudanPed").is_dir():
             raise SystemExit("Penn-Fudan not found: set MASKRCNN_PENNFUDAN to the PennFudanPed folder")
@@ -144,8 +155,9 @@ def main() -> None:
         print("\n| model | iterations | train min | total min | box AP | box AP50 | mask AP | mask AP50 |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, r in runs.items():
+            boxes, masks = r["bbox"], r["segm"]
             print(f"| {name} | {r['iterations']} | {r['train_minutes']:.1f} | {r['total_minutes']:.1f} "
-                  f"| {r['bbox']['AP']:.3f} | {r['bbox']['AP50']:.3f} | {r['segm']['AP']:.3f} | {r['segm']['AP50']:.3f} |")
+                  f"| {boxes['AP']:.3f} | {boxes['AP50']:.3f} | {masks['AP']:.3f} | {masks['AP50']:.3f} |")
     args.json.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
 
