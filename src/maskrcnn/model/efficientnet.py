@@ -13,6 +13,10 @@ state dict each in the layout of lukemelas' EfficientNet-PyTorch (`_conv_stem`, 
   statistics agree: on 20 Penn-Fudan photos (224x224) the stem conv's output variance is 0.77x its
   `running_var` (median over channels) with these, 3.8x with the ImageNet mean/std.
 
+Written out here rather than taken from timm: timm's `tf_efficientnet_lite0` is the same network (a test checks
+equal logits where timm is installed), but timm is a large dependency for one trunk, and its key names differ
+from the package's as ours do.
+
 Shape letters: B images, C channels, H, W height and width.
 """
 
