@@ -6,6 +6,11 @@ the table shows what the heads cost. Prints one table and writes JSON.
 
     python benchmarks/compare_torchvision.py                       # CPU: batch 1 and 2, fp32
     python benchmarks/compare_torchvision.py --device cuda         # GPU: batch 1 and 8, fp32 and bf16
+    python benchmarks/compare_torchvision.py --without fold_batchnorm   # ours without one trick of the CPU layer
+    python benchmarks/compare_torchvision.py --without all              # ours without the CPU layer
+
+Ours runs with its CPU speed layer (`model/cpu_speedups.py`, on by default); `--without` takes parts of it away,
+to measure what each is worth on the machine at hand.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import torch.nn.functional as F
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from maskrcnn.model import from_torchvision
+from maskrcnn.model.cpu_speedups import optimize_for_cpu
+
+SPEEDUPS = ("channels_last", "measured_weight_grad", "fold_batchnorm", "threaded_roi_align")
 
 HEIGHT, WIDTH = 800, 1088  # the original project's canvas; the transform keeps this size at min 800 / max 1333
 
@@ -113,14 +121,16 @@ def backbone_fn(model, images, autocast_dtype, device):
 
 
 def measure(name: str, device: torch.device, modes: list[str], num_classes: int, *, batch_sizes: list[int],
-            dtypes: list[str], warmup: int, iters: int) -> list[dict]:
+            dtypes: list[str], warmup: int, iters: int, without: list[str]) -> list[dict]:
     """Times one model ("torchvision" or "ours", the same seeded weights) in every mode, batch size and dtype."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
     if name == "ours":
-        model = from_torchvision(model)
+        model = from_torchvision(model, cpu_speedups=False)
+        if "all" not in without:
+            optimize_for_cpu(model, **{trick: trick not in without for trick in SPEEDUPS})
     model.to(device)
     rows = []
     for mode in modes:
@@ -156,6 +166,10 @@ def main() -> None:
                         help="glibc malloc keeps freed memory (no mmap / trim of large blocks) in both models' processes")
     parser.add_argument("--num-classes", type=int, default=2, help="classes including background, as torchvision counts")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/compare_torchvision.json"))
+    parser.add_argument("--without", nargs="+", default=[], choices=[*SPEEDUPS, "all"],
+                        help="run ours without these parts of its CPU speed layer")
+    parser.add_argument("--models", nargs="+", default=["torchvision", "ours"], choices=["torchvision", "ours"],
+                        help="the models to time (ratios need both)")
     parser.add_argument("--worker", choices=["torchvision", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -168,7 +182,7 @@ def main() -> None:
         "iters": args.iters if args.iters is not None else (20 if on_gpu else 5),
     }
     if args.worker:
-        print(json.dumps(measure(args.worker, device, args.modes, args.num_classes, **settings)))
+        print(json.dumps(measure(args.worker, device, args.modes, args.num_classes, without=args.without, **settings)))
         return
 
     # Each model and mode is measured in a fresh process of its own. Measured in one process, whatever ran before
@@ -186,37 +200,41 @@ def main() -> None:
     runs: dict = {}
     for round_index in range(args.rounds):
         for mode in args.modes:
-            for name in ("torchvision", "ours")[:: 1 if round_index % 2 == 0 else -1]:
+            for name in args.models[:: 1 if round_index % 2 == 0 else -1]:
                 command = [sys.executable, __file__, "--worker", name, "--device", args.device,
                            "--num-classes", str(args.num_classes), "--modes", mode,
                            "--batch-sizes", *map(str, settings["batch_sizes"]), "--dtypes", *settings["dtypes"],
                            "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
+                if args.without:
+                    command += ["--without", *args.without]
                 output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
                 for row in json.loads(output.strip().splitlines()[-1]):
+                    print(json.dumps({"round": round_index, **row}), flush=True)  # kept if a later run fails
                     runs.setdefault((row["mode"], row["batch"], row["dtype"]), []).append(row)
     rows = []
     for (mode, batch, dtype), measured in runs.items():
         row = {"mode": mode, "batch": batch, "dtype": dtype}
         for key in {key for m in measured for key in m if key.startswith(("torchvision", "ours"))}:
             row[key] = statistics.median(m[key] for m in measured if key in m)
-        row["ratio"] = row["ours_ms"] / row["torchvision_ms"]
+        if "ours_ms" in row and "torchvision_ms" in row:
+            row["ratio"] = row["ours_ms"] / row["torchvision_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"\n{device_name}; torch {torch.__version__}; images {HEIGHT}x{WIDTH}; {args.num_classes} classes; median of {settings['iters']} "
           f"calls, each model and mode in its own process; median of {args.rounds} round(s)"
-          f"{'; heap kept (glibc malloc)' if args.keep_heap else ''}\n")
+          f"{'; heap kept (glibc malloc)' if args.keep_heap else ''}"
+          f"{'; ours without ' + ', '.join(args.without) if args.without else ''}\n")
     print("| mode | batch | dtype | torchvision ms | ours ms | torchvision img/s | ours img/s | ours / torchvision |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(
-            f"| {row['mode']} | {row['batch']} | {row['dtype']} | {row['torchvision_ms']:.0f} | {row['ours_ms']:.0f} "
-            f"| {row['torchvision_img_s']:.2f} | {row['ours_img_s']:.2f} | {row['ratio']:.2f} |"
-        )
+        cells = [f"{row[key]:.0f}" if key in row else "-" for key in ("torchvision_ms", "ours_ms")]
+        cells += [f"{row[key]:.2f}" if key in row else "-" for key in ("torchvision_img_s", "ours_img_s", "ratio")]
+        print(f"| {row['mode']} | {row['batch']} | {row['dtype']} | {' | '.join(cells)} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rounds": args.rounds,
-                                     "keep_heap": args.keep_heap, "rows": rows}, indent=2))
+                                     "keep_heap": args.keep_heap, "without": args.without, "rows": rows}, indent=2))
     print(f"\nwrote {args.json}")
 
 

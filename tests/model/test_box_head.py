@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from maskrcnn.model.box_coder import BoxCoder
 from maskrcnn.model.box_head import BoxHead, RoISample, proposal_rois
@@ -131,3 +133,31 @@ def test_proposal_rois():
     rois = proposal_rois(proposals, torch.tensor([[True, False], [True, True]]))
     assert rois[:, 0].tolist() == [0.0, 1.0, 1.0]
     assert rois[1, 1:].tolist() == [8.0, 9.0, 10.0, 11.0]
+
+
+def test_loss_equals_torchvision_fastrcnn_loss_on_the_same_sampled_rois():
+    head = _head(num_classes=3, batch_size_per_image=16, positive_fraction=0.5)
+    torch.manual_seed(1)
+    xy = torch.rand(2, 30, 2) * 80
+    proposals = torch.cat([xy, xy + torch.rand(2, 30, 2) * 40 + 4], dim=2)  # (B, P, 4)
+    gt_boxes = torch.tensor([[[10.0, 10, 60, 50], [50, 40, 110, 100]], [[20, 30, 70, 90], [0, 0, 0, 0]]])
+    gt_labels = torch.tensor([[1, 3], [2, 0]])
+    gt_valid = torch.tensor([[True, True], [True, False]])
+    sample = head.sample(proposals, torch.ones(2, 30, dtype=torch.bool), gt_boxes, gt_labels, gt_valid)
+    assert 0 < sample.num_positive < sample.rois.shape[0]
+    class_logits = torch.randn(sample.rois.shape[0], 4)
+    box_deltas = torch.randn(sample.rois.shape[0], 16)
+
+    # torchvision's inputs: labels and encoded targets of every sampled RoI, grouped by image, in its own coder
+    image = sample.rois[:, 0].long()
+    matched_boxes = gt_boxes[image, sample.matched_gt]  # (R, 4); background rows: any box, unused
+    coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    order = torch.argsort(image, stable=True)
+    labels_per_image = [sample.labels[order][image[order] == b] for b in range(2)]
+    targets_per_image = [coder.encode_single(matched_boxes[order][image[order] == b],
+                                             sample.rois[order][image[order] == b, 1:]) for b in range(2)]
+    expected_cls, expected_reg = fastrcnn_loss(class_logits[order], box_deltas[order], labels_per_image,
+                                               targets_per_image)
+    losses = head.loss(class_logits, box_deltas, sample)
+    torch.testing.assert_close(losses["loss_box_cls"], expected_cls)
+    torch.testing.assert_close(losses["loss_box_reg"], expected_reg)

@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection.roi_heads import maskrcnn_loss
 
-from maskrcnn.model.poolers import LevelRoIAlign
 from maskrcnn.model.mask_head import MaskHead, stack_masks
+from maskrcnn.model.poolers import LevelRoIAlign
 
 
 def _head(aligned=True, num_classes=3):
@@ -70,3 +71,28 @@ def test_stack_masks_pads_uneven_images():
                            torch.ones(1, 5, 5, dtype=torch.bool)])
     assert stacked.shape == (3, 1, 8, 6) and stacked.dtype == torch.uint8
     assert stacked[:2].sum().item() == 2 * 24 and stacked[2].sum().item() == 25
+
+
+def test_loss_equals_torchvision_maskrcnn_loss_on_the_same_sampled_rois():
+    """Same RoIs, same matched GT, same logits: torchvision's `maskrcnn_loss` and ours agree. GT masks are full or
+    empty, so that torchvision's soft targets (roi_align of the mask, not binarised) are 0 / 1 as ours."""
+    head = _head(aligned=False, num_classes=3)
+    torch.manual_seed(0)
+    masks_per_image = [torch.stack([torch.ones(64, 80), torch.zeros(64, 80), torch.ones(64, 80)]).to(torch.uint8),
+                       torch.stack([torch.zeros(64, 80), torch.ones(64, 80)]).to(torch.uint8)]
+    labels_per_image = [torch.tensor([1, 2, 3]), torch.tensor([3, 1])]
+    gt_valid = torch.tensor([[True, True, True], [True, True, False]])
+    # foreground RoIs of both images, positives grouped by image as the box head's sample gives them
+    image = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    matched_gt = torch.tensor([2, 0, 1, 2, 1, 0, 1])
+    xy = torch.rand(7, 2) * 30
+    boxes = torch.cat([xy, xy + torch.rand(7, 2) * 30 + 5], dim=1)
+    rois = torch.cat([image[:, None].float(), boxes], dim=1)
+    labels = torch.cat([labels_per_image[i][m][None] for i, m in zip(image.tolist(), matched_gt.tolist())])
+    full_logits = torch.randn(7, 4, 28, 28)
+
+    targets = head.targets(rois, matched_gt, gt_valid, masks_per_image, torch.ones(2, 2))
+    ours = MaskHead.loss(full_logits[torch.arange(7), labels], targets)
+    expected = maskrcnn_loss(full_logits, [boxes[image == b] for b in range(2)], masks_per_image,
+                             labels_per_image, [matched_gt[image == b] for b in range(2)])
+    torch.testing.assert_close(ours, expected)

@@ -82,3 +82,17 @@ def test_empty_and_bad_mode():
     assert out[0].shape == (0, 1, 5, 6)
     with pytest.raises(ValueError, match="mode"):
         paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), [0], [(5, 6)], "x")
+
+
+@pytest.mark.parametrize("mode", ["exact", "torchvision"])
+def test_chunked_paste_equals_one_chunk(mode):
+    torch.manual_seed(0)
+    masks = torch.rand(9, 28, 28)
+    xy = torch.rand(9, 2) * 50
+    boxes = torch.cat([xy, xy + torch.rand(9, 2) * 40 + 1], dim=1)
+    counts, sizes = [5, 4], [(70, 90), (60, 50)]
+    whole = paste_masks(masks, boxes, counts, sizes, mode=mode)
+    # a bound below one mask's intermediates: every mask is its own chunk
+    chunked = paste_masks(masks, boxes, counts, sizes, mode=mode, chunk_bytes=1)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)

@@ -93,6 +93,7 @@ class MaskRCNN(nn.Module):
         losses["loss_mask"] = self.mask_head.loss(mask_logits, mask_targets)
         return {key: losses[key] for key in LOSS_KEYS}
 
+    @torch.no_grad()
     def detect(self, images: Sequence[Tensor]) -> Detections:
         """Padded detections of a batch with their box-relative masks: the model's output before the mask paste.
 
