@@ -1,4 +1,4 @@
-"""The `maskrcnn` command: demo, train, evaluate, predict, data. The only module that reads argv.
+"""The `maskrcnn` command: demo, train, evaluate, predict, export, data. The only module that reads argv.
 
 Heavy modules (torch, the model, the data sets) are imported inside the commands, so that `maskrcnn --help`
 answers at once.
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# files written by `maskrcnn export`, which `maskrcnn predict` runs instead of a checkpoint
+EXPORTED_SUFFIXES = (".onnx", ".pt2")
 
 
 def preset_path(name: str) -> Path:
@@ -263,9 +265,74 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a folder")
-    detect, class_names = _checkpoint_detector(args.checkpoint, args.set)
+    if Path(args.checkpoint).suffix in EXPORTED_SUFFIXES:
+        detect, class_names = _exported_detector(args.checkpoint, args.set)
+    else:
+        detect, class_names = _checkpoint_detector(args.checkpoint, args.set)
     out.mkdir(parents=True, exist_ok=True)
     return _predict_images(paths, detect, class_names, out, args.score_thresh)
+
+
+def _exported_detector(path: str, overrides: list[str]) -> tuple[Detector, list[str]]:
+    """A `Detector` running a .onnx or .pt2 file written by `maskrcnn export`, and its class names."""
+    from maskrcnn.export import load_predictor
+
+    if overrides:
+        raise CommandError(f"{path}: --set changes a config, and an exported model has none (its settings are "
+                           f"part of the graph); export again with the changed config instead")
+    try:
+        predictor = load_predictor(path)
+    except ImportError as error:
+        raise CommandError(f"{path}: running an exported model needs the optional packages of "
+                           f"`pip install maskrcnn[export]` ({error})") from None
+
+    def detect(image: Tensor) -> dict:
+        return predictor([image.float() / 255.0])[0]
+
+    return detect, predictor.info.class_names
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from maskrcnn.export import contract, export_model
+    from maskrcnn.export.exporter import DEFAULT_OPSET
+
+    opset = args.opset or DEFAULT_OPSET
+    out = Path(args.out)
+    if out.suffix not in EXPORTED_SUFFIXES:
+        raise CommandError(f"--out {out}: the file name must end in .onnx (ONNX) or .pt2 (torch.export)")
+    if args.torchvision:
+        model, class_names = _torchvision_model(args.checkpoint), None
+    else:
+        _, model, _, class_names = _build_for_checkpoint(args.checkpoint, None, args.set)
+    try:
+        info = export_model(model.cpu(), out, class_names=class_names, opset=opset)
+    except ImportError as error:
+        raise CommandError(f"ONNX export needs the optional packages of `pip install maskrcnn[export]` "
+                           f"({error})") from None
+    kind = f"ONNX (opset {opset}), run it with ONNX Runtime" if out.suffix == ".onnx" else \
+        "torch.export ExportedProgram, load it with torch.export.load"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {kind}")
+    print(contract(info))
+    print(f"classes: {', '.join(info.class_names)}")
+    print(f"run it: maskrcnn predict {out} IMAGES... --out DIR")
+    return 0
+
+
+def _torchvision_model(path: str):
+    """A converted torchvision `maskrcnn_resnet50_fpn` state dict file, in eval mode on the CPU."""
+    import torch
+
+    from maskrcnn.model import from_torchvision
+
+    if not Path(path).is_file():
+        raise CommandError(f"torchvision weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a corrupt or foreign file
+        raise CommandError(f"{path}: not a readable state dict ({error})") from None
+    if not isinstance(state, dict):
+        raise CommandError(f"{path}: holds a {type(state).__name__}, not a torchvision state dict")
+    return from_torchvision(state)
 
 
 def cmd_data_coco_subset(args: argparse.Namespace) -> int:
@@ -334,13 +401,30 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="detect objects in images, write overlays and a results json",
                              description="Run a checkpoint on images; write <name>_pred.png overlays and "
                                          "predictions.json (COCO results format).")
-    predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by `maskrcnn train`")
+    predict.add_argument("checkpoint", metavar="CHECKPOINT",
+                         help="a .pt file written by `maskrcnn train`, or a .onnx (ONNX Runtime) or .pt2 file "
+                              "written by `maskrcnn export`")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
     predict.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
                          help="keep detections scoring at least S (default: 0.5)")
     add_set(predict)
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export", help="export a checkpoint to ONNX (.onnx) or torch.export (.pt2)",
+                            description="Export a checkpoint as one batched graph: input images f32[B, 3, H, W] in "
+                                        "0..1 (dynamic B, H, W); outputs boxes, scores, labels, box-relative masks "
+                                        "padded to detections_per_img, and num_detections. `maskrcnn predict` "
+                                        "runs the file (ONNX Runtime for .onnx).")
+    export.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a .pt file written by `maskrcnn train` (or, with --torchvision, a torchvision "
+                             "maskrcnn_resnet50_fpn state dict)")
+    export.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.pt2")
+    export.add_argument("--torchvision", action="store_true",
+                        help="CHECKPOINT is a torchvision maskrcnn_resnet50_fpn state dict (converted on the way)")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset, >= 16 (default: 18)")
+    add_set(export)
+    export.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="prepare data sets", description="Prepare data sets.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

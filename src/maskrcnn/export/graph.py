@@ -123,7 +123,7 @@ class ExportGraph(nn.Module):
         self.mask_head = model.mask_head
         self.box_head.pooler = ExportRoIAlign.of(model.box_head.pooler)
         self.mask_head.pooler = ExportRoIAlign.of(model.mask_head.pooler)
-        self.requires_grad_(False)
+        self.requires_grad_(False).eval()
 
     def _resized_size(self, height, width):
         """(Hr, Wr) of an input of size (height, width), as `ImageTransform.scale_factor` and interpolate's
@@ -137,7 +137,8 @@ class ExportGraph(nn.Module):
             scale = t.min_size / torch.sym_min(height, width)
             if t.max_size is not None:
                 scale = torch.sym_min(scale, t.max_size / torch.sym_max(height, width))
-        return math.floor(height * scale), math.floor(width * scale)
+        # trunc is floor for these positive sizes; math.floor of a symbolic size cannot be saved in a .pt2
+        return math.trunc(height * scale), math.trunc(width * scale)
 
     def _prepare(self, images: Tensor):
         """Normalise, resize, pad: f32[B, 3, H, W] -> (f32[B, 3, Hp, Wp], Hr, Wr)."""

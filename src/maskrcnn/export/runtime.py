@@ -1,0 +1,141 @@
+"""Running an exported model: ONNX Runtime for `.onnx` files, the ExportedProgram for `.pt2` files.
+
+A predictor takes images like the eager model (a list of f32[3, H, W] in 0..1) and returns the eager model's
+per-image dicts: the graph's padded outputs cut to `num_detections`, and its box-relative masks pasted into the
+image by the package's own `paste_masks` (the same paste, mode included, as the model the graph came from).
+
+Shape letters: B images, D detections per image (padded), D_i detections of image i, M mask size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from maskrcnn.export.exporter import METADATA_KEY, PT2_EXTRA_FILE, SUFFIXES, ExportInfo
+from maskrcnn.export.graph import OUTPUT_NAMES
+from maskrcnn.model.postprocess import paste_masks
+
+
+def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], paste_mode: str) -> list[dict]:
+    """The graph's padded outputs of one batch -> the eager model's per-image dicts.
+
+    Args:
+        outputs: {"boxes" f32[B, D, 4], "scores" f32[B, D], "labels" i64[B, D], "masks" f32[B, D, M, M],
+            "num_detections" i64[B]}.
+        image_size: (H, W) of the batch's images.
+        paste_mode: "exact" or "torchvision" (`ExportInfo.paste_mode`).
+    Returns:
+        B dicts {"boxes" f32[D_i, 4], "labels" i64[D_i], "scores" f32[D_i], "masks" f32[D_i, 1, H, W]}.
+    """
+    counts = outputs["num_detections"].tolist()
+    valid = torch.arange(outputs["scores"].shape[1])[None, :] < outputs["num_detections"][:, None]  # (B, D)
+    boxes = outputs["boxes"][valid]  # (sum D_i, 4), images in order
+    masks = paste_masks(outputs["masks"][valid], boxes, counts, [tuple(image_size)] * len(counts), mode=paste_mode)
+    return [{"boxes": b, "labels": l, "scores": s, "masks": m}
+            for b, l, s, m in zip(boxes.split(counts), outputs["labels"][valid].split(counts),
+                                  outputs["scores"][valid].split(counts), masks)]
+
+
+class Predictor:
+    """Common part of the ONNX Runtime and ExportedProgram predictors; `run` is what differs."""
+
+    info: ExportInfo
+
+    def run(self, images: Tensor) -> dict[str, Tensor]:
+        """f32[B, 3, H, W] -> the graph's padded outputs by name (`graph.OUTPUT_NAMES`), as CPU tensors."""
+        raise NotImplementedError
+
+    def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections of images f32[3, H, W] in 0..1, as the eager model's eval-mode output. Images of one size
+        run as one batch; otherwise one at a time (the graph takes one size per batch)."""
+        if not images:
+            return []
+        sizes = {tuple(image.shape) for image in images}
+        if len(sizes) > 1:
+            return [detections for image in images for detections in self([image])]
+        batch = torch.stack([image.float().cpu() for image in images])
+        return unpad_detections(self.run(batch), tuple(batch.shape[-2:]), self.info.paste_mode)
+
+
+class OnnxPredictor(Predictor):
+    """An exported `.onnx` model in ONNX Runtime: the CUDA execution provider when onnxruntime-gpu offers it,
+    else the CPU one.
+
+    Args:
+        path: the .onnx file written by `maskrcnn export`.
+        providers: ONNX Runtime execution providers in order of preference; None: CUDA if available, then CPU.
+        threads: intra-op threads of the CPU provider; None: ONNX Runtime's default (one per core).
+        optimization: graph optimisation level, "disable", "basic", "extended" or "all".
+    """
+
+    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                 optimization: str = "all") -> None:
+        import onnxruntime as ort
+
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if optimization not in levels:
+            raise ValueError(f"OnnxPredictor: optimization must be one of {sorted(levels)}, got {optimization!r}")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {path}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[optimization]
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as error:  # ONNX Runtime raises its own exception types for unreadable / invalid files
+            raise ValueError(f"{path}: not a loadable ONNX model ({error})") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in metadata:
+            raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; it was not written by `maskrcnn export`")
+        self.info = ExportInfo.from_json(metadata[METADATA_KEY], str(path))
+
+    def run(self, images: Tensor) -> dict[str, Tensor]:
+        values = self.session.run(list(OUTPUT_NAMES), {"images": images.float().contiguous().numpy()})
+        return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, values)}
+
+
+class ProgramPredictor(Predictor):
+    """An exported `.pt2` ExportedProgram, run by PyTorch (on `device`)."""
+
+    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu") -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ExportedProgram not found: {path}")
+        extra = {PT2_EXTRA_FILE: ""}
+        try:
+            program = torch.export.load(path, extra_files=extra)
+        except Exception as error:  # torch raises several types for a corrupt or foreign archive
+            raise ValueError(f"{path}: not a loadable ExportedProgram ({error})") from None
+        if not extra[PT2_EXTRA_FILE]:
+            raise ValueError(f"{path}: no {PT2_EXTRA_FILE}; it was not written by `maskrcnn export`")
+        self.info = ExportInfo.from_json(extra[PT2_EXTRA_FILE], str(path))
+        self.device = torch.device(device)
+        self.module = program.module().to(self.device)
+
+    @torch.no_grad()
+    def run(self, images: Tensor) -> dict[str, Tensor]:
+        values = self.module(images.to(self.device))
+        return {name: value.cpu() for name, value in zip(OUTPUT_NAMES, values)}
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """The predictor of an exported file, chosen by its suffix (.onnx: ONNX Runtime, .pt2: ExportedProgram)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxPredictor(path)
+    if path.suffix == ".pt2":
+        return ProgramPredictor(path)
+    raise ValueError(f"{path}: not an exported model (suffix {path.suffix!r}, expected one of {SUFFIXES})")
+

@@ -1,0 +1,247 @@
+"""Export: the ONNX file in ONNX Runtime and the ExportedProgram give the eager model's detections, with the
+fixed batched contract, for a model trained by `maskrcnn train`, a converted torchvision model and other sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+from torchvision.ops import box_iou
+
+from maskrcnn.cli import main
+from maskrcnn.config import config_from_dict
+from maskrcnn.export import OUTPUT_NAMES, OnnxPredictor, ProgramPredictor, export_model, export_program, load_predictor
+from maskrcnn.export.exporter import export_info, save_program
+from maskrcnn.model import build_model, from_torchvision
+
+pytest.importorskip("onnxruntime", reason="the optional extra maskrcnn[export] is not installed")
+
+PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] / "shared/data/PennFudanPed"))
+PHOTO_SIZE = (240, 320)  # (H, W): one size per batch; Penn-Fudan photos are resized to it
+
+
+def photos() -> list[torch.Tensor]:
+    """3 real street photos f32[3, 240, 320] (Penn-Fudan when present, else generated smooth blobs)."""
+    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:3] if PENNFUDAN.is_dir() else []
+    if not files:
+        generator = torch.Generator().manual_seed(0)
+        blobs = torch.rand(3, 3, PHOTO_SIZE[0] // 20, PHOTO_SIZE[1] // 20, generator=generator)
+        return list(blobs.repeat_interleave(20, 2).repeat_interleave(20, 3))
+    images = []
+    for file in files:
+        image = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
+        images.append(torch.nn.functional.interpolate(image[None], size=PHOTO_SIZE, mode="bilinear")[0])
+    return images
+
+
+def batches(odd_size: tuple[int, int] = (200, 307)) -> dict[str, list[torch.Tensor]]:
+    """Batches of 1 and 3 images of one size, the blank image alone and among photos, and 2 photos of
+    `odd_size`: a size whose resized size floor(side * scale) differs between float64 (eager) and float32."""
+    images = photos()
+    blank = torch.zeros(3, *PHOTO_SIZE)
+    odd = [torch.nn.functional.interpolate(image[None], size=odd_size, mode="bilinear")[0] for image in images[1:]]
+    return {"photo": images[:1], "blank": [blank], "three": images, "two_and_blank": [images[0], blank, images[2]],
+            "odd": odd}
+
+
+def assert_same_detections(expected: list[dict], actual: list[dict]) -> None:
+    """Same number of detections per image and, for each expected one, an actual one of the same label with box
+    IoU >= 0.99, |score difference| <= 1e-3 and mask IoU >= 0.98 (masks pasted, binarised at 0.5).
+
+    Detections are paired by label and box IoU rather than by row: rows whose scores differ only by float rounding
+    may swap places in the score order.
+    """
+    assert len(actual) == len(expected)
+    for index, (e, a) in enumerate(zip(expected, actual)):
+        assert a["boxes"].shape[0] == e["boxes"].shape[0], f"image {index}: number of detections"
+        if e["boxes"].shape[0] == 0:
+            continue
+        same_label = e["labels"][:, None] == a["labels"][None, :]
+        iou, pair = (box_iou(e["boxes"], a["boxes"]) * same_label).max(dim=1)  # (D,) each
+        assert pair.unique().numel() == pair.numel(), f"image {index}: two detections paired with one"
+        assert iou.min() >= 0.99, f"image {index}: box IoU {iou.min():.4f}"
+        assert (e["scores"] - a["scores"][pair]).abs().max() <= 1e-3, f"image {index}: scores"
+        masks_e, masks_a = e["masks"][:, 0] >= 0.5, a["masks"][pair, 0] >= 0.5
+        union = (masks_e | masks_a).flatten(1).sum(1)
+        mask_iou = (masks_e & masks_a).flatten(1).sum(1) / union.clamp(min=1)
+        assert mask_iou[union > 0].min() >= 0.98, f"image {index}: mask IoU {mask_iou[union > 0].min():.4f}"
+
+
+def assert_contract(predictor, images: list[torch.Tensor], detections_per_img: int, mask_size: int,
+                    num_classes: int) -> None:
+    """The graph's raw outputs: names, dtypes, shapes [B, D, ...], labels 1..K, zeros past num_detections."""
+    outputs = predictor.run(torch.stack(images))
+    B, D, M = len(images), detections_per_img, mask_size
+    shapes = {"boxes": (B, D, 4), "scores": (B, D), "labels": (B, D), "masks": (B, D, M, M), "num_detections": (B,)}
+    dtypes = {"boxes": torch.float32, "scores": torch.float32, "labels": torch.int64, "masks": torch.float32,
+              "num_detections": torch.int64}
+    assert tuple(outputs) == OUTPUT_NAMES
+    for name in OUTPUT_NAMES:
+        assert tuple(outputs[name].shape) == shapes[name] and outputs[name].dtype == dtypes[name], name
+    filled = torch.arange(D)[None, :] < outputs["num_detections"][:, None]  # (B, D)
+    for name in ("boxes", "scores", "labels", "masks"):
+        assert not outputs[name][~filled].any(), f"{name}: rows past num_detections are not zero"
+    labels = outputs["labels"][filled]
+    assert ((labels >= 1) & (labels <= num_classes)).all()
+    scores, masks = outputs["scores"][filled], outputs["masks"]
+    assert ((scores >= 0) & (scores <= 1)).all() and ((masks >= 0) & (masks <= 1)).all()
+
+
+# --------------------------------------------------------------------------------- trained by `maskrcnn train`
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_values):
+    """A tiny model trained 4 iterations by `maskrcnn train`, exported by `maskrcnn export` to .onnx and .pt2;
+    also what the export command printed."""
+    root = tmp_path_factory.mktemp("export")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_values))
+    assert main(["train", str(config), "--out", str(root / "run"), "--set", "train.max_iters=4"]) == 0
+    checkpoint = root / "run" / "last.pt"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for suffix in (".onnx", ".pt2"):
+            assert main(["export", str(checkpoint), "--out", str(root / f"model{suffix}")]) == 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = build_model(config_from_dict(state["config"], []).model)
+    model.load_state_dict(state["model"])
+    return root, checkpoint, model.eval(), printed.getvalue()
+
+
+def test_export_command_prints_what_it_wrote_and_the_contract(trained):
+    root, _, _, printed = trained
+    assert f"wrote {root / 'model.onnx'}" in printed and "ONNX (opset 18)" in printed
+    assert f"wrote {root / 'model.pt2'}" in printed and "torch.export ExportedProgram" in printed
+    assert "images          float32 [B, 3, H, W]" in printed
+    assert "boxes           float32 [B, 10, 4]" in printed and "masks           float32 [B, 10, 28, 28]" in printed
+    assert "labels          int64   [B, 10]  1..2" in printed and "num_detections  int64   [B]" in printed
+    assert "classes: " in printed
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "pt2"])
+@pytest.mark.parametrize("batch", ["photo", "three", "two_and_blank", "odd"])
+def test_trained_model_exports_equal_eager(trained, runtime, batch):
+    root, _, model, _ = trained
+    images = batches()[batch]
+    predictor = load_predictor(root / f"model.{runtime}")
+    assert isinstance(predictor, OnnxPredictor if runtime == "onnx" else ProgramPredictor)
+    with torch.no_grad():
+        expected = model(images)
+    assert_same_detections(expected, predictor(images))
+    assert_contract(predictor, images, 10, 28, 2)
+
+
+def test_predict_runs_the_onnx_file_like_the_checkpoint(trained, tmp_path, capsys):
+    root, checkpoint, _, _ = trained
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(photos()[:2]):
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"p{index}.png")
+    for source, out in ((checkpoint, "eager"), (root / "model.onnx", "onnx")):
+        assert main(["predict", str(source), str(folder), "--out", str(tmp_path / out), "--score-thresh", "0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "onnx").glob("*.png")) == ["p0_pred.png", "p1_pred.png"]
+    eager = json.loads((tmp_path / "eager" / "predictions.json").read_text())
+    onnx = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
+    assert len(onnx) == len(eager) > 0
+    key = lambda p: (p["image_id"], p["category_id"], round(p["score"], 2))  # noqa: E731
+    for e, o in zip(sorted(eager, key=key), sorted(onnx, key=key)):
+        assert (e["image_id"], e["category_id"], e["file_name"]) == (o["image_id"], o["category_id"], o["file_name"])
+        assert abs(e["score"] - o["score"]) <= 1e-3 and np.allclose(e["bbox"], o["bbox"], atol=0.05)
+
+
+def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
+    root, checkpoint, _, _ = trained
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model.zip")]) == 1
+    assert "model.zip" in capsys.readouterr().err
+    not_onnx = tmp_path / "broken.onnx"
+    not_onnx.write_text("not a model")
+    image = tmp_path / "im.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", str(not_onnx), str(image), "--out", str(tmp_path / "p")]) == 1
+    assert "broken.onnx" in capsys.readouterr().err
+    assert main(["predict", str(root / "model.onnx"), str(image), "--out", str(tmp_path / "p"),
+                 "--set", "model.box_head.score_thresh=0.9"]) == 1
+    assert "export again" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ converted torchvision model
+
+
+@pytest.fixture(scope="module")
+def torchvision_exported(tmp_path_factory):
+    """A randomly initialised torchvision maskrcnn_resnet50_fpn (no download possible here), converted by
+    `from_torchvision`, exported once to .onnx and .pt2. Its RPN and class logits are scaled up: random-init
+    scores are all about 1/(K+1), and ties in the score order would test float rounding, not the graph."""
+    torch.manual_seed(0)
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).eval()
+    tv.transform.min_size, tv.transform.max_size = (320,), 512  # the 240 x 320 photos are resized up
+    with torch.no_grad():
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(40.0)
+        tv.rpn.head.cls_logits.weight.mul_(20.0)
+        tv.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
+    model = from_torchvision(tv)
+    root = tmp_path_factory.mktemp("torchvision")
+    program = export_program(model)
+    for suffix in (".onnx", ".pt2"):
+        save_program(program, export_info(model), root / f"tv{suffix}")
+    return root, model
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "pt2"])
+@pytest.mark.parametrize("batch", ["photo", "two_and_blank", "odd"])
+def test_converted_torchvision_model_exports_equal_eager(torchvision_exported, runtime, batch):
+    root, model = torchvision_exported
+    images = batches(odd_size=(200, 321))[batch]
+    predictor = load_predictor(root / f"tv.{runtime}")
+    assert predictor.info.paste_mode == "torchvision"
+    with torch.no_grad():
+        expected = model(images)
+    assert sum(len(e["boxes"]) for e in expected) > 0
+    assert_same_detections(expected, predictor(images))
+    assert_contract(predictor, images, 100, 28, 3)
+
+
+def test_export_torchvision_flag_refuses_another_file(tmp_path, capsys):
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)
+    assert main(["export", str(weights), "--torchvision", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "not a torchvision Mask R-CNN state dict" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- other model sizes
+
+
+def test_other_classes_depth_and_detections_per_image(tmp_path, tiny_values):
+    """ResNet-34, 5 classes, 7 detections per image; the score threshold lies between the blank image's best
+    score and the photos', so the blank image has no detection: its rows are zeros, and so are a whole batch's."""
+    torch.manual_seed(0)
+    cfg = config_from_dict(tiny_values, ["model.num_classes=5", "model.backbone.depth=34",
+                                         "model.box_head.detections_per_img=7", "model.transform.min_size=96",
+                                         "model.transform.max_size=128"]).model
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.box_head.cls_score.weight.mul_(200.0)  # spread the random-init class scores apart
+        images = batches()
+        best_blank = model(images["blank"])[0]["scores"].max().item()
+        best_photo = max(d["scores"].max().item() for d in model(images["three"]))
+    assert best_blank < best_photo
+    model.box_head.score_thresh = (best_blank + best_photo) / 2
+    export_model(model, tmp_path / "m.onnx")
+    predictor = OnnxPredictor(tmp_path / "m.onnx")
+    for batch in ("two_and_blank", "blank"):
+        with torch.no_grad():
+            expected = model(images[batch])
+        assert expected[-1 if batch == "blank" else 1]["boxes"].shape[0] == 0
+        assert_same_detections(expected, predictor(images[batch]))
+        assert_contract(predictor, images[batch], 7, 28, 5)
+    assert predictor.run(torch.zeros(2, 3, 50, 70))["num_detections"].tolist() == [0, 0]
