@@ -47,7 +47,7 @@ def torchvision_model() -> nn.Module:
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()  # 91 COCO classes
     with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.mul_(40.0)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(10.0)
     return model
 
 

@@ -107,9 +107,17 @@ class OnnxPredictor(Predictor):
 
 
 class ProgramPredictor(Predictor):
-    """An exported `.pt2` ExportedProgram, run by PyTorch (on `device`)."""
+    """An ExportedProgram of `export_program`, run by PyTorch (on `device`); `load` reads a `.pt2` file."""
 
-    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, program: torch.export.ExportedProgram, info: ExportInfo, *,
+                 device: str | torch.device = "cpu") -> None:
+        self.info = info
+        self.device = torch.device(device)
+        self.module = program.module().to(self.device)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> ProgramPredictor:
+        """The predictor of a .pt2 file written by `maskrcnn export` (loading takes tens of seconds)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ExportedProgram not found: {path}")
@@ -120,9 +128,7 @@ class ProgramPredictor(Predictor):
             raise ValueError(f"{path}: not a loadable ExportedProgram ({error})") from None
         if not extra[PT2_EXTRA_FILE]:
             raise ValueError(f"{path}: no {PT2_EXTRA_FILE}; it was not written by `maskrcnn export`")
-        self.info = ExportInfo.from_json(extra[PT2_EXTRA_FILE], str(path))
-        self.device = torch.device(device)
-        self.module = program.module().to(self.device)
+        return cls(program, ExportInfo.from_json(extra[PT2_EXTRA_FILE], str(path)), device=device)
 
     @torch.no_grad()
     def run(self, images: Tensor) -> dict[str, Tensor]:
@@ -136,6 +142,6 @@ def load_predictor(path: str | Path) -> Predictor:
     if path.suffix == ".onnx":
         return OnnxPredictor(path)
     if path.suffix == ".pt2":
-        return ProgramPredictor(path)
+        return ProgramPredictor.load(path)
     raise ValueError(f"{path}: not an exported model (suffix {path.suffix!r}, expected one of {SUFFIXES})")
 
