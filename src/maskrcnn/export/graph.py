@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms, roi_align
 
-from maskrcnn.model.box_head import LevelRoIAlign
+from maskrcnn.model.box_head import Detections
+from maskrcnn.model.box_ops import clip_boxes
 from maskrcnn.model.maskrcnn import MaskRCNN
+from maskrcnn.model.poolers import LevelRoIAlign, image_index_rois
 from maskrcnn.model.rpn import _flatten
 
 OUTPUT_NAMES = ("boxes", "scores", "labels", "masks", "num_detections")
@@ -104,8 +106,10 @@ class ExportGraph(nn.Module):
     """Inference of a `MaskRCNN` as one graph with the export contract.
 
     Args:
-        model: the model to export; a frozen copy is taken (in eval mode, BatchNorm folded as in its eager
-            inference), so later changes to `model` do not reach the graph.
+        model: the model to export; a frozen copy in eval mode is taken, so later changes to `model` do not reach
+            the graph. With the CPU speed layer (`cpu_speedups.optimize_for_cpu`) the graph holds the BatchNorm
+            folding as arithmetic on the weights (which ONNX Runtime folds into constants when it loads the
+            file); its threaded RoIAlign is replaced (`ExportRoIAlign`) and its training paths are not traced.
 
     forward(images f32[B, 3, H, W] RGB in 0..1) returns, D = detections_per_img, M = mask size:
         boxes f32[B, D, 4] xyxy in input pixels, scores f32[B, D], labels i64[B, D] (1..K),
@@ -115,20 +119,15 @@ class ExportGraph(nn.Module):
 
     def __init__(self, model: MaskRCNN) -> None:
         super().__init__()
-        model = copy.deepcopy(model).cpu().eval()
-        self.backbone = model.inference_backbone()
-        self.transform = model.transform
-        self.rpn = model.rpn
-        self.box_head = model.box_head
-        self.mask_head = model.mask_head
-        self.box_head.pooler = ExportRoIAlign.of(model.box_head.pooler)
-        self.mask_head.pooler = ExportRoIAlign.of(model.mask_head.pooler)
+        self.model = copy.deepcopy(model).cpu()
+        for head in (self.model.box_head, self.model.mask_head):
+            head.pooler = ExportRoIAlign.of(head.pooler)
         self.requires_grad_(False).eval()
 
     def _resized_size(self, height, width):
         """(Hr, Wr) of an input of size (height, width), as `ImageTransform.scale_factor` and interpolate's
         floor(size * scale); symbolic sizes stay symbolic (sym_min / sym_max instead of min / max)."""
-        t = self.transform
+        t = self.model.transform
         if t.min_size is None and t.max_size is None:
             return height, width
         if t.min_size is None:
@@ -142,7 +141,7 @@ class ExportGraph(nn.Module):
 
     def _prepare(self, images: Tensor):
         """Normalise, resize, pad: f32[B, 3, H, W] -> (f32[B, 3, Hp, Wp], Hr, Wr)."""
-        t = self.transform
+        t = self.model.transform
         x = (images - t.image_mean) / t.image_std  # normalised before resizing, as the eager transform
         height, width = self._resized_size(images.shape[2], images.shape[3])
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
@@ -153,9 +152,9 @@ class ExportGraph(nn.Module):
             canvas = ((height + d - 1) // d * d, (width + d - 1) // d * d)
         return F.pad(x, (0, canvas[1] - width, 0, canvas[0] - height)), height, width
 
-    def _proposals(self, x: Tensor, features: dict[str, Tensor], clip: Tensor) -> tuple[Tensor, Tensor]:
+    def _proposals(self, x: Tensor, features: dict[str, Tensor], size_hw: Tensor) -> tuple[Tensor, Tensor]:
         """RPN proposals: (f32[B, P, 4] resized-image pixels, bool[B, P]), P = post_nms_top_n_test."""
-        rpn = self.rpn
+        rpn = self.model.rpn
         feature_list = list(features.values())
         B = x.shape[0]
         logits_per_level, deltas_per_level = rpn.head(feature_list)
@@ -178,7 +177,7 @@ class ExportGraph(nn.Module):
 
         scores = torch.sigmoid(torch.gather(logits, 1, top_idx))  # (B, K)
         top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, K, 4)
-        boxes = torch.minimum(rpn.box_coder.decode(top_deltas, anchors[top_idx]).clamp(min=0), clip)  # (B, K, 4)
+        boxes = clip_boxes(rpn.box_coder.decode(top_deltas, anchors[top_idx]), size_hw)  # (B, K, 4)
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         selectable = (widths >= rpn.min_size) & (heights >= rpn.min_size) & (scores >= rpn.score_thresh)
         groups = torch.arange(B)[:, None] * len(feature_list) + levels  # (B, K): image * L + level
@@ -187,19 +186,19 @@ class ExportGraph(nn.Module):
         proposals = torch.gather(boxes, 1, index[:, :, None].expand(-1, -1, 4))  # (B, P, 4)
         return proposals, valid
 
-    def _detections(self, roi_features: dict[str, Tensor], proposals: Tensor, proposal_valid: Tensor,
-                    clip: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Box head inference as `BoxHead.predict`: boxes f32[B, D, 4] (resized pixels), scores, labels, valid."""
-        head = self.box_head
+    def _detections(self, features: dict[str, Tensor], proposals: Tensor, proposal_valid: Tensor,
+                    size_hw: Tensor) -> Detections:
+        """Box head inference as `BoxHead.predict`, boxes in resized-image pixels."""
+        head = self.model.box_head
         B, P = proposal_valid.shape
-        image = torch.arange(B, dtype=proposals.dtype)[:, None, None].expand(-1, P, 1)  # (B, P, 1)
-        rois = torch.cat([image, proposals], dim=2).flatten(0, 1)  # (B, P, 5) -> (B*P, 5)
-        class_logits, box_deltas = head(roi_features, rois)  # (B*P, C), (B*P, C*4)
+        image = torch.arange(B)[:, None].expand(-1, P).flatten()  # (B*P,)
+        rois = image_index_rois(image, proposals.flatten(0, 1))  # (B, P, 4) -> (B*P, 5)
+        class_logits, box_deltas = head(features, rois)  # (B*P, C), (B*P, C*4)
         C = class_logits.shape[1]
         probs = F.softmax(class_logits, dim=-1)[:, 1:].reshape(B, -1)  # (B*P, C-1) -> (B, N), no background
         # (B*P, C*4) -> (B*P, C, 4), decoded against each RoI, background dropped -> (B, N, 4)
         boxes = head.box_coder.decode(box_deltas.reshape(-1, C, 4), rois[:, None, 1:])[:, 1:].reshape(B, -1, 4)
-        boxes = torch.minimum(boxes.clamp(min=0), clip)
+        boxes = clip_boxes(boxes, size_hw)
         labels = torch.arange(1, C).repeat(P)[None].expand(B, -1)  # (N,) -> (B, N), classes of each RoI in turn
         wh = boxes[..., 2:] - boxes[..., :2]
         selectable = ((probs >= head.score_thresh) & (wh >= head.min_box_size).all(dim=2)
@@ -207,27 +206,24 @@ class ExportGraph(nn.Module):
         groups = torch.arange(B)[:, None] * C + labels  # (B, N): image * C + class
         keep = _nms_mask(boxes, probs, groups, selectable, head.nms_thresh)
         index, valid = _top_per_image(probs, keep, head.detections_per_img)  # (B, D)
-        out_boxes = torch.gather(boxes, 1, index[:, :, None].expand(-1, -1, 4)) * valid[:, :, None]
-        return (out_boxes, torch.gather(probs, 1, index) * valid, torch.gather(labels, 1, index) * valid, valid)
+        return Detections(boxes=torch.gather(boxes, 1, index[:, :, None].expand(-1, -1, 4)) * valid[:, :, None],
+                          scores=torch.gather(probs, 1, index) * valid,
+                          labels=torch.gather(labels, 1, index) * valid, valid=valid)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """f32[B, 3, H, W] in 0..1 -> (boxes, scores, labels, masks, num_detections), see the class docstring."""
-        B, _, H, W = images.shape
+        _, _, H, W = images.shape
         x, height, width = self._prepare(images)
-        features = self.backbone(x)
-        roi_features = {name: features[name] for name in self.box_head.pooler.featmap_names
-                        + self.mask_head.pooler.featmap_names}
-        # (w, h, w, h) of the resized images: boxes are clipped to them, not to the padded canvas
-        size_xyxy = torch.stack([torch.scalar_tensor(s, dtype=torch.float32) for s in (width, height, width, height)])
-        clip = size_xyxy.view(1, 1, 4)
-        proposals, proposal_valid = self._proposals(x, features, clip)
-        boxes, scores, labels, valid = self._detections(roi_features, proposals, proposal_valid, clip)
-        D = valid.shape[1]
-        image = torch.arange(B, dtype=boxes.dtype)[:, None, None].expand(-1, D, 1)  # (B, D, 1)
-        rois = torch.cat([image, boxes], dim=2).flatten(0, 1)  # (B, D, 5) -> (B*D, 5)
-        mask_logits = self.mask_head(roi_features, rois, labels.flatten())  # (B*D, M, M)
-        masks = torch.sigmoid(mask_logits).view(B, D, *mask_logits.shape[1:]) * valid[:, :, None, None]
+        features = self.model.backbone(x)
+        # (h, w) of the resized images: boxes are clipped to them, not to the padded canvas
+        size_hw = torch.stack([torch.scalar_tensor(s, dtype=torch.float32) for s in (height, width)])
+        proposals, proposal_valid = self._proposals(x, features, size_hw)
+        detections = self._detections(features, proposals, proposal_valid, size_hw)
+        # fixed shapes: the mask head runs on every slot, empty ones included (zeroed below)
+        masks = self.model._mask_probabilities(features, detections, every_slot=True)  # (B, D, M, M)
+        valid = detections.valid
         # resized -> input pixels with the per-axis ratio input / resized in float32, as the eager transform
-        input_xyxy = torch.stack([torch.scalar_tensor(s, dtype=torch.float32) for s in (W, H, W, H)])
-        boxes = boxes * (input_xyxy / size_xyxy)
-        return boxes, scores, labels, masks, valid.sum(dim=1)
+        size_in = torch.stack([torch.scalar_tensor(s, dtype=torch.float32) for s in (H, W)])
+        ratio_xyxy = (size_in / size_hw)[[1, 0, 1, 0]]  # (2,) -> (4,) as (x, y, x, y)
+        return (detections.boxes * ratio_xyxy, detections.scores, detections.labels,
+                masks * valid[:, :, None, None], valid.sum(dim=1))
