@@ -138,9 +138,9 @@ def _resize_sizes_in_double(proto) -> None:
     The eager transform computes floor(H * min(min_size / short, max_size / long)) in Python floats (float64);
     the ONNX translation of those symbolic sizes computes it in float32, which differs by one pixel for about
     1 in 10 image sizes (e.g. 100 x 295 resized to 451 x 1333 in float64, 451 x 1332 in float32) and so changes
-    every detection a little. Every Floor over shape values (a size, not a Floor of a data tensor) gets a float64
-    copy of the float32 computation that feeds it: Casts to float64 instead of float32, float64 constants.
-    The float32 originals stay for their other consumers.
+    every detection a little. Every float -> int step over shape values (Floor, or trunc as a Cast to int64, of a
+    size, not of a data tensor) gets a float64 copy of the float32 computation that feeds it: Casts to float64
+    instead of float32, float64 constants. The float32 originals stay for their other consumers.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -186,16 +186,26 @@ def _resize_sizes_in_double(proto) -> None:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    for floor in [node for node in graph.node if node.op_type == "Floor" and is_size(node.input[0])]:
-        if not all(c.op_type == "Cast" and c.attribute[0].i == TensorProto.INT64
-                   for c in consumers.get(floor.output[0], [])):
-            raise RuntimeError(f"export: the resized size {floor.output[0]} is used other than as an integer")
+
+    def is_cast_to_int64(node) -> bool:
+        return node.op_type == "Cast" and node.attribute[0].i == TensorProto.INT64
+
+    # the float -> int step of a size: floor(), or trunc() (a Cast to int64), of a float computed from the shape
+    for node in list(graph.node):
+        is_floor = node.op_type == "Floor"
+        if not ((is_floor or is_cast_to_int64(node)) and elem_type.get(node.input[0]) == TensorProto.FLOAT
+                and is_size(node.input[0])):
+            continue
+        if is_floor and not all(is_cast_to_int64(c) for c in consumers.get(node.output[0], [])):
+            raise RuntimeError(f"export: the resized size {node.output[0]} is used other than as an integer")
         new_nodes.clear()
-        floor.input[0] = double_of(floor.input[0])
-        position = list(graph.node).index(floor)
-        for offset, node in enumerate(new_nodes):  # dependencies first: created in post-order
-            graph.node.insert(position + offset, node)
-        for value in graph.value_info:
-            if value.name == floor.output[0]:
-                value.type.tensor_type.elem_type = TensorProto.DOUBLE
+        node.input[0] = double_of(node.input[0])
+        position = list(graph.node).index(node)
+        for offset, new_node in enumerate(new_nodes):  # dependencies first: created in post-order
+            graph.node.insert(position + offset, new_node)
+        if is_floor:
+            elem_type[node.output[0]] = TensorProto.DOUBLE  # its Cast to int64 is then no float -> int step
+            for value in graph.value_info:
+                if value.name == node.output[0]:
+                    value.type.tensor_type.elem_type = TensorProto.DOUBLE
     onnx.checker.check_model(proto)
