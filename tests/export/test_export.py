@@ -29,6 +29,14 @@ PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] 
 PHOTO_SIZE = (240, 320)  # (H, W): one size per batch; Penn-Fudan photos are resized to it
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_grad_mode():
+    """`maskrcnn export` / `predict` turn autograd off for their process; called in-process here, that must not
+    reach the test modules that run later."""
+    with torch.enable_grad():  # restores the mode it found on exit
+        yield
+
+
 def photos() -> list[torch.Tensor]:
     """3 real street photos f32[3, 240, 320] (Penn-Fudan when present, else generated smooth blobs)."""
     files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:3] if PENNFUDAN.is_dir() else []
