@@ -233,8 +233,9 @@ def test_export_torchvision_flag_refuses_another_file(tmp_path, capsys):
 
 def test_other_classes_depth_and_detections_per_image(tmp_path, tiny_values):
     """ResNet-34, 5 classes, 7 detections per image; the score threshold lies between the blank image's best
-    score and the photos', so the blank image has no detection: its rows are zeros, and so are a whole batch's."""
-    torch.manual_seed(0)
+    score and the photos', so the blank image has no detection: its rows are zeros, and so are a whole batch's.
+    Seed 3: random-init weights whose blank-image best score (0.58) is well below the photos' (0.96)."""
+    torch.manual_seed(3)
     cfg = config_from_dict(tiny_values, ["model.num_classes=5", "model.backbone.depth=34",
                                          "model.box_head.detections_per_img=7", "model.transform.min_size=96",
                                          "model.transform.max_size=128"]).model
