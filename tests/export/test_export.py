@@ -170,16 +170,16 @@ def test_predict_runs_the_onnx_file_like_the_checkpoint(trained, tmp_path, capsy
 
 def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
     root, checkpoint, _, _, _ = trained
-    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model.zip")]) == 1
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model.zip")]) == 2
     assert "model.zip" in capsys.readouterr().err
     not_onnx = tmp_path / "broken.onnx"
     not_onnx.write_text("not a model")
     image = tmp_path / "im.png"
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(image)
-    assert main(["predict", str(not_onnx), str(image), "--out", str(tmp_path / "p")]) == 1
+    assert main(["predict", str(not_onnx), str(image), "--out", str(tmp_path / "p")]) == 2
     assert "broken.onnx" in capsys.readouterr().err
     assert main(["predict", str(root / "model.onnx"), str(image), "--out", str(tmp_path / "p"),
-                 "--set", "model.box_head.score_thresh=0.9"]) == 1
+                 "--set", "model.box_head.score_thresh=0.9"]) == 2
     assert "export again" in capsys.readouterr().err
 
 
@@ -224,7 +224,7 @@ def test_converted_torchvision_model_exports_equal_eager(torchvision_exported, r
 def test_export_torchvision_flag_refuses_another_file(tmp_path, capsys):
     weights = tmp_path / "weights.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, weights)
-    assert main(["export", str(weights), "--torchvision", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert main(["export", str(weights), "--torchvision", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "not a torchvision Mask R-CNN state dict" in capsys.readouterr().err
 
 
