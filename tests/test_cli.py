@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
+import maskrcnn.cli
 from maskrcnn.cli import main, preset_path
 from maskrcnn.config import load_config
 from maskrcnn.engine.checkpoint import load_checkpoint
@@ -57,6 +58,28 @@ def test_help_texts(capsys):
             main(argv)
         assert exit_info.value.code == 0
         assert "usage: maskrcnn" in capsys.readouterr().out
+
+
+def test_help_imports_no_torch():
+    """`maskrcnn --help` must not pay for torch (seconds): the package's public names load on first use."""
+    script = ("import sys, maskrcnn.cli\n"
+              "try:\n    maskrcnn.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    src = str(Path(maskrcnn.cli.__file__).resolve().parents[1])  # the package under test, wherever it is
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert done.stdout.strip().endswith("no torch")
+    assert "usage: maskrcnn" in done.stdout
+
+
+def test_package_names_resolve_lazily():
+    import maskrcnn
+    from maskrcnn.model import build_model
+
+    assert maskrcnn.build_model is build_model
+    assert "build_model" in dir(maskrcnn)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        maskrcnn.no_such_name  # noqa: B018
 
 
 def test_presets_ship_inside_the_package_and_configs_links_to_them():
