@@ -89,7 +89,7 @@ class MaskHeadConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_classes: int = 3  # foreground classes; background (label 0) is added by the model
+    num_classes: int | None = 3  # foreground classes (background, label 0, is added by the model); null: as many as the training data have
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # ResNet + FPN
     transform: TransformConfig = field(default_factory=TransformConfig)  # normalise, resize, pad
     rpn: RPNConfig = field(default_factory=RPNConfig)  # region proposal network
@@ -494,16 +494,43 @@ def read_config_file(path: str | Path) -> dict:
     return values
 
 
+# Config keys that hold a file or folder; the other values they may take are words, not paths.
+PATH_KEYS = ("data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
+             "model.weights", "model.backbone.weights")
+PATH_WORDS = ("", "none", "imagenet", "torchvision-coco")
+
+
+def _resolve_paths(values: dict, folder: Path, prefix: str = "") -> dict:
+    """`values` (nested, as read from a YAML file) with the relative paths of PATH_KEYS joined to `folder`, the
+    file's folder, so that a config file means the same from any working directory."""
+    resolved = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            value = _resolve_paths(value, folder, f"{key}.")
+        elif key in PATH_KEYS and isinstance(value, str) and value not in PATH_WORDS:
+            path = Path(value).expanduser()
+            value = str(path if path.is_absolute() else folder / path)
+        resolved[name] = value
+    return resolved
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Loads a YAML file (None: all defaults), applies `key.path=value` overrides and checks the result.
+
+    Paths (data folders and json files, weight files) become absolute: relative ones in the file are relative to
+    the file's folder, those in `overrides` to the working directory, as typed. The run's saved config.yaml thus
+    means the same wherever it is read from.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ConfigError: invalid YAML, an unknown key, a wrong type or a value outside its choices; names the key.
     """
-    values = {} if path is None else read_config_file(path)
+    values = {} if path is None else _resolve_paths(read_config_file(path), Path(path).resolve().parent)
     try:
-        return config_from_dict(values, overrides)
+        for text in overrides:
+            values = _merge(values, _resolve_paths(parse_override(text), Path.cwd()))
+        return config_from_dict(values)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
 

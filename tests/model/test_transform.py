@@ -61,10 +61,23 @@ def test_fixed_canvas():
     transform = make_transform(min_size=None, max_size=None, fixed_canvas=(128, 160))
     batch, _ = transform([torch.rand(3, 100, 150), torch.rand(3, 20, 30)])
     assert batch.tensor.shape == (2, 3, 128, 160)
-    with pytest.raises(ValueError, match=r"image 1 is \(130, 30\)"):
-        transform([torch.rand(3, 20, 30), torch.rand(3, 130, 30)])
+    with pytest.raises(ValueError, match=r"image 1 is \(170, 30\)"):
+        transform([torch.rand(3, 20, 30), torch.rand(3, 170, 30)])
     with pytest.raises(ValueError, match="multiple of size_divisible"):
         make_transform(fixed_canvas=(800, 1066))
+
+
+def test_fixed_canvas_follows_the_orientation_of_the_batch():
+    """The seed preset's 800x1088 canvas with COCO's portrait images: 480x640 resizes to 1066x799 (portrait)."""
+    transform = make_transform(min_size=800, max_size=1066, fixed_canvas=(800, 1088))
+    landscape, portrait = torch.rand(3, 480, 640), torch.rand(3, 640, 480)
+    batch, _ = transform([landscape, landscape])
+    assert batch.image_sizes == [(799, 1066)] * 2 and batch.tensor.shape[-2:] == (800, 1088)
+    batch, _ = transform([portrait, portrait])
+    assert batch.image_sizes == [(1066, 799)] * 2 and batch.tensor.shape[-2:] == (1088, 800)
+    batch, _ = transform([landscape, portrait])  # inference batches may mix them: the square holds both
+    assert batch.tensor.shape[-2:] == (1088, 1088)
+    assert torch.equal(batch.tensor[1, :, 1066:], torch.zeros(3, 22, 1088))  # padded below the portrait image
 
 
 def test_training_targets_boxes_scaled_masks_untouched():

@@ -14,7 +14,7 @@ from maskrcnn.data import build_dataset
 from maskrcnn.engine.evaluate import evaluate, evaluate_dataset
 from maskrcnn.model import build_model
 from maskrcnn.viz.draw import PROPOSAL_COLOR
-from maskrcnn.viz.report import ORIGINAL_BOX_MAP, build_report, enlarge
+from maskrcnn.viz.report import ORIGINAL_BOX_MAP, ORIGINAL_CLASSES, build_report, enlarge, metrics_sections
 
 
 def test_report_references_every_figure(tmp_path, tiny_config):
@@ -41,9 +41,25 @@ def test_report_references_every_figure(tmp_path, tiny_config):
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
     assert headings[:5] == ["RPN", "BoxHead", "MaskHead", "Precision-recall", "Metrics"]
     assert headings[-1] == "Config"
-    assert f"{ORIGINAL_BOX_MAP:.3f}" in md and f"{ORIGINAL_BOX_MAP:.3f}" in html
+    assert "original project (BoxHead)" not in md + html  # shapes, not the original task: no 0.503 row
     assert "mAP@0.5 (original metric)" in md
     assert "synthetic_image_size" in md
+
+
+def test_original_projects_row_only_for_its_classes():
+    def metrics(names):
+        stats = dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), 0.5)
+        per_class = {"per_class": dict.fromkeys(names, 0.5), "mAP": 0.5}
+        return {"bbox": stats, "segm": stats, "num_images": 1, "num_detections": 1,
+                "voc": {"iou_thresh": 0.5, "bbox": per_class, "segm": per_class}}
+
+    def table_rows(names):
+        (section,) = metrics_sections(metrics(names))
+        return [row[0] for row in section.tables[0][1]]
+
+    assert table_rows(ORIGINAL_CLASSES) == ["boxes", "masks", "original project (BoxHead)"]
+    assert f"{ORIGINAL_BOX_MAP}" in " ".join(metrics_sections(metrics(ORIGINAL_CLASSES))[0].text)
+    assert table_rows(["person", "car", "dog"]) == ["boxes", "masks"]
 
 
 def test_enlarge_scales_image_boxes_and_masks():

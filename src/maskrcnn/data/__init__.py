@@ -44,7 +44,9 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
                                                                                           cfg.val_annotations)
         for key, value in ((f"data.{split}_images", images), (f"data.{split}_annotations", annotations)):
             if not value:
-                raise DatasetError(f"{key} must be set for data.format=coco")
+                raise DatasetError(f"{key} is not set: COCO-format data need --set data.train_images=DIR --set "
+                                   f"data.train_annotations=FILE.json --set data.val_images=DIR --set "
+                                   f"data.val_annotations=FILE.json")
         return CocoDataset(images_dir=images, annotations=annotations, drop_empty=cfg.drop_empty and train,
                            transform=transform)
     if cfg.format == "pennfudan":
@@ -52,7 +54,8 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
                                 split_seed=cfg.split_seed, transform=transform)
     if cfg.format == "cis680":
         if not cfg.root:
-            raise DatasetError("data.root must name the folder of the CIS680 h5/npy files for data.format=cis680")
+            raise DatasetError("data.root is not set: data.format=cis680 needs --set data.root=DIR, the folder of the "
+                               "original project's hw3_mycocodata_* h5/npy files")
         return CIS680Dataset(root=cfg.root, split=split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                              transform=transform)
     raise DatasetError(f"data.format: unknown format {cfg.format!r}")

@@ -67,8 +67,8 @@ class PennFudanDataset(Dataset):
         self.root = Path(root)
         image_dir, mask_dir = self.root / "PNGImages", self.root / "PedMasks"
         if not image_dir.is_dir() or not mask_dir.is_dir():
-            raise DatasetError(f"{self.root}: not a Penn-Fudan folder (needs PNGImages/ and PedMasks/); "
-                               f"get it with maskrcnn.data.pennfudan.fetch_pennfudan")
+            raise DatasetError(f"{self.root}: not a Penn-Fudan folder (needs PNGImages/ and PedMasks/); get it with "
+                               f"`maskrcnn data pennfudan DIR`, then add --set data.root=DIR (or set MASKRCNN_PENNFUDAN)")
         self.image_files = sorted(image_dir.glob("*.png"))
         if not self.image_files:
             raise DatasetError(f"{image_dir}: no .png images")

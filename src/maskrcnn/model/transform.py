@@ -29,8 +29,9 @@ class ImageTransform(nn.Module):
         min_size: shortest edge after resize; None keeps the size unless `max_size` requires shrinking.
         max_size: the longest edge after resize is at most this; None: no limit.
         size_divisible: the canvas height and width are rounded up to a multiple of this (the FPN needs 32).
-        fixed_canvas: (H, W) to pad every batch to instead (static shapes for cudnn.benchmark); must be a
-            multiple of `size_divisible` and hold every resized image.
+        fixed_canvas: (H, W) to pad every batch to instead (static shapes for cudnn.benchmark), turned to (W, H)
+            for portrait images (see `canvas_for`); must be a multiple of `size_divisible` and hold every resized
+            image in one of its orientations.
         image_mean, image_std: per-channel normalisation of images given in 0..1.
     """
 
@@ -111,14 +112,27 @@ class ImageTransform(nn.Module):
             targets_out.append(target)
         return batch, targets_out
 
+    def canvas_for(self, image_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """The fixed canvas (H, W) for a batch of resized images, following the batch's orientation: (H, W) when
+        every image fits it, else (W, H) when every image fits that (a batch of portrait images), else the square
+        (max, max) for a batch that mixes both (training batches are grouped by orientation, so only inference
+        meets it). At most three shapes, so cudnn.benchmark still tunes each once.
+
+        Raises:
+            ValueError: an image is larger than the square canvas.
+        """
+        height, width = self.fixed_canvas
+        for canvas in ((height, width), (width, height), (max(height, width),) * 2):
+            if all(h <= canvas[0] and w <= canvas[1] for h, w in image_sizes):
+                return canvas
+        index, size = next((i, s) for i, s in enumerate(image_sizes) if max(s) > max(height, width))
+        raise ValueError(f"ImageTransform: image {index} is {size} after resize, larger than fixed_canvas "
+                         f"{self.fixed_canvas} in either orientation; raise fixed_canvas or lower min_size/max_size")
+
     def _pad(self, images: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
         """B tensors f32[3, H_i, W_i] -> f32[B, 3, Hp, Wp]: one allocation, one copy per image."""
         if self.fixed_canvas is not None:
-            canvas = self.fixed_canvas
-            for index, (h, w) in enumerate(image_sizes):
-                if h > canvas[0] or w > canvas[1]:
-                    raise ValueError(f"ImageTransform: image {index} is {(h, w)} after resize, larger than "
-                                     f"fixed_canvas {canvas}; raise fixed_canvas or lower min_size/max_size")
+            canvas = self.canvas_for(image_sizes)
         else:
             d = self.size_divisible
             canvas = (math.ceil(max(h for h, _ in image_sizes) / d) * d,
