@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import yaml
 from PIL import Image
 
 import maskrcnn.cli
-from maskrcnn.cli import main, preset_path
+from maskrcnn.cli import config_file, main, preset_names, preset_path
 from maskrcnn.config import load_config
 from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.fileio import read_jsonl
@@ -87,10 +88,22 @@ def test_presets_ship_inside_the_package_and_configs_links_to_them():
     assert (Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").resolve() == preset_path("demo")
 
 
-@pytest.mark.parametrize("name", ["demo", "seed", "pennfudan", "coco"])
-def test_presets_load(name):
-    cfg = load_config(f"configs/{name}.yaml")
-    assert cfg.model.num_classes == {"demo": 3, "seed": 3, "pennfudan": 1, "coco": 80}[name]
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_by_name(name):
+    assert config_file(name) == preset_path(name)
+    cfg = load_config(config_file(name))
+    expected = {"demo": 3, "seed": 3, "pennfudan": 1, "coco": None}  # coco: from the json
+    if name in expected:
+        assert cfg.model.num_classes == expected[name]
+
+
+def test_presets_name_no_machine_paths():
+    """A preset is usable on any machine: its data paths are settings the user gives (`--set`), not this
+    project's folders."""
+    for name in preset_names():
+        data = load_config(preset_path(name)).data
+        assert (data.root, data.train_images, data.train_annotations, data.val_images, data.val_annotations) == \
+            ("",) * 5, name
 
 
 def test_demo_runs_and_writes_the_report(tmp_path, capsys, tiny_values):
@@ -346,3 +359,128 @@ def test_predict_stopped_midway_keeps_the_results_of_the_images_done(tmp_path):
     assert [(p["image_id"], p["bbox"], p["file_name"]) for p in predictions] == [(1, [2.0, 1.0, 3.0, 2.0], str(paths[0]))]
     assert json.loads((out / "images.json").read_text()) == [
         {"image_id": 1, "file_name": str(paths[0]), "overlay": "a.png_pred.png", "detections": 1}]
+
+
+def write_coco(folder: Path, categories: list[dict]) -> Path:
+    """Four 64x96 (landscape) / 96x64 (portrait) images with one rectangle each, classes alternating over
+    `categories`; image ids 101..104 and category ids as given, so that neither equals a running number or a
+    label."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(4):
+        height, width = (64, 96) if i % 2 == 0 else (96, 64)
+        pixels = np.zeros((height, width, 3), np.uint8)
+        pixels[8:28, 10:34] = (200, 60 * i, 30)
+        Image.fromarray(pixels).save(folder / "images" / f"im{i}.png")
+        images.append({"id": 101 + i, "file_name": f"im{i}.png", "height": height, "width": width})
+        annotations.append({"id": 1 + i, "image_id": 101 + i, "category_id": categories[i % len(categories)]["id"],
+                            "bbox": [10, 8, 24, 20], "iscrowd": 0, "segmentation": [[10, 8, 34, 8, 34, 28, 10, 28]]})
+    path = folder / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def tiny_sections(tiny_values: dict) -> dict:
+    """The tiny config's model / train / eval sections (a copy: the fixture is shared) with num_classes left to
+    the data."""
+    sections = copy.deepcopy({key: tiny_values[key] for key in ("model", "train", "eval")})
+    del sections["model"]["num_classes"]
+    return sections
+
+
+@pytest.fixture(scope="module")
+def coco_run(tmp_path_factory, tiny_values):
+    """`maskrcnn train coco` on a tiny COCO json with category ids 7 (cat) and 3 (dog), model.num_classes unset."""
+    root = tmp_path_factory.mktemp("coco")
+    instances = write_coco(root, [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}])
+    sections = tiny_sections(tiny_values)
+    overrides = flat_overrides(sections) + [
+        "model.backbone.weights=none", "model.box_head.score_thresh=0.0", "train.max_iters=2", "data.num_workers=0",
+        f"data.train_images={root / 'images'}", f"data.train_annotations={instances}",
+        f"data.val_images={root / 'images'}", f"data.val_annotations={instances}"]
+    argv = ["train", "coco", "--out", str(root / "run")]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 0
+    return root, argv
+
+
+def test_train_coco_by_name_takes_the_classes_from_the_json(coco_run):
+    import torch
+
+    root, _ = coco_run
+    state = torch.load(root / "run" / "last.pt", map_location="cpu", weights_only=False)
+    # labels 1..K follow the sorted category ids: 1 = id 3 (dog), 2 = id 7 (cat)
+    assert state["categories"] == [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]
+    assert state["config"]["model"]["num_classes"] == 2
+    detections = json.loads((root / "run" / "detections.json").read_text())
+    assert detections and {d["category_id"] for d in detections} <= {3, 7}
+    assert {d["image_id"] for d in detections} <= {101, 102, 103, 104}
+    assert "dog" in (root / "run" / "report.md").read_text()
+
+
+def test_predict_writes_the_jsons_image_and_category_ids(coco_run, tmp_path):
+    root, _ = coco_run
+    out = tmp_path / "pred"
+    assert main(["predict", str(root / "run" / "last.pt"), str(root / "images"), "--out", str(out),
+                 "--score-thresh", "0.0", "--annotations", str(root / "instances.json")]) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions and {p["category_id"] for p in predictions} <= {3, 7}
+    ids = {Path(p["file_name"]).name: p["image_id"] for p in predictions}
+    assert all(ids[f"im{i}.png"] == 101 + i for i in range(4) if f"im{i}.png" in ids)
+    # without the json: numbered images, still the training data's category ids
+    assert main(["predict", str(root / "run" / "last.pt"), str(root / "images"), "--out", str(out),
+                 "--score-thresh", "0.0"]) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert {p["category_id"] for p in predictions} <= {3, 7} and {p["image_id"] for p in predictions} <= {1, 2, 3, 4}
+
+
+def test_class_mismatches_are_one_line_errors_naming_both(coco_run, tmp_path, capsys):
+    root, train_argv = coco_run
+    other = write_coco(tmp_path, [{"id": 1, "name": "car"}, {"id": 2, "name": "dog"}, {"id": 5, "name": "cow"}])
+    checkpoint = str(root / "run" / "last.pt")
+    capsys.readouterr()
+    assert main(["evaluate", checkpoint, "--set", f"data.val_annotations={other}", "--set",
+                 f"data.val_images={tmp_path / 'images'}"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "last.pt was trained on 2 classes (dog, cat)" in err and f"{other} has 3 classes (car, dog, cow)" in err
+    assert main(["predict", checkpoint, str(tmp_path / "images"), "--out", str(tmp_path / "p"),
+                 "--annotations", str(other)]) != 0
+    assert "was trained on 2 classes (dog, cat)" in capsys.readouterr().err
+    assert main([*train_argv, "--set", "model.num_classes=3", "--out", str(tmp_path / "r")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "model.num_classes is 3 but the training data" in err and "have 2 classes (dog, cat)" in err
+    assert main([*train_argv, "--set", f"data.val_annotations={other}", "--out", str(tmp_path / "r")]) != 0
+    assert "have 3 classes (car, dog, cow) but the training data" in capsys.readouterr().err
+
+
+def test_unknown_config_names_the_presets(capsys):
+    assert main(["train", "no-such-preset"]) != 0
+    err = capsys.readouterr().err
+    assert "no-such-preset is neither a file nor a preset" in err and "pennfudan" in err and "seed" in err
+
+
+def test_seed_task_from_a_coco_json_with_portrait_and_landscape_images(tmp_path, tiny_values, capsys):
+    """The original project's task end to end: `data coco-subset`, then `train seed` on its fixed canvas, here
+    scaled down to 64x96 (landscape images fill it, portrait ones need it turned); the report then shows the
+    original project's row."""
+    instances = write_coco(tmp_path, [{"id": 1, "name": "person", "supercategory": "person"},
+                                      {"id": 3, "name": "car", "supercategory": "vehicle"},
+                                      {"id": 18, "name": "dog", "supercategory": "animal"}])
+    assert main(["data", "coco-subset", str(instances), str(tmp_path / "subset.json")]) == 0
+    sections = tiny_sections(tiny_values)
+    overrides = flat_overrides(sections) + [
+        "model.backbone.weights=none", "model.transform.min_size=64", "model.transform.max_size=96",
+        "model.transform.fixed_canvas=[64, 96]", "train.max_iters=2",
+        f"data.train_images={tmp_path / 'images'}", f"data.train_annotations={tmp_path / 'subset.json'}",
+        f"data.val_images={tmp_path / 'images'}", f"data.val_annotations={tmp_path / 'subset.json'}"]
+    argv = ["train", "seed", "--out", str(tmp_path / "run")]
+    for override in overrides:
+        argv += ["--set", override]
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert load_config(tmp_path / "run" / "config.yaml").model.transform.fixed_canvas == (64, 96)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| original project (BoxHead) |" in report and "| vehicles |" in report

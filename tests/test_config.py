@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -50,6 +51,29 @@ def test_yaml_and_overrides(tmp_path):
     assert config.model.num_classes == 1
     assert config.model.transform.fixed_canvas == (800, 1088)
     assert config.train.clip_grad_norm is None
+
+
+def test_paths_are_relative_to_their_yaml_file_and_overrides_to_the_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    path = folder / "mine.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"format": "coco", "train_images": "../data/train", "train_annotations": "/abs/train.json",
+                 "val_images": "~/val", "root": ""},
+        "model": {"weights": "none", "backbone": {"weights": "weights/resnet.pt"}},
+        "train": {"out_dir": "runs/mine"},
+    }))
+    monkeypatch.chdir(tmp_path)
+    config = load_config("project/configs/mine.yaml", ["data.val_annotations=val.json"])
+    assert config.data.train_images == str(folder / "../data/train")  # the file's folder, not the working one
+    assert config.data.train_annotations == "/abs/train.json"
+    assert config.data.val_images == str(Path("~/val").expanduser())
+    assert config.data.val_annotations == str(tmp_path / "val.json")  # typed on the command line: the working dir
+    assert config.model.backbone.weights == str(folder / "weights/resnet.pt")
+    assert (config.data.root, config.model.weights) == ("", "none")  # words, not paths
+    assert config.train.out_dir == "runs/mine"  # where the run goes stays relative to where it is started
+    save_config(config, tmp_path / "saved.yaml")  # a run's config.yaml: the same paths from anywhere
+    assert load_config(tmp_path / "saved.yaml").data == config.data
 
 
 def test_int_is_accepted_where_a_float_is_expected():

@@ -28,9 +28,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 EXPORTED_SUFFIXES = (".onnx", ".pt2")
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package; ./configs links here
+
+
 def preset_path(name: str) -> Path:
-    """A YAML preset shipped inside the package (`configs/` in the repository links to the same folder)."""
-    return Path(__file__).resolve().parent / "configs" / f"{name}.yaml"
+    """A YAML preset shipped inside the package."""
+    return PRESETS_DIR / f"{name}.yaml"
+
+
+def preset_names() -> list[str]:
+    """Every preset usable by name: the .yaml files of the package's configs folder."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
 
 
 class CommandError(Exception):
@@ -42,6 +50,16 @@ class CommandError(Exception):
 Detector = Callable[["Tensor"], dict]
 
 
+def config_file(text: str) -> Path:
+    """A config named on the command line: an existing YAML file, else a preset's name (`seed`, `coco`, ...)."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    if text in preset_names():
+        return preset_path(text)
+    raise CommandError(f"config not found: {text} is neither a file nor a preset ({', '.join(preset_names())})")
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -51,7 +69,8 @@ def _out_dir(cfg: Config, out: str | None) -> Config:
 
 
 def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[str]):
-    """(config, model with the checkpoint's weights, device, class names) for evaluate / predict."""
+    """(config, model with the checkpoint's weights, device, categories [{"id", "name"}] of labels 1..K) for
+    evaluate / predict."""
     import torch
 
     from maskrcnn.config import config_to_dict
@@ -67,7 +86,7 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
     if data_config is not None:
         if "data" not in read_config_file(data_config):
             raise CommandError(f"--data-config {data_config}: the file has no 'data' section to evaluate on")
-        values = dict(values, data=config_to_dict(load_config(data_config).data))
+        values = dict(values, data=config_to_dict(load_config(config_file(data_config)).data))
     cfg = config_from_dict(values, overrides)
     # The weights come from the checkpoint: never load (or download) the ones the config names.
     model_cfg = replace(cfg.model, weights="none", backbone=replace(cfg.model.backbone, weights="none"))
@@ -75,9 +94,18 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
     load_state_dict_checked(model, state["model"], path, hint="the model of the checkpoint's config")
     device = resolve_device(cfg.train.device)
     model.to(device).eval()
-    torch.set_grad_enabled(False)
-    class_names = state.get("class_names") or [f"class {k}" for k in range(1, cfg.model.num_classes + 1)]
-    return cfg, model, device, class_names
+    categories = state.get("categories") or [{"id": k, "name": f"class {k}"}
+                                             for k in range(1, cfg.model.num_classes + 1)]
+    return cfg, model, device, categories
+
+
+def _check_categories(checkpoint: str, categories: list[dict], data: str, data_categories: list[dict]) -> None:
+    """A checkpoint's classes must be the data's (by name, in label order), or its labels would mean other things."""
+    from maskrcnn.data import describe_categories
+
+    if [c["name"] for c in categories] != [c["name"] for c in data_categories]:
+        raise CommandError(f"{checkpoint} was trained on {describe_categories(categories)} but {data} has "
+                           f"{describe_categories(data_categories)}")
 
 
 def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
@@ -85,13 +113,16 @@ def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
     signal's number when SIGINT / SIGTERM stopped the training (after saving last.pt)."""
     import signal
 
+    from maskrcnn.data import build_dataset, with_num_classes
     from maskrcnn.engine import distributed
     from maskrcnn.engine.train import train
     from maskrcnn.fileio import full_disk_as_error
     from maskrcnn.viz.report import build_report, format_metric
 
     started = time.perf_counter()
-    result = train(cfg, resume=resume)
+    train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    cfg = with_num_classes(cfg, train_set, val_set)
+    result = train(cfg, train_set=train_set, val_set=val_set, resume=resume)
     if result.interrupted_by is not None:
         if distributed.is_main():
             print(f"stopped by {result.interrupted_by} after iteration {result.iterations}; saved "
@@ -156,27 +187,28 @@ def _overlay_names(paths: list[Path]) -> list[Path]:
     return [p.relative_to(common).with_name(f"{p.name}_pred.png") for p in absolute]
 
 
-def _checkpoint_detector(checkpoint: str, overrides: list[str]) -> tuple[Detector, list[str]]:
-    """A `Detector` running one of our .pt checkpoints, and its class names."""
+def _checkpoint_detector(checkpoint: str, overrides: list[str]) -> tuple[Detector, list[dict]]:
+    """A `Detector` running one of our .pt checkpoints, and its categories [{"id", "name"}] of labels 1..K."""
     from maskrcnn.engine.common import autocast, images_to_model
 
-    cfg, model, device, class_names = _build_for_checkpoint(checkpoint, None, overrides)
+    cfg, model, device, categories = _build_for_checkpoint(checkpoint, None, overrides)
 
     def detect(image: Tensor) -> dict:
         with autocast(device, cfg.train.amp):
             output = model(images_to_model([image], device))[0]
         return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
 
-    return detect, class_names
+    return detect, categories
 
 
-def _predict_images(paths: list[Path], detect: Detector, class_names: list[str], out: Path,
-                    score_thresh: float) -> int:
+def _predict_images(paths: list[Path], detect: Detector, categories: list[dict], image_ids: dict[Path, object],
+                    out: Path, score_thresh: float) -> int:
     """Runs `detect` on every image; writes overlays, predictions.json (COCO results) and images.json (per image:
     its id, file, overlay and number of detections, or the error that made it skipped).
 
     An image that cannot be read is skipped and reported (stderr and images.json); the others are still written.
     When `detect` raises (or Ctrl-C), both json files still hold the images done so far.
+    Results carry `categories`' ids (label k is categories[k - 1]) and each path's id from `image_ids`.
     Returns 0, or raises CommandError when no image could be read.
     """
     from maskrcnn.data.common import DatasetError, read_rgb
@@ -184,9 +216,12 @@ def _predict_images(paths: list[Path], detect: Detector, class_names: list[str],
     from maskrcnn.fileio import write_text_atomic
     from maskrcnn.viz.draw import draw_detections, save_png
 
+    class_names = [c["name"] for c in categories]
+    label_to_category_id = {label: c["id"] for label, c in enumerate(categories, start=1)}
     results, records = [], []
     try:
-        for image_id, (path, overlay_name) in enumerate(zip(paths, _overlay_names(paths)), start=1):
+        for path, overlay_name in zip(paths, _overlay_names(paths)):
+            image_id = image_ids[path]
             try:
                 image = read_rgb(path)
             except DatasetError as error:
@@ -199,7 +234,7 @@ def _predict_images(paths: list[Path], detect: Detector, class_names: list[str],
             overlay = draw_detections(image, output["boxes"], output["labels"], output["scores"],
                                       class_names=class_names, masks=output["masks"])
             save_png(overlay, out / overlay_name)
-            for det in detections_to_coco(output, image_id, {k: k for k in range(1, len(class_names) + 1)}):
+            for det in detections_to_coco(output, image_id, label_to_category_id):
                 results.append({**det, "file_name": str(path)})
             records.append({"image_id": image_id, "file_name": str(path), "overlay": str(overlay_name),
                             "detections": int(keep.sum())})
@@ -210,7 +245,7 @@ def _predict_images(paths: list[Path], detect: Detector, class_names: list[str],
     skipped = sum("error" in record for record in records)
     if skipped == len(records):
         raise CommandError(f"none of the {len(records)} image(s) could be read; the reasons are in {out / 'images.json'}")
-    print(f"overlays, predictions.json (COCO results, category_id = label) and images.json in {out}"
+    print(f"overlays, predictions.json (COCO results with the training data's category ids) and images.json in {out}"
           + (f"; {skipped} unreadable image(s) skipped, listed in images.json" if skipped else ""))
     return 0
 
@@ -226,8 +261,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _out_dir(load_config(args.config, args.set), args.out)
-    return _run_training(cfg, resume=args.resume, title=f"Mask R-CNN run ({Path(args.config).name})")
+    path = config_file(args.config)
+    cfg = _out_dir(load_config(path, args.set), args.out)
+    return _run_training(cfg, resume=args.resume, title=f"Mask R-CNN run ({path.stem})")
 
 
 # What `evaluate` writes into its output folder: replaced only with --overwrite (the folder may be a training run's).
@@ -235,7 +271,7 @@ EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "repo
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from maskrcnn.data import build_dataset
+    from maskrcnn.data import build_dataset, data_source, dataset_categories
     from maskrcnn.engine.evaluate import evaluate_dataset
     from maskrcnn.fileio import full_disk_as_error
     from maskrcnn.viz.report import build_report
@@ -246,12 +282,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise CommandError(f"{out / existing[0]} exists (from a training run or an earlier evaluation); pass "
                            f"--overwrite to replace it or choose another --out")
-    cfg, model, device, _ = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
+    cfg, model, device, categories = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
     dataset = build_dataset(cfg.data, "val")
+    _check_categories(args.checkpoint, categories, data_source(cfg.data, "val"), dataset_categories(dataset))
     with full_disk_as_error(out):
         result = evaluate_dataset(model, dataset, batch_size=cfg.eval.batch_size, device=device,
                                   num_workers=cfg.data.num_workers, iou_thresh=cfg.eval.iou_thresh,
-                                  max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out, progress=True,
+                                  max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out,
                                   num_vis=cfg.eval.num_vis)
         md, html = build_report(out, config=cfg, evaluation=result,
                                 metrics_jsonl=checkpoint.parent / "metrics.jsonl", title=f"Evaluation of {checkpoint}")
@@ -265,12 +302,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a folder")
-    if Path(args.checkpoint).suffix in EXPORTED_SUFFIXES:
+    if Path(args.checkpoint).suffix in EXPORTED_SUFFIXES:  # an exported model knows its class names only
         detect, class_names = _exported_detector(args.checkpoint, args.set)
+        categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
     else:
-        detect, class_names = _checkpoint_detector(args.checkpoint, args.set)
+        detect, categories = _checkpoint_detector(args.checkpoint, args.set)
+    image_ids = {path: number for number, path in enumerate(paths, start=1)}
+    if args.annotations is not None:
+        categories, image_ids = _coco_ids(paths, args.annotations, args.checkpoint, categories)
     out.mkdir(parents=True, exist_ok=True)
-    return _predict_images(paths, detect, class_names, out, args.score_thresh)
+    return _predict_images(paths, detect, categories, image_ids, out, args.score_thresh)
+
+
+def _coco_ids(paths: list[Path], annotations: str, checkpoint: str,
+              categories: list[dict]) -> tuple[list[dict], dict[Path, object]]:
+    """(categories, image id per path) from a COCO json that lists the images: its own category ids (its classes
+    must be the checkpoint's) and the id of the image whose file_name ends the path (`000001.jpg`,
+    `val2017/000001.jpg`)."""
+    from maskrcnn.data import read_coco_index
+
+    json_categories, id_of_file = read_coco_index(annotations)
+    if json_categories:
+        _check_categories(checkpoint, categories, annotations, json_categories)
+        categories = json_categories
+    image_ids = {}
+    for path in paths:
+        parts = path.absolute().parts
+        tails = ("/".join(parts[-k:]) for k in range(1, len(parts) + 1))
+        image_ids[path] = next((id_of_file[tail] for tail in tails if tail in id_of_file), None)
+        if image_ids[path] is None:
+            raise CommandError(f"{path}: no image of {annotations} has this file name")
+    return categories, image_ids
 
 
 def _exported_detector(path: str, overrides: list[str]) -> tuple[Detector, list[str]]:
@@ -381,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train from a YAML config",
                            description="Train from a YAML config; evaluates at the end and writes the report.")
-    train.add_argument("config", metavar="CONFIG", help="YAML config, e.g. configs/pennfudan.yaml")
+    train.add_argument("config", metavar="CONFIG",
+                       help=f"a preset ({', '.join(preset_names())}) or a YAML file")
     add_set(train)
     train.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
     train.add_argument("--out", metavar="DIR", help="run directory (default: the config's train.out_dir)")
@@ -391,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Evaluate a checkpoint on the validation split of its data (or of "
                                           "--data-config) and write metrics.json and a report.")
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by `maskrcnn train`")
-    evaluate.add_argument("--data-config", metavar="CONFIG", help="take the data section from this YAML instead")
+    evaluate.add_argument("--data-config", metavar="CONFIG",
+                          help="take the data section from this preset or YAML file instead")
     evaluate.add_argument("--out", metavar="DIR", help="output folder (default: eval_<name> next to the checkpoint)")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace the metrics and report already in the output folder")
@@ -408,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
     predict.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
                          help="keep detections scoring at least S (default: 0.5)")
+    predict.add_argument("--annotations", metavar="JSON",
+                         help="COCO json listing the images: predictions.json then uses its image and category ids")
     add_set(predict)
     predict.set_defaults(func=cmd_predict)
 

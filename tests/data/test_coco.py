@@ -7,7 +7,7 @@ import torch
 from datafiles import coco_dict, rle_block_mask, write_image
 
 from maskrcnn.data import DatasetError
-from maskrcnn.data.coco import CocoDataset, build_coco_subset
+from maskrcnn.data.coco import CocoDataset, build_coco_subset, read_coco_index
 
 
 def make(coco_dir: Path, **kwargs) -> CocoDataset:
@@ -204,3 +204,15 @@ def test_a_link_inside_the_images_folder_is_followed(coco_dir):
     (images / "a.png").rename(images / "sub" / "real_a.png")
     (images / "a.png").symlink_to(images / "sub" / "real_a.png")
     assert make(coco_dir)[0][0].shape == (3, 20, 30)
+
+
+def test_read_coco_index_gives_label_order_and_file_ids(coco_dir, tmp_path):
+    categories, image_ids = read_coco_index(coco_dir / "instances.json")
+    assert categories == [{"id": 3, "name": "three"}, {"id": 5, "name": "five"}, {"id": 9, "name": "nine"}]
+    assert image_ids == {"a.png": 1, "sub/b.png": 2, "c.png": 7}
+    info = tmp_path / "image_info.json"  # an image-info json (COCO test-dev): no annotations, no categories
+    info.write_text(json.dumps({"images": [{"id": 4, "file_name": "d.jpg", "height": 2, "width": 3}]}))
+    assert read_coco_index(info) == ([], {"d.jpg": 4})
+    info.write_text(json.dumps({"images": [{"id": 4}]}))
+    with pytest.raises(DatasetError, match="image 4 is missing required key"):
+        read_coco_index(info)

@@ -50,7 +50,7 @@ def test_split_is_the_seeded_permutation(root):
 
 
 def test_bad_folders_and_masks(root, tmp_path):
-    with pytest.raises(DatasetError, match="not a Penn-Fudan folder"):
+    with pytest.raises(DatasetError, match="not a Penn-Fudan folder.*`maskrcnn data pennfudan DIR`.*--set data.root=DIR"):
         PennFudanDataset(root=tmp_path / "nothing")
     Image.fromarray(np.zeros((8, 9), np.uint8), "L").save(root / "PedMasks" / "FudanPed00001_mask.png")
     dataset = PennFudanDataset(root=root, split="all")

@@ -43,8 +43,9 @@ def test_train_writes_checkpoints_metrics_and_evaluates(tmp_path, tiny_config):
     run = tmp_path / "run"
     assert result.iterations == 4 and not result.stopped_early
     state = load_checkpoint(run / "last.pt")
-    assert {"model", "optimizer", "scheduler", "iteration", "config", "class_names"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "iteration", "config", "categories"} <= set(state)
     assert state["iteration"] == 4
+    assert state["categories"] == [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]  # tiny: 2 shapes
     assert state["config"]["train"]["out_dir"] == str(run)
     assert load_checkpoint(run / "best.pt")["iteration"] in (2, 4)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -6,11 +6,13 @@ in 1..K, "masks": u8[N, H, W], "image_id": int}, and has `class_names` and `imag
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch.utils.data import Dataset
 
-from maskrcnn.config import DataConfig
+from maskrcnn.config import Config, ConfigError, DataConfig
 from maskrcnn.data.cis680 import CIS680Dataset
-from maskrcnn.data.coco import CocoDataset, build_coco_subset
+from maskrcnn.data.coco import CocoDataset, build_coco_subset, read_coco_index
 from maskrcnn.data.common import DatasetError
 from maskrcnn.data.loader import build_eval_loader, build_train_loader, collate
 from maskrcnn.data.pennfudan import PennFudanDataset, default_pennfudan_root, fetch_pennfudan
@@ -20,7 +22,8 @@ from maskrcnn.data.transforms import Compose, RandomHorizontalFlip, ResizeShorte
 __all__ = [
     "CIS680Dataset", "CocoDataset", "Compose", "DatasetError", "PennFudanDataset", "RandomHorizontalFlip",
     "ResizeShortestEdge", "SyntheticShapes", "build_coco_subset", "build_dataset", "build_eval_loader",
-    "build_train_loader", "collate", "fetch_pennfudan",
+    "build_train_loader", "collate", "data_source", "dataset_categories", "describe_categories", "fetch_pennfudan",
+    "read_coco_index", "with_num_classes",
 ]
 
 
@@ -59,3 +62,47 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
         return CIS680Dataset(root=cfg.root, split=split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                              transform=transform)
     raise DatasetError(f"data.format: unknown format {cfg.format!r}")
+
+
+def dataset_categories(dataset: Dataset) -> list[dict]:
+    """The classes of a data set, [{"id": category id, "name": name}] for labels 1..K in order: a COCO json's own
+    category ids, the labels themselves for the other formats. Plain values (checkpoints store them)."""
+    ids = getattr(dataset, "label_to_category_id", None) or {}
+    return [{"id": ids.get(label, label), "name": str(name)} for label, name in enumerate(dataset.class_names, start=1)]
+
+
+def describe_categories(categories: list[dict], shown: int = 6) -> str:
+    """'3 classes (car, person, dog)' for error messages; long lists are cut after `shown` names."""
+    names = [c["name"] for c in categories]
+    listed = ", ".join(names[:shown]) + (f", ... {names[-1]}" if len(names) > shown else "")
+    return f"{len(names)} class{'es' if len(names) != 1 else ''} ({listed})"
+
+
+def data_source(cfg: DataConfig, split: str) -> str:
+    """What a split's data are, for messages: the json, the folder or the format."""
+    return (cfg.train_annotations if split == "train" else cfg.val_annotations) or cfg.root or f"{cfg.format} data"
+
+
+def with_num_classes(cfg: Config, train_set: Dataset, val_set: Dataset | None = None) -> Config:
+    """`cfg` with `model.num_classes` taken from the training data when it is null (auto), after checking that the
+    model's classes are the data's and that the validation data have the training data's classes.
+
+    Raises:
+        ConfigError: model.num_classes differs from the training data's class count, or the validation data's
+            classes differ from the training data's; one line naming both.
+    """
+    train_categories = dataset_categories(train_set)
+    if val_set is not None:
+        val_categories = dataset_categories(val_set)
+        if [c["name"] for c in val_categories] != [c["name"] for c in train_categories]:
+            raise ConfigError(f"the validation data ({data_source(cfg.data, 'val')}) have "
+                              f"{describe_categories(val_categories)} but the training data "
+                              f"({data_source(cfg.data, 'train')}) have {describe_categories(train_categories)}")
+    count = len(train_categories)
+    if cfg.model.num_classes is None:
+        return replace(cfg, model=replace(cfg.model, num_classes=count))
+    if cfg.model.num_classes != count:
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the training data "
+                          f"({data_source(cfg.data, 'train')}) have {describe_categories(train_categories)}; set "
+                          f"model.num_classes={count}, or null to take the data's count")
+    return cfg

@@ -34,7 +34,7 @@ DEFAULT_SUBSET_CLASSES: dict[str, dict] = {
 }
 
 
-def _load_json(path: Path) -> dict:
+def _load_json(path: Path, required: tuple[str, ...] = ("images", "annotations", "categories")) -> dict:
     try:
         with open(path) as file:
             data = json.load(file)
@@ -48,7 +48,7 @@ def _load_json(path: Path) -> dict:
         raise DatasetError(f"{path}: is a folder, not an annotation file") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: the top level must be an object with images, annotations, categories")
-    for key in ("images", "annotations", "categories"):
+    for key in required:
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{path}: missing required key '{key}' (a list)")
     return data
@@ -338,6 +338,27 @@ class CocoDataset(Dataset):
         if self.transform is not None:
             pixels, target = self.transform(pixels, target)
         return pixels, target
+
+
+def read_coco_index(annotations: str | Path) -> tuple[list[dict], dict[str, object]]:
+    """The classes and image ids of a COCO json, without reading any image.
+
+    Returns:
+        categories: [{"id", "name"}] in label order (sorted by id, as `CocoDataset` numbers them 1..K); empty when
+            the json has none;
+        image_ids: file_name -> image id.
+    Raises:
+        DatasetError: the json is missing, invalid, or a category / image lacks its id or name.
+    """
+    path = Path(annotations)
+    data = _load_json(path, required=("images",))  # image-info jsons (e.g. COCO test-dev) have no annotations
+    data.setdefault("categories", [])
+    for category in data["categories"]:
+        _require(category, ("id", "name"), "category", path)
+    for image in data["images"]:
+        _require(image, ("id", "file_name"), "image", path)
+    categories = sorted(({"id": c["id"], "name": c["name"]} for c in data["categories"]), key=lambda c: c["id"])
+    return categories, {image["file_name"]: image["id"] for image in data["images"]}
 
 
 def build_coco_subset(instances_json: str | Path, out_json: str | Path, *,

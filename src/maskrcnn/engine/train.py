@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from maskrcnn.config import Config, config_to_dict, save_config
-from maskrcnn.data import DatasetError, build_dataset, build_train_loader
+from maskrcnn.data import DatasetError, build_dataset, build_train_loader, dataset_categories
 from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
 from maskrcnn.engine.common import autocast, images_to_model, resolve_device, targets_to_device
@@ -309,9 +309,10 @@ class Trainer:
         return float(load_checkpoint(path)["best_ap"]) if self.main and path.is_file() else -1.0
 
     def _state(self, iteration: int) -> dict:
-        """What every checkpoint holds: weights, iteration, config and class names (tensors and plain values)."""
+        """What every checkpoint holds: weights, iteration, config and the classes as [{"id", "name"}] per label
+        (tensors and plain values)."""
         return {"model": unwrap(self.model).state_dict(), "iteration": iteration, "config": config_to_dict(self.cfg),
-                "class_names": list(self.train_set.class_names)}
+                "categories": dataset_categories(self.train_set)}
 
     def save(self, iteration: int) -> None:
         """last.pt at `iteration`, with the optimiser and schedule to resume from (rank 0; once per iteration)."""
