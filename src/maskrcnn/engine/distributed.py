@@ -73,3 +73,26 @@ def reduce_loss_dict(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         dist.all_reduce(stacked)
         stacked = stacked / get_world_size()
     return dict(zip(names, stacked))
+
+
+def shard(count: int) -> range:
+    """This rank's share of `count` items for sharded evaluation: items rank, rank + world_size, ..."""
+    return range(get_rank(), count, get_world_size())
+
+
+def gather_shards(items: list) -> list | None:
+    """Collects every rank's `shard` results on rank 0, in the order of the whole sequence.
+
+    Args:
+        items: this rank's results, one per item of `shard(count)`, in order; picklable.
+    Returns:
+        On rank 0 the results of all `count` items in order (item k * world_size + r is rank r's k-th); None on
+        the other ranks. In a single process: `items` itself.
+    """
+    if not is_distributed():
+        return items
+    parts = [None] * get_world_size() if is_main() else None
+    dist.gather_object(items, parts, dst=0)
+    if not is_main():
+        return None
+    return [part[k] for k in range(max(map(len, parts))) for part in parts if k < len(part)]

@@ -23,9 +23,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from maskrcnn.data import build_eval_loader
+from maskrcnn.engine import distributed
 from maskrcnn.engine.common import autocast, images_to_model, output_to_cpu
 from maskrcnn.fileio import write_text_atomic
 
@@ -321,6 +323,30 @@ def _infer(model: torch.nn.Module, batches: Iterable, *, device: torch.device, a
     return run
 
 
+def _gather(run: _Inference) -> _Inference | None:
+    """On rank 0, the inference of the whole data set from every rank's share (images rank, rank + world_size,
+    ...; see `distributed.shard`), in data-set order, annotation ids renumbered; None on the other ranks. The
+    pictures stay rank 0's own (its first images)."""
+    detections_per_image: dict[int, list[dict]] = defaultdict(list)
+    for det in run.detections:
+        detections_per_image[det["image_id"]].append(det)
+    annotations_per_image: dict[int, list[dict]] = defaultdict(list)
+    for ann in run.gt_annotations:
+        annotations_per_image[ann["image_id"]].append(ann)
+    gt_images = run.gt_images or [None] * len(run.image_ids)
+    records = distributed.gather_shards([(image_id, detections_per_image[image_id], gt_image,
+                                          annotations_per_image[image_id])
+                                         for image_id, gt_image in zip(run.image_ids, gt_images)])
+    if records is None:
+        return None
+    annotations = (ann for _, _, _, anns in records for ann in anns)
+    return _Inference(image_ids=[image_id for image_id, _, _, _ in records],
+                      detections=[det for _, dets, _, _ in records for det in dets],
+                      gt_images=[gt_image for _, _, gt_image, _ in records if gt_image is not None],
+                      gt_annotations=[{**ann, "id": number} for number, ann in enumerate(annotations, start=1)],
+                      pictures=run.pictures)
+
+
 def score_detections(coco_gt: COCO, detections: list[dict], *, image_ids: list[int], class_names: list[str],
                      label_to_category_id: dict[int, int], iou_thresh: float) -> tuple[dict, dict]:
     """COCO AP and the original project's per-class AP of detections; returns (metrics, pr_curves) as described
@@ -360,7 +386,8 @@ def evaluate(
     out_dir: str | Path | None = None,
     progress: bool = False,
     num_vis: int = 0,
-) -> EvalResult:
+    sharded: bool = False,
+) -> EvalResult | None:
     """Runs the model over batches of a data set (in eval mode; its mode is restored after) and scores the
     detections.
 
@@ -378,8 +405,11 @@ def evaluate(
         out_dir: where to write metrics.json, detections.json and pr_curves.json; None writes nothing.
         progress: show a tqdm bar.
         num_vis: keep the first num_vis images with their outputs (and proposals) in `EvalResult.pictures`.
+        sharded: `batches` hold this rank's share of the data set (images rank, rank + world_size, ...; see
+            `distributed.shard`): the per-image results are gathered on rank 0 and scored there.
     Returns:
-        EvalResult with the metrics, PR curves, COCO results and pictures.
+        EvalResult with the metrics, PR curves, COCO results and pictures; None on the ranks other than 0 when
+        sharded.
     """
     label_to_category_id = label_to_category_id or {k: k for k in range(1, len(class_names) + 1)}
     was_training = model.training
@@ -390,6 +420,10 @@ def evaluate(
                      progress=progress)
     finally:
         model.train(was_training)
+    if sharded and distributed.get_world_size() > 1:
+        run = _gather(run)
+        if run is None:
+            return None
     if coco_gt is None:
         coco_gt = build_coco_ground_truth(run.gt_images, run.gt_annotations, class_names)
     metrics, pr_curves = score_detections(coco_gt, run.detections, image_ids=run.image_ids, class_names=class_names,
@@ -416,12 +450,16 @@ def evaluate_dataset(
     batch_size: int,
     device: torch.device,
     num_workers: int = 0,
+    max_images: int | None = None,
     **kwargs,
-) -> EvalResult:
-    """`evaluate` over a data set of the package: batches from `build_eval_loader`; the dataset's `coco` and
-    `label_to_category_id` (COCO format) are the ground truth when present. Other keyword arguments go to
-    `evaluate`."""
-    loader = build_eval_loader(dataset, batch_size=batch_size, num_workers=num_workers)
+) -> EvalResult | None:
+    """`evaluate` over a data set of the package, sharded across the ranks of a distributed run (every rank must
+    call it; rank 0 returns the result, the others None): batches from `build_eval_loader`; the dataset's `coco`
+    and `label_to_category_id` (COCO format) are the ground truth when present. `max_images` keeps the data set's
+    first images; other keyword arguments go to `evaluate`."""
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    loader = build_eval_loader(Subset(dataset, distributed.shard(count)), batch_size=batch_size,
+                               num_workers=num_workers)
     return evaluate(
         model,
         loader,
@@ -429,5 +467,6 @@ def evaluate_dataset(
         device=device,
         coco_gt=getattr(dataset, "coco", None),
         label_to_category_id=getattr(dataset, "label_to_category_id", None),
+        sharded=True,
         **kwargs,
     )

@@ -323,16 +323,15 @@ class Trainer:
         self.saved_at = iteration
 
     def evaluate(self, iteration: int) -> EvalResult | None:
-        """Evaluates on the validation set (rank 0; the others wait), logs the metrics and writes best.pt when
-        the mask AP improved. Returns the evaluation (None on the other ranks)."""
-        result = None
+        """Evaluates on the validation set, sharded across the ranks (rank 0 gathers and scores), logs the metrics
+        and writes best.pt when the mask AP improved. Returns the evaluation (None on the other ranks)."""
+        ec = self.cfg.eval
+        result = evaluate_dataset(
+            unwrap(self.model), self.val_set, batch_size=ec.batch_size, device=self.device,
+            num_workers=self.cfg.data.num_workers, iou_thresh=ec.iou_thresh, max_images=ec.max_images,
+            amp=self.tc.amp, out_dir=self.out_dir, num_vis=ec.num_vis,
+        )
         if self.main:
-            ec = self.cfg.eval
-            result = evaluate_dataset(
-                unwrap(self.model), self.val_set, batch_size=ec.batch_size, device=self.device,
-                num_workers=self.cfg.data.num_workers, iou_thresh=ec.iou_thresh, max_images=ec.max_images,
-                amp=self.tc.amp, out_dir=self.out_dir, num_vis=ec.num_vis,
-            )
             self.logger.log({"iteration": iteration, "eval": result.metrics})
             if mask_ap(result) > self.best_ap:
                 self.best_ap = mask_ap(result)
