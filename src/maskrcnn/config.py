@@ -132,12 +132,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.02  # base learning rate (for the whole batch)
+    lr: float = 0.02  # base learning rate for the total batch (all processes); scale it linearly with the total batch
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 / decoupled weight decay
-    batch_size: int = 2  # images per iteration
+    batch_size: int = 2  # images per iteration of ONE process; under torchrun the total batch is this x processes
     max_iters: int = 1000  # iterations to train
-    max_minutes: float | None = None  # stop after this much wall-clock time even if max_iters is not reached
+    max_minutes: float | None = None  # training time budget: the schedule is fitted to the measured speed, and training stops when it is spent
     warmup_iters: int = 200  # iterations of linear warm-up
     warmup_factor: float = 0.001  # learning rate at the first warm-up iteration, as a fraction of lr
     schedule: str = "step"  # step | cosine (after warm-up)
@@ -148,10 +148,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None  # CPU threads of torch for the process; None: torch's default (one per core)
     seed: int = 0  # seed of every random generator
-    log_period: int = 10  # iterations between progress-bar / metrics.jsonl records
+    log_period: int = 10  # iterations between log lines (terminal, log.txt, metrics.jsonl, TensorBoard)
     eval_period: int = 0  # iterations between evaluations; 0: only at the end
     checkpoint_period: int = 500  # iterations between checkpoints (last.pt); the end always writes one
     out_dir: str = "runs/default"  # run directory: checkpoints, metrics, figures, report
+    sync_batchnorm: bool = False  # torchrun: BatchNorm statistics over every process's images (trainable BatchNorm only)
+    tensorboard: bool = False  # also write losses, lr and APs as TensorBoard scalars to out_dir/tb (pip install maskrcnn[tensorboard])
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def test_match_image_without_ground_truth():
     assert not is_tp.any() and not ignored.any()
 
 
-def test_perfect_predictions_give_ap_one(tmp_path):
+def test_perfect_predictions_give_ap_one(tmp_path, caplog):
     targets = [
         rect_target([[2, 3, 20, 30], [25, 5, 45, 25]], [1, 2], image_id=11),
         rect_target([[0, 0, 30, 36]], [1], image_id=12),
@@ -95,7 +95,10 @@ def test_perfect_predictions_give_ap_one(tmp_path):
     batches = [([image(), image()], targets[:2]), ([image()], targets[2:])]
     model = Replay([[as_output(t, [1.0] * len(t["labels"])) for t in targets[:2]],
                     [as_output(targets[2], [0.9, 0.8])]])
-    result = evaluate(model, batches, class_names=["a", "b"], device=torch.device("cpu"), out_dir=tmp_path)
+    with caplog.at_level("INFO", logger="maskrcnn"):
+        result = evaluate(model, batches, class_names=["a", "b"], device=torch.device("cpu"), out_dir=tmp_path)
+    assert any(m.startswith("evaluate: 3 images in") for m in caplog.messages)  # progress, to the maskrcnn logger
+    assert "evaluate: scoring 5 detections on 3 images (COCOeval, per-class AP)" in caplog.messages
     for kind in ("bbox", "segm"):
         assert result.metrics[kind]["AP"] == pytest.approx(1.0)
         assert result.metrics[kind]["AP50"] == pytest.approx(1.0)

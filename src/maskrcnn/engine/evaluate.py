@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,13 +26,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from maskrcnn.data import build_eval_loader
 from maskrcnn.engine import distributed
 from maskrcnn.engine.common import autocast, images_to_model, output_to_cpu
 from maskrcnn.fileio import write_text_atomic
 
+log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds, plus one when inference is done
 # COCOeval.stats indices 0..5 and their usual names.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -299,10 +302,12 @@ class _Inference:
 
 
 def _infer(model: torch.nn.Module, batches: Iterable, *, device: torch.device, amp: bool, max_images: int | None,
-           label_to_category_id: dict[int, int], gt_from_targets: bool, num_vis: int, progress: bool) -> _Inference:
-    """Runs the model (in the mode it is in) over the batches; see `evaluate` for the arguments."""
+           label_to_category_id: dict[int, int], gt_from_targets: bool, num_vis: int) -> _Inference:
+    """Runs the model (in the mode it is in) over the batches; see `evaluate` for the arguments. Logs progress
+    every PROGRESS_SECONDS and when done."""
     run = _Inference()
-    bar = tqdm(desc="evaluate", unit="img", total=max_images, disable=not progress, dynamic_ncols=True)
+    total = _count(batches, max_images)
+    started = last_line = time.perf_counter()
     for images, targets in batches:
         if max_images is not None and len(run.image_ids) >= max_images:
             break
@@ -318,8 +323,12 @@ def _infer(model: torch.nn.Module, batches: Iterable, *, device: torch.device, a
             if gt_from_targets:
                 run.gt_images.append({"id": image_id, "height": int(image.shape[-2]), "width": int(image.shape[-1])})
                 run.gt_annotations.extend(targets_to_coco_annotations(target, image_id, len(run.gt_annotations) + 1))
-        bar.update(len(images))
-    bar.close()
+        if time.perf_counter() - last_line >= PROGRESS_SECONDS:
+            last_line = time.perf_counter()
+            log.info(_progress_line(len(run.image_ids), total, last_line - started))
+    seconds = time.perf_counter() - started
+    log.info(f"evaluate: {len(run.image_ids)} images in {seconds:.1f} s "
+             f"({len(run.image_ids) / max(seconds, 1e-9):.1f} images/s)")
     return run
 
 
@@ -384,7 +393,6 @@ def evaluate(
     max_images: int | None = None,
     amp: bool = True,
     out_dir: str | Path | None = None,
-    progress: bool = False,
     num_vis: int = 0,
     sharded: bool = False,
 ) -> EvalResult | None:
@@ -403,29 +411,32 @@ def evaluate(
         max_images: stop after this many images; None: all.
         amp: bf16 autocast on CUDA.
         out_dir: where to write metrics.json, detections.json and pr_curves.json; None writes nothing.
-        progress: show a tqdm bar.
         num_vis: keep the first num_vis images with their outputs (and proposals) in `EvalResult.pictures`.
         sharded: `batches` hold this rank's share of the data set (images rank, rank + world_size, ...; see
             `distributed.shard`): the per-image results are gathered on rank 0 and scored there.
     Returns:
         EvalResult with the metrics, PR curves, COCO results and pictures; None on the ranks other than 0 when
         sharded.
+
+    Progress goes to the `maskrcnn` logger: images done, images/s and the time left, every PROGRESS_SECONDS.
     """
     label_to_category_id = label_to_category_id or {k: k for k in range(1, len(class_names) + 1)}
     was_training = model.training
     model.eval()
     try:
         run = _infer(model, batches, device=device, amp=amp, max_images=max_images,
-                     label_to_category_id=label_to_category_id, gt_from_targets=coco_gt is None, num_vis=num_vis,
-                     progress=progress)
+                     label_to_category_id=label_to_category_id, gt_from_targets=coco_gt is None, num_vis=num_vis)
     finally:
         model.train(was_training)
     if sharded and distributed.get_world_size() > 1:
+        log.info(f"evaluate: gathering the {distributed.get_world_size()} processes' shares on rank 0")
         run = _gather(run)
         if run is None:
             return None
     if coco_gt is None:
         coco_gt = build_coco_ground_truth(run.gt_images, run.gt_annotations, class_names)
+    log.info(f"evaluate: scoring {len(run.detections)} detections on {len(run.image_ids)} images (COCOeval, "
+             f"per-class AP)")
     metrics, pr_curves = score_detections(coco_gt, run.detections, image_ids=run.image_ids, class_names=class_names,
                                           label_to_category_id=label_to_category_id, iou_thresh=iou_thresh)
     result = EvalResult(metrics=metrics, pr_curves=pr_curves, detections=run.detections,
@@ -433,6 +444,21 @@ def evaluate(
     if out_dir is not None:
         write_eval_files(result, out_dir)
     return result
+
+
+def _count(batches: Iterable, max_images: int | None) -> int | None:
+    """Images `evaluate` will see: a DataLoader's data set length, capped by max_images (None when unknown)."""
+    dataset = getattr(batches, "dataset", None)
+    count = len(dataset) if dataset is not None else None
+    return max_images if count is None else min(count, max_images if max_images is not None else count)
+
+
+def _progress_line(done: int, total: int | None, seconds: float) -> str:
+    """'evaluate: 96/200 images, 12.3 images/s, 8 s left' (this process's images in a sharded evaluation)."""
+    speed = done / max(seconds, 1e-9)
+    if total is None:
+        return f"evaluate: {done} images, {speed:.1f} images/s"
+    return f"evaluate: {done}/{total} images, {speed:.1f} images/s, {(total - done) / max(speed, 1e-9):.0f} s left"
 
 
 def write_eval_files(result: EvalResult, out_dir: str | Path) -> None:
