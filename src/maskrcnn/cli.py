@@ -7,7 +7,9 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -512,6 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
 
+@contextlib.contextmanager
+def _progress_to_terminal():
+    """The `maskrcnn` logger's progress lines (training, evaluation, report) on stdout while a command runs; in a
+    torchrun job on rank 0 only."""
+    logger = logging.getLogger("maskrcnn")
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _message(error: BaseException) -> str:
     """The error's message on one line. An error raised in a DataLoader worker comes back re-raised with the
     worker's whole traceback as its message; only the original message (its last exception line) is kept."""
@@ -557,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("MASKRCNN_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
+        with _progress_to_terminal():
+            return args.func(args)
     except KeyboardInterrupt:
         print("maskrcnn: interrupted", file=sys.stderr)
         return 130

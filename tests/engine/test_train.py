@@ -18,7 +18,8 @@ import maskrcnn.engine.train as train_module
 from maskrcnn.config import config_from_dict
 from maskrcnn.data import DatasetError
 from maskrcnn.engine.checkpoint import LOCK_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from maskrcnn.engine.train import NonFiniteLossError, lr_factor, train
+from maskrcnn.config import ConfigError
+from maskrcnn.engine.train import NonFiniteLossError, TimeBudget, Trainer, lr_factor, sync_batchnorm, train
 from maskrcnn.fileio import DiskFullError
 from maskrcnn.model import build_model
 
@@ -157,6 +158,100 @@ def test_time_budget_stops_early_and_evaluates(tmp_path, tiny_config):
     assert result.stopped_early and result.iterations == 1
     assert result.evaluation is not None and (tmp_path / "t" / "metrics.json").is_file()
     assert load_checkpoint(tmp_path / "t" / "last.pt")["iteration"] == 1
+
+
+class FakeClock:
+    """time.perf_counter at hand-chosen instants."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_budget_fits_the_schedule_to_the_measured_speed(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    budget = TimeBudget(max_iters=1000, minutes=1.0, warmup_iters=20)
+    budget.start(0)
+    clock.now = 5.0
+    budget.refit(10)  # still warming up: the plan is max_iters
+    assert budget.planned_iters == 1000 and budget.seconds_per_iteration() == 0.5
+    clock.now = 10.0
+    budget.refit(20)  # 0.5 s/it, 50 s left: 100 more iterations
+    assert budget.planned_iters == 120
+    clock.now = 20.0
+    budget.refit(30)  # 20 s for 30 iterations: 0.667 s/it, 40 s left: 60 more
+    assert budget.planned_iters == 90
+    state = budget.state_dict()
+    assert state == {"spent": 20.0, "planned_iters": 90}
+
+    resumed = TimeBudget(max_iters=1000, minutes=1.0, warmup_iters=20)  # another process, its own clock
+    resumed.load_state_dict(state)
+    clock.now = 100.0
+    resumed.start(30)
+    assert resumed.planned_iters == 90 and resumed.elapsed() == 20.0
+    clock.now = 139.0
+    assert not resumed.out_of_time()
+    clock.now = 140.0  # 20 s before + 40 s now: the minute is spent
+    assert resumed.out_of_time()
+    unlimited = TimeBudget(max_iters=50, minutes=None, warmup_iters=0)
+    unlimited.start(0)
+    clock.now = 1000.0
+    unlimited.refit(10)
+    assert unlimited.planned_iters == 50 and not unlimited.out_of_time()
+
+
+def test_schedule_follows_the_planned_length_and_resume_restores_it(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=30", "train.schedule=step", "train.steps=[2]")
+    train(cfg, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["budget"]["planned_iters"] == 4 and state["budget"]["spent"] > 0  # 30 min: max_iters fit
+    state["budget"] = {"spent": 120.0, "planned_iters": 3}
+    save_checkpoint(state, tmp_path / "run" / "last.pt")
+    trainer = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=True)
+    assert trainer.budget.planned_iters == 3 and trainer.budget.elapsed() >= 120.0
+    trainer.budget.planned_iters = 40  # ten times max_iters: the step at 2 moves to 20, warm-up (2) stays
+    assert [trainer.lr_factor(i) for i in (19, 20)] == [pytest.approx(1.0), pytest.approx(0.1)]
+    cosine = Trainer(replace(cfg, train=replace(cfg.train, schedule="cosine", out_dir=str(tmp_path / "c"))),
+                     device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    cosine.budget.planned_iters = 10
+    assert cosine.lr_factor(5) == pytest.approx(0.5)  # half way through the planned cosine
+
+
+def test_progress_lines_go_to_the_log_and_log_txt(tmp_path, tiny_config, caplog):
+    with caplog.at_level("INFO", logger="maskrcnn"):
+        train(tiny_config(tmp_path / "run", "train.log_period=2"), progress=False)
+    lines = caplog.messages
+    assert any("1 process x 2 images = total batch 2; train.lr 0.01 is for this total batch (linear scaling rule"
+               in line for line in lines)
+    progress = [line for line in lines if line.startswith("iter ")]
+    assert [line.split()[1] for line in progress] == ["2/4", "4/4"]
+    assert all(" loss " in line and "(rpn_cls " in line and " lr " in line for line in progress)
+    assert "images/s  ETA " in progress[-1]
+    assert any(line.startswith("evaluate: 2 images in") for line in lines)
+    log_txt = (tmp_path / "run" / "log.txt").read_text()
+    assert "iter 4/4" in log_txt and "evaluate: 2 images in" in log_txt
+    assert not (tmp_path / "run" / "tb").exists()  # TensorBoard only when asked
+
+
+def test_tensorboard_when_asked(tmp_path, tiny_config, monkeypatch):
+    train(tiny_config(tmp_path / "run", "train.tensorboard=true"), progress=False)
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
+    with pytest.raises(ConfigError, match=r"train.tensorboard: true needs the tensorboard package: pip install"):
+        train(tiny_config(tmp_path / "other", "train.tensorboard=true"), progress=False)
+
+
+def test_sync_batchnorm_only_where_it_can_work():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert sync_batchnorm(model, enabled=True, world_size=1, device=torch.device("cpu")) is model
+    assert sync_batchnorm(model, enabled=False, world_size=2, device=torch.device("cuda")) is model
+    converted = sync_batchnorm(model, enabled=True, world_size=2, device=torch.device("cuda"))
+    assert isinstance(converted[1], torch.nn.SyncBatchNorm)
+    with pytest.raises(ConfigError, match="train.sync_batchnorm: true needs CUDA"):
+        sync_batchnorm(model, enabled=True, world_size=2, device=torch.device("cpu"))
 
 
 def test_last_checkpoint_is_written_before_the_final_evaluation(tmp_path, monkeypatch, tiny_config):

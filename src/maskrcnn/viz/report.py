@@ -7,6 +7,7 @@ here."""
 from __future__ import annotations
 
 import html
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from maskrcnn.fileio import write_text_atomic
 from maskrcnn.viz.draw import draw_detections, draw_masks, draw_proposals, save_png, side_by_side
 from maskrcnn.viz.plots import plot_loss_curves, plot_pr_curves, read_metrics_jsonl
 
+log = logging.getLogger(__name__)
 MIN_PICTURE_SIDE = 384  # smaller images (e.g. the 128 px synthetic ones) are enlarged so that labels stay readable
 ORIGINAL_BOX_MAP = 0.503  # the original project's BoxHead mAP (per-class AP at IoU 0.5, 3 classes; SEED.md)
 ORIGINAL_CLASSES = ["vehicles", "people", "animals"]  # its task; `maskrcnn data coco-subset` writes the same classes
@@ -152,6 +154,7 @@ def build_report(
     """
     run_dir = Path(run_dir)
     fig_dir = run_dir / FIGURES_DIR
+    log.info(f"report: drawing loss curves, stage pictures and precision-recall curves into {fig_dir}")
     metrics_path = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
     losses = plot_loss_curves(read_metrics_jsonl(metrics_path), fig_dir) if metrics_path.is_file() else {}
     pictures = render_stage_pictures(evaluation.pictures, fig_dir, class_names=evaluation.class_names,
