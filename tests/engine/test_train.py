@@ -228,7 +228,7 @@ def test_progress_lines_go_to_the_log_and_log_txt(tmp_path, tiny_config, caplog)
                in line for line in lines)
     progress = [line for line in lines if line.startswith("iter ")]
     assert [line.split()[1] for line in progress] == ["2/4", "4/4"]
-    assert all(" loss " in line and "(rpn_cls " in line and " lr " in line for line in progress)
+    assert all(" loss " in line and "(box_cls " in line and " rpn_cls " in line and " lr " in line for line in progress)
     assert "images/s  ETA " in progress[-1]
     assert any(line.startswith("evaluate: 2 images in") for line in lines)
     log_txt = (tmp_path / "run" / "log.txt").read_text()
