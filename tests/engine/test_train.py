@@ -196,6 +196,12 @@ def test_time_budget_fits_the_schedule_to_the_measured_speed(monkeypatch):
     assert not resumed.out_of_time()
     clock.now = 140.0  # 20 s before + 40 s now: the minute is spent
     assert resumed.out_of_time()
+    shorter = TimeBudget(max_iters=60, minutes=1.0, warmup_iters=20)  # resumed with a smaller max_iters
+    shorter.load_state_dict(state)
+    assert shorter.planned_iters == 60
+    no_budget = TimeBudget(max_iters=500, minutes=None, warmup_iters=20)  # resumed without a budget: max_iters
+    no_budget.load_state_dict(state)
+    assert no_budget.planned_iters == 500 and no_budget.spent == 20.0
     unlimited = TimeBudget(max_iters=50, minutes=None, warmup_iters=0)
     unlimited.start(0)
     clock.now = 1000.0

@@ -160,7 +160,11 @@ class TimeBudget:
         return {"spent": self.elapsed(), "planned_iters": self.planned_iters}
 
     def load_state_dict(self, state: dict) -> None:
-        self.spent, self.planned_iters = float(state["spent"]), int(state["planned_iters"])
+        """Continues a run: the time it spent and, under a budget, its plan (at most this run's max_iters; a run
+        resumed with a larger max_iters and no budget trains to that)."""
+        self.spent = float(state["spent"])
+        if self.seconds is not None:
+            self.planned_iters = min(int(state["planned_iters"]), self.max_iters)
 
 
 # ------------------------------------------------------------------------------------------- the loop
