@@ -354,7 +354,8 @@ def test_predict_stopped_midway_keeps_the_results_of_the_images_done(tmp_path):
 
     out = tmp_path / "pred"
     with pytest.raises(KeyboardInterrupt):
-        _predict_images(paths, detect, ["thing"], out, 0.5)
+        _predict_images(paths, detect, [{"id": 1, "name": "thing"}], {p: i for i, p in enumerate(paths, 1)}, out,
+                        0.5)
     predictions = json.loads((out / "predictions.json").read_text())
     assert [(p["image_id"], p["bbox"], p["file_name"]) for p in predictions] == [(1, [2.0, 1.0, 3.0, 2.0], str(paths[0]))]
     assert json.loads((out / "images.json").read_text()) == [

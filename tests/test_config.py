@@ -147,7 +147,7 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
     config = load_config(path, ["train.warmup_factor=1e-3"])
     assert (config.train.lr, config.train.weight_decay, config.train.gamma) == (1e-4, 5e-5, 1.0)
     assert config.train.warmup_factor == 1e-3
-    assert load_config(None, ["data.root=1e5x"]).data.root == "1e5x"  # not a number: stays a string
+    assert load_config(None, ["train.out_dir=1e5x"]).train.out_dir == "1e5x"  # not a number: stays a string
 
 
 def test_every_range_rule_names_a_config_key():
