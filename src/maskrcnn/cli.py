@@ -367,7 +367,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.torchvision:
         model, class_names = _torchvision_model(args.checkpoint), None
     else:
-        _, model, _, class_names = _build_for_checkpoint(args.checkpoint, None, args.set)
+        _, model, _, categories = _build_for_checkpoint(args.checkpoint, None, args.set)
+        class_names = [c["name"] for c in categories]
     try:
         info = export_model(model.cpu(), out, class_names=class_names, opset=opset)
     except ImportError as error:
