@@ -14,7 +14,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q -e ".[test,lite,export]"
+	$(BIN)/pip install -q -e ".[test,lite,export,tensorboard]"
 	touch $(STAMP)
 
 install: $(STAMP)

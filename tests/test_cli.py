@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 import maskrcnn.cli
-from maskrcnn.cli import config_file, main, preset_names, preset_path
+from maskrcnn.cli import _first_free_run_folder, config_file, main, preset_names, preset_path
 from maskrcnn.config import load_config
 from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.fileio import read_jsonl
@@ -268,7 +268,7 @@ def test_sigint_saves_a_checkpoint_a_second_trainer_is_refused_and_resume_contin
         while len(training_iterations(run)) < 2:
             assert trainer.poll() is None and time.monotonic() < deadline, trainer.stderr.read()[-2000:]
             time.sleep(0.2)
-        one_line_error(capsys, argv, f"{run}: another training (pid {trainer.pid})")
+        one_line_error(capsys, [*argv, "--overwrite"], f"{run}: another training (pid {trainer.pid})")
         trainer.send_signal(signal.SIGINT)
         _, stderr = trainer.communicate(timeout=240)
     finally:
@@ -281,6 +281,27 @@ def test_sigint_saves_a_checkpoint_a_second_trainer_is_refused_and_resume_contin
     assert load_checkpoint(run / "last.pt")["iteration"] == done[-1]
     assert main([*argv, "--resume", "--set", f"train.max_iters={done[-1] + 2}"]) == 0
     assert training_iterations(run) == list(range(1, done[-1] + 3))
+
+
+def test_a_new_run_never_replaces_an_earlier_one_without_resume_or_overwrite(tmp_path, capsys, tiny_values):
+    """The earlier run's files are refused by name before any work, and stay as they were; `demo` without --out
+    moves on to the first free runs/demo-N instead."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_values))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "loss": 1.0}\n')
+    one_line_error(capsys, ["train", str(config), "--out", str(run)], f"{run / 'metrics.jsonl'} is from an earlier run",
+                   "--resume", "--overwrite")
+    assert (run / "metrics.jsonl").read_text() == '{"iteration": 1, "loss": 1.0}\n'
+    (tmp_path / "demo-2").mkdir()
+    (tmp_path / "demo-2" / "last.pt").write_bytes(b"earlier")
+    (tmp_path / "demo-3").mkdir()  # an empty folder holds no run
+    assert _first_free_run_folder(run) == tmp_path / "run-2"
+    assert _first_free_run_folder(tmp_path / "demo") == tmp_path / "demo"
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "best.pt").write_bytes(b"earlier")
+    assert _first_free_run_folder(tmp_path / "demo") == tmp_path / "demo-3"
 
 
 def training_iterations(run: Path) -> list[int]:

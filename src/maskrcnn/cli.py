@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -110,9 +111,27 @@ def _check_categories(checkpoint: str, categories: list[dict], data: str, data_c
                            f"{describe_categories(data_categories)}")
 
 
-def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
+# What a training run writes that a new run in the same folder would replace or truncate.
+RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+def _earlier_run_output(out_dir: Path) -> Path | None:
+    """The first file of an earlier training run in `out_dir`, or None."""
+    return next((out_dir / name for name in RUN_OUTPUTS if (out_dir / name).exists()), None)
+
+
+def _first_free_run_folder(out_dir: Path) -> Path:
+    """`out_dir`, or the first of out_dir-2, out_dir-3, ... that holds no earlier run."""
+    candidates = itertools.chain([out_dir], (out_dir.with_name(f"{out_dir.name}-{n}") for n in itertools.count(2)))
+    return next(folder for folder in candidates if _earlier_run_output(folder) is None)
+
+
+def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> int:
     """Trains, evaluates, writes the report; prints where everything is. Returns the exit status: 0, or 128 + the
-    signal's number when SIGINT / SIGTERM stopped the training (after saving last.pt)."""
+    signal's number when SIGINT / SIGTERM stopped the training (after saving last.pt).
+
+    A folder that holds an earlier run is trained into only with `resume` (continue it) or `overwrite` (replace
+    it): a new run would truncate its metrics.jsonl and replace its checkpoints."""
     import signal
 
     from maskrcnn.data import build_dataset, with_num_classes
@@ -121,6 +140,10 @@ def _run_training(cfg: Config, *, resume: bool, title: str) -> int:
     from maskrcnn.fileio import full_disk_as_error
     from maskrcnn.viz.report import build_report, format_metric
 
+    earlier = _earlier_run_output(Path(cfg.train.out_dir))
+    if earlier is not None and not (resume or overwrite):
+        raise CommandError(f"{earlier} is from an earlier run; pass --resume to continue it, --overwrite to replace "
+                           f"it, or choose another --out")
     started = time.perf_counter()
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     cfg = with_num_classes(cfg, train_set, val_set)
@@ -256,16 +279,19 @@ def _predict_images(paths: list[Path], detect: Detector, categories: list[dict],
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    cfg = _out_dir(load_config(preset_path("demo"), args.set), args.out)
+    cfg = load_config(preset_path("demo"), args.set)
+    if args.out is None and not args.overwrite:  # a second `maskrcnn demo` keeps the first one's run
+        cfg = _out_dir(cfg, str(_first_free_run_folder(Path(cfg.train.out_dir))))
+    cfg = _out_dir(cfg, args.out)
     if args.minutes is not None:
         cfg = replace(cfg, train=replace(cfg.train, max_minutes=args.minutes))
-    return _run_training(cfg, resume=False, title="Mask R-CNN demo (synthetic shapes)")
+    return _run_training(cfg, resume=False, overwrite=args.overwrite, title="Mask R-CNN demo (synthetic shapes)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     path = config_file(args.config)
     cfg = _out_dir(load_config(path, args.set), args.out)
-    return _run_training(cfg, resume=args.resume, title=f"Mask R-CNN run ({path.stem})")
+    return _run_training(cfg, resume=args.resume, overwrite=args.overwrite, title=f"Mask R-CNN run ({path.stem})")
 
 
 # What `evaluate` writes into its output folder: replaced only with --overwrite (the folder may be a training run's).
@@ -441,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "held-out images and write report.md / report.html.")
     demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo)")
     demo.add_argument("--minutes", type=float, metavar="M", help="training time budget in minutes (default: 10)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the run in the output folder (default: runs/demo, or the first runs/demo-N "
+                           "that holds no earlier run)")
     add_set(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -450,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"a preset ({', '.join(preset_names())}) or a YAML file")
     add_set(train)
     train.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in the run directory (its checkpoints and metrics)")
     train.add_argument("--out", metavar="DIR", help="run directory (default: the config's train.out_dir)")
     train.set_defaults(func=cmd_train)
 

@@ -15,10 +15,10 @@ from maskrcnn.engine.checkpoint import (
     CheckpointError,
     RunLock,
     RunLockedError,
-    first_non_finite,
     load_checkpoint,
     save_checkpoint,
 )
+from maskrcnn.model.pretrained import first_non_finite
 
 
 def test_a_crafted_pickle_is_refused_without_running(tmp_path, write_malicious_checkpoint):

@@ -242,9 +242,13 @@ def test_progress_lines_go_to_the_log_and_log_txt(tmp_path, tiny_config, caplog)
     assert not (tmp_path / "run" / "tb").exists()  # TensorBoard only when asked
 
 
-def test_tensorboard_when_asked(tmp_path, tiny_config, monkeypatch):
+def test_tensorboard_when_asked(tmp_path, tiny_config):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     train(tiny_config(tmp_path / "run", "train.tensorboard=true"), progress=False)
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_asked_without_the_package_is_a_config_error(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
     with pytest.raises(ConfigError, match=r"train.tensorboard: true needs the tensorboard package: pip install"):
         train(tiny_config(tmp_path / "other", "train.tensorboard=true"), progress=False)

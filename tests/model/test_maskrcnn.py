@@ -223,3 +223,8 @@ def test_weights_from_checkpoint_and_state_dict(tmp_path, model):
         build_model(dataclasses.replace(cfg, weights=str(tmp_path / "missing.pt")))
     with pytest.raises(WeightsError, match="bare.pt"):
         build_model(dataclasses.replace(cfg, num_classes=5, weights=str(tmp_path / "bare.pt")))
+    state = model.state_dict()
+    name = next(key for key, value in state.items() if value.is_floating_point())
+    torch.save({**state, name: torch.full_like(state[name], float("inf"))}, tmp_path / "inf.pt")
+    with pytest.raises(WeightsError, match=f"inf.pt: weight {name} holds NaN or infinite"):
+        build_model(dataclasses.replace(cfg, weights=str(tmp_path / "inf.pt")))

@@ -12,9 +12,9 @@ import pickle
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from maskrcnn.fileio import atomic_write
+from maskrcnn.model.pretrained import first_non_finite
 
 LOCK_NAME = ".lock"  # in the run folder: the pid of the process training there
 
@@ -26,14 +26,6 @@ class CheckpointError(ValueError):
 
 class RunLockedError(RuntimeError):
     """Another live process is training in the same run folder; the message names it and the lock file."""
-
-
-def first_non_finite(state_dict: dict[str, Tensor]) -> str | None:
-    """The name of the first floating-point tensor that holds a NaN or an infinity, or None."""
-    for name, value in state_dict.items():
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return name
-    return None
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

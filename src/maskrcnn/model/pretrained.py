@@ -55,11 +55,19 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, Tensor], source:
                            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
+def first_non_finite(state_dict: dict[str, Tensor]) -> str | None:
+    """The name of the first floating-point tensor that holds a NaN or an infinity, or None."""
+    for name, value in state_dict.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     """The state dict in `path` (a bare state dict or a checkpoint dict with key "model"), tensors only.
 
     Raises:
-        FileNotFoundError: no such file. WeightsError: the file holds something else.
+        FileNotFoundError: no such file. WeightsError: the file holds something else, or a NaN / infinite weight.
     """
     if not path.is_file():
         raise FileNotFoundError(f"{what}: no such file {path}")
@@ -72,6 +80,10 @@ def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
         raise WeightsError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of tensors")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise WeightsError(f"{what}: {path}: weight {bad} holds NaN or infinite values (a model with it predicts "
+                           f"nothing)")
     return state
 
 
