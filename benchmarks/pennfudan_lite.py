@@ -94,7 +94,8 @@ def inference_ms(models: dict[str, list[str]], *, threads: int, rounds: int = 5)
 
 def picture(checkpoint: Path, image_file: Path, png: Path, *, score_thresh: float = 0.7) -> None:
     """Writes the masks (and boxes) that `checkpoint` predicts on `image_file` with score >= `score_thresh` to `png`,
-    as a 64-colour palette PNG (small enough for docs/)."""
+    as a 64-colour palette PNG (small enough for docs/). They are drawn on a grey canvas of the photo's size, not on
+    the photo: Penn-Fudan's licence forbids reposting its images, and a picture for the repository would be one."""
     from dataclasses import replace
 
     import torch
@@ -117,7 +118,8 @@ def picture(checkpoint: Path, image_file: Path, png: Path, *, score_thresh: floa
     keep = detections["scores"] >= score_thresh
     masks = detections["masks"][keep, 0] >= 0.5  # (D, 1, H, W) probabilities -> (D, H, W) binary
     colors = [tuple(int(255 * c) for c in rgb) for rgb in colormaps["tab10"].colors[: int(keep.sum())]]
-    drawn = draw_segmentation_masks(image, masks, alpha=0.55, colors=colors)
+    canvas = torch.full_like(image, 200)
+    drawn = draw_segmentation_masks(canvas, masks, alpha=0.8, colors=colors)
     drawn = draw_bounding_boxes(drawn, detections["boxes"][keep], colors=colors, width=2)
     rgb = Image.fromarray(drawn.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
     rgb.quantize(colors=64).save(png, optimize=True)
