@@ -115,15 +115,15 @@ def _check_categories(checkpoint: str, categories: list[dict], data: str, data_c
 RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
 
 
-def _earlier_run_output(out_dir: Path) -> Path | None:
-    """The first file of an earlier training run in `out_dir`, or None."""
-    return next((out_dir / name for name in RUN_OUTPUTS if (out_dir / name).exists()), None)
+def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of `folder / name` that exists, or None: what a run or an evaluation would replace there."""
+    return next((folder / name for name in names if (folder / name).exists()), None)
 
 
 def _first_free_run_folder(out_dir: Path) -> Path:
     """`out_dir`, or the first of out_dir-2, out_dir-3, ... that holds no earlier run."""
     candidates = itertools.chain([out_dir], (out_dir.with_name(f"{out_dir.name}-{n}") for n in itertools.count(2)))
-    return next(folder for folder in candidates if _earlier_run_output(folder) is None)
+    return next(folder for folder in candidates if _first_existing(folder, RUN_OUTPUTS) is None)
 
 
 def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> int:
@@ -140,7 +140,7 @@ def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> 
     from maskrcnn.fileio import full_disk_as_error
     from maskrcnn.viz.report import build_report, format_metric
 
-    earlier = _earlier_run_output(Path(cfg.train.out_dir))
+    earlier = _first_existing(Path(cfg.train.out_dir), RUN_OUTPUTS)
     if earlier is not None and not (resume or overwrite):
         raise CommandError(f"{earlier} is from an earlier run; pass --resume to continue it, --overwrite to replace "
                            f"it, or choose another --out")
@@ -306,9 +306,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent / f"eval_{checkpoint.stem}"
-    existing = [name for name in EVALUATION_OUTPUTS if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise CommandError(f"{out / existing[0]} exists (from a training run or an earlier evaluation); pass "
+    existing = _first_existing(out, EVALUATION_OUTPUTS)
+    if existing is not None and not args.overwrite:
+        raise CommandError(f"{existing} exists (from a training run or an earlier evaluation); pass "
                            f"--overwrite to replace it or choose another --out")
     cfg, model, device, categories = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
     dataset = build_dataset(cfg.data, "val")
