@@ -41,6 +41,7 @@ BAD_CONFIG_VALUES = [
     ("data.num_workers=-1", "data.num_workers"),
     ("train.log_period=0", "train.log_period"),
     ("train.num_threads=0", "train.num_threads"),
+    ("train.num_threads=many", "train.num_threads"),
     ("train.device=tpu", "train.device"),
     ("train.out_dir={file}", "train.out_dir"),
     ("eval.batch_size=0", "eval.batch_size"),

@@ -146,7 +146,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clipping
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU, which trains in fp32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_threads: int | None = None  # CPU threads of torch for the process; None: torch's default (one per core)
+    num_threads: int | str | None = None  # CPU threads of torch: N; auto: the faster of one per core and 1, timed on the first steps (engine/threads.py); None: torch's default (one per core)
     seed: int = 0  # seed of every random generator
     log_period: int = 10  # iterations between log lines (terminal, log.txt, metrics.jsonl, TensorBoard)
     eval_period: int = 0  # iterations between evaluations; 0: only at the end
@@ -209,7 +209,7 @@ _FRACTION = _between(0.0, 1.0, open_low=True)  # 0 would sample or keep nothing
 
 # The range of every number whose type alone does not make it valid. Checked at load, before any work starts, so
 # that `train.log_period: 0` is an error naming the key instead of a ZeroDivisionError hours later. A rule on a
-# tuple applies to each element; a None value (where the field allows None) is not checked.
+# tuple applies to each element; a None value (where the field allows None) or a word (auto) is not checked here.
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.num_classes": _at_least(1),
     "model.backbone.trainable_layers": _between(0, 5),
@@ -298,7 +298,7 @@ def check_config(config: Config) -> Config:
     for key, (test, wanted) in _RANGES.items():
         value = _lookup(config, key)
         for item in value if isinstance(value, tuple) else (value,):
-            if item is not None and not test(item):
+            if isinstance(item, (int, float)) and not test(item):  # None and words (auto) are checked below
                 raise ConfigError(f"{key}: must be {wanted}, got {value!r:.80}")
     transform = config.model.transform
     if transform.min_size is not None and transform.max_size is not None and transform.min_size > transform.max_size:
@@ -312,6 +312,9 @@ def check_config(config: Config) -> Config:
     steps = config.train.steps
     if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
         raise ConfigError(f"train.steps: must be increasing, got {list(steps)}")
+    if isinstance(config.train.num_threads, str) and config.train.num_threads != "auto":
+        raise ConfigError(f"train.num_threads: must be a number of threads, auto or null, got "
+                          f"{config.train.num_threads!r:.80}")
     if not DEVICE_PATTERN.fullmatch(config.train.device):
         raise ConfigError(f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {config.train.device!r:.80}")
     if not config.train.out_dir:

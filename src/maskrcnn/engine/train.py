@@ -36,6 +36,7 @@ from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
 from maskrcnn.engine.common import autocast, images_to_model, resolve_device, targets_to_device
 from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
+from maskrcnn.engine.threads import ThreadProbe
 from maskrcnn.fileio import full_disk_as_error, read_jsonl, remove_temp_files, write_text_atomic
 from maskrcnn.model import build_model
 from maskrcnn.model.pretrained import load_state_dict_checked
@@ -372,6 +373,8 @@ class Trainer:
         self.budget = TimeBudget(max_iters=tc.max_iters, minutes=tc.max_minutes, warmup_iters=tc.warmup_iters)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.start_iter = self._resume(model) if resume else 0
+        probed = tc.num_threads == "auto" and device.type == "cpu"
+        self.threads = ThreadProbe(self.start_iter, None if probed else (torch.get_num_threads(),))
         self.best_ap = self._best_ap() if resume else -1.0
         if self.main:  # only now: a failed check or resume leaves the run folder as it was
             prepare_run_folder(cfg)
@@ -578,7 +581,10 @@ class Trainer:
         iteration = self.start_iter
         try:
             while iteration < self.budget.planned_iters:
+                self.threads.before(iteration)
+                started = time.perf_counter()
                 values = self.step(iteration)
+                self.threads.after(iteration, time.perf_counter() - started)
                 iteration += 1
                 self.log(iteration, values)
                 if self.should_stop(stop) and iteration < self.budget.planned_iters:
@@ -627,7 +633,7 @@ def train(
         DiskFullError: no space left in `out_dir`; the checkpoints written before are kept.
     """
     tc = cfg.train
-    if tc.num_threads is not None:
+    if isinstance(tc.num_threads, int):  # auto: the trainer's ThreadProbe chooses
         torch.set_num_threads(tc.num_threads)
     device = distributed.init_distributed() or resolve_device(tc.device)
     lock = RunLock(tc.out_dir) if distributed.is_main() else contextlib.nullcontext()
