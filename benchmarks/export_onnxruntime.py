@@ -10,15 +10,20 @@ masks are pasted by the package's `paste_masks`); "graph only" is ONNX Runtime's
 
 ONNX Runtime settings: graph optimisation level "all" (and "basic" for comparison), intra-op threads = torch's
 threads; with --int8, dynamic int8 quantisation (onnxruntime.quantization.quantize_dynamic) of the Conv and MatMul
-weights.
+weights; with --int8-static, static int8 quantisation (quantize_static, QDQ) of the backbone and FPN only, calibrated
+on real images (Penn-Fudan photos other than the timed ones; the demo's training images for --demo-checkpoint).
+--onnx-only leaves out the eager rows and the "basic" row (a shorter run under the CPU lock).
 
     python benchmarks/export_onnxruntime.py --out benchmarks/export_onnxruntime.json
     (export first, unlocked, then take the exclusive CPU lock for the timings only:)
-    python benchmarks/export_onnxruntime.py --export-only --model /tmp/bench/model.onnx
+    python benchmarks/export_onnxruntime.py --export-only --model /tmp/bench/model.onnx [--int8] [--int8-static]
     flock -x /work/cpu.lock python benchmarks/export_onnxruntime.py --model /tmp/bench/model.onnx --out ...
+The quantised models are written next to the fp32 one (model_int8.onnx, model_int8_static.onnx) and, like the
+fp32 one, made only when missing.
 
 The int8 accuracy cost is measured on the demo's held-out images by `--demo-checkpoint runs/demo/last.pt`:
-mask and box mAP@0.5 of the eager model, ONNX Runtime fp32 and ONNX Runtime int8 on the same images.
+mask and box mAP@0.5 of the eager model, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic, and static with
+--int8-static) on the same images.
 """
 
 from __future__ import annotations
@@ -77,11 +82,70 @@ def time_it(fn, repeats: int) -> dict:
 
 
 def quantized(model_path: Path) -> Path:
-    """Dynamic int8 quantisation of the Conv and MatMul weights (activations quantised at run time)."""
+    """Dynamic int8 quantisation of the Conv and MatMul weights (activations quantised at run time); made only
+    when the file is missing."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = model_path.with_name(model_path.stem + "_int8.onnx")
-    quantize_dynamic(str(model_path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul"])
+    if not out.is_file():
+        quantize_dynamic(str(model_path), str(out), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["Conv", "MatMul"])
+    return out
+
+
+# the backbone and FPN operators that static quantisation turns into int8 (Relu, Add, MaxPool and Resize so that
+# consecutive int8 convolutions pass uint8 tensors to each other instead of dequantising in between)
+STATIC_OP_TYPES = ("Conv", "Relu", "Add", "MaxPool", "Resize")
+
+
+def feature_nodes(model) -> list:
+    """The nodes of an ONNX model that compute the feature maps RoiAlign pools, i.e. the backbone and FPN: every
+    ancestor of the RoiAlign nodes' first input (the RPN, box and mask heads are not among them)."""
+    producer = {output: node for node in model.graph.node for output in node.output}
+    pending = [node.input[0] for node in model.graph.node if node.op_type == "RoiAlign"]
+    seen: set[str] = set()
+    nodes = []
+    while pending:
+        tensor = pending.pop()
+        if tensor in seen or tensor not in producer:  # graph inputs and initializers have no producer
+            continue
+        seen.add(tensor)
+        nodes.append(producer[tensor])
+        pending.extend(producer[tensor].input)
+    return nodes
+
+
+class _Calibration:
+    """onnxruntime.quantization.CalibrationDataReader over images f32[3, H, W], one per batch."""
+
+    def __init__(self, calibration: list[torch.Tensor]) -> None:
+        self.batches = iter(calibration)
+
+    def get_next(self) -> dict | None:
+        image = next(self.batches, None)
+        return None if image is None else {"images": image[None].numpy()}
+
+
+def static_quantized(model_path: Path, calibration: list[torch.Tensor]) -> Path:
+    """Static int8 quantisation of the backbone and FPN (`feature_nodes` of types STATIC_OP_TYPES), QDQ format,
+    per-channel int8 weights, uint8 activations whose ranges are the min / max over the `calibration` images
+    f32[3, H, W]; the heads, NMS and RoiAlign stay fp32. Made only when the file is missing."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = model_path.with_name(model_path.stem + "_int8_static.onnx")
+    if out.is_file():
+        return out
+    # constant folding first: the exported convolutions' weights are products (frozen batch norm folded in by a
+    # Mul), and only initializers get quantised weights
+    folded = model_path.with_name(model_path.stem + "_folded.onnx")
+    quant_pre_process(str(model_path), str(folded), skip_symbolic_shape=True)
+    names = [node.name for node in feature_nodes(onnx.load(str(folded))) if node.op_type in STATIC_OP_TYPES]
+    quantize_static(str(folded), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=list(STATIC_OP_TYPES), nodes_to_quantize=names)
+    folded.unlink()
     return out
 
 
@@ -90,11 +154,13 @@ def timings(args: argparse.Namespace) -> dict:
     ours = from_torchvision(tv)
     torch.set_num_threads(args.threads)
     batch_images = images(2)
+    static = static_model(args)
     results: dict = {"machine": platform.processor() or platform.machine(), "torch_threads": args.threads,
                      "size": SIZE, "torch": torch.__version__, "cases": {}}
     predictor = OnnxPredictor(args.model, threads=args.threads, optimization="all")
     basic = OnnxPredictor(args.model, threads=args.threads, optimization="basic")
     int8 = OnnxPredictor(quantized(Path(args.model)), threads=args.threads, optimization="all") if args.int8 else None
+    int8_static = OnnxPredictor(static, threads=args.threads, optimization="all") if static else None
     import onnxruntime
 
     results["onnxruntime"] = onnxruntime.__version__
@@ -102,21 +168,26 @@ def timings(args: argparse.Namespace) -> dict:
         chunk = batch_images[:batch]
         stacked = torch.stack(chunk)
         case: dict = {}
-        with torch.no_grad():
-            case["torchvision eager"] = time_it(lambda: tv(chunk), args.repeats)
-            case["ours eager"] = time_it(lambda: ours(chunk), args.repeats)
+        if not args.onnx_only:
+            with torch.no_grad():
+                case["torchvision eager"] = time_it(lambda: tv(chunk), args.repeats)
+                case["ours eager"] = time_it(lambda: ours(chunk), args.repeats)
         case["onnxruntime"] = time_it(lambda: predictor(chunk), args.repeats)
         case["onnxruntime graph only"] = time_it(lambda: predictor.run(stacked), args.repeats)
-        case["onnxruntime graph only, basic optimisation"] = time_it(lambda: basic.run(stacked), args.repeats)
+        if not args.onnx_only:
+            case["onnxruntime graph only, basic optimisation"] = time_it(lambda: basic.run(stacked), args.repeats)
         if int8 is not None:
             case["onnxruntime int8"] = time_it(lambda: int8(chunk), args.repeats)
-        reference = case["torchvision eager"]["median_s"]
+        if int8_static is not None:
+            case["onnxruntime int8 static"] = time_it(lambda: int8_static(chunk), args.repeats)
+            case["onnxruntime int8 static graph only"] = time_it(lambda: int8_static.run(stacked), args.repeats)
+        reference_name = "onnxruntime graph only" if args.onnx_only else "torchvision eager"
         for entry in case.values():
-            entry["vs_torchvision"] = entry["median_s"] / reference
+            entry[f"vs {reference_name}"] = entry["median_s"] / case[reference_name]["median_s"]
         results["cases"][f"batch {batch}"] = case
         for name, entry in case.items():
-            print(f"batch {batch}  {name:45s} {entry['median_s']:7.2f} s  {entry['vs_torchvision']:.2f}x torchvision",
-                  flush=True)
+            print(f"batch {batch}  {name:45s} {entry['median_s']:7.2f} s  {entry[f'vs {reference_name}']:.2f}x "
+                  f"{reference_name}", flush=True)
     return results
 
 
@@ -136,14 +207,24 @@ def int8_accuracy(args: argparse.Namespace) -> dict:
     from maskrcnn.cli import _build_for_checkpoint
     from maskrcnn.data import build_dataset
     from maskrcnn.data.loader import build_eval_loader
+    from maskrcnn.engine.common import images_to_model
     from maskrcnn.engine.evaluate import evaluate
 
-    cfg, model, device, class_names = _build_for_checkpoint(args.demo_checkpoint, None, [])
+    cfg, model, device, categories = _build_for_checkpoint(args.demo_checkpoint, None, [])
+    class_names = [category["name"] for category in categories]
     onnx_path = Path(args.work) / "demo.onnx"
+    for stale in (onnx_path, onnx_path.with_name("demo_int8.onnx"), onnx_path.with_name("demo_int8_static.onnx")):
+        stale.unlink(missing_ok=True)  # the quantised files are made only when missing: never another checkpoint's
     export_model(model, onnx_path, class_names=class_names)
     dataset = build_dataset(cfg.data, "val")
     candidates = {"eager": model, "onnxruntime fp32": _PredictorModule(OnnxPredictor(onnx_path)),
                   "onnxruntime int8": _PredictorModule(OnnxPredictor(quantized(onnx_path)))}
+    if args.int8_static:
+        train = build_dataset(cfg.data, "train")
+        calibration = images_to_model([train[index][0] for index in range(min(args.calibration_images, len(train)))],
+                                      torch.device("cpu"))
+        candidates["onnxruntime int8 static"] = _PredictorModule(OnnxPredictor(static_quantized(onnx_path,
+                                                                                                 calibration)))
     out = {"checkpoint": str(args.demo_checkpoint), "num_images": len(dataset)}
     for name, candidate in candidates.items():
         loader = build_eval_loader(dataset, batch_size=cfg.eval.batch_size)
@@ -151,9 +232,17 @@ def int8_accuracy(args: argparse.Namespace) -> dict:
                            iou_thresh=cfg.eval.iou_thresh).metrics
         out[name] = {"box_mAP50": metrics["voc"]["bbox"]["mAP"], "mask_mAP50": metrics["voc"]["segm"]["mAP"],
                      "mask_AP": metrics["segm"]["AP"]}
-        print(f"{name:20s} box mAP@0.5 {out[name]['box_mAP50']:.4f}  mask mAP@0.5 {out[name]['mask_mAP50']:.4f}  "
+        print(f"{name:24s} box mAP@0.5 {out[name]['box_mAP50']:.4f}  mask mAP@0.5 {out[name]['mask_mAP50']:.4f}  "
               f"mask AP {out[name]['mask_AP']:.4f}", flush=True)
     return out
+
+
+def static_model(args: argparse.Namespace) -> Path | None:
+    """The statically quantised speed model when --int8-static asks for it, calibrated on Penn-Fudan photos after
+    the two timed ones."""
+    if not args.int8_static:
+        return None
+    return static_quantized(Path(args.model), images(2 + args.calibration_images)[2:])
 
 
 def main() -> None:
@@ -163,6 +252,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--int8", action="store_true", help="also time dynamic int8 quantisation")
+    parser.add_argument("--int8-static", action="store_true",
+                        help="also time / measure static int8 quantisation of the backbone and FPN")
+    parser.add_argument("--calibration-images", type=int, default=8, help="images that calibrate static int8")
+    parser.add_argument("--onnx-only", action="store_true", help="time ONNX Runtime only (no eager, no 'basic')")
     parser.add_argument("--demo-checkpoint", help="measure int8's accuracy cost on this demo checkpoint's val set")
     parser.add_argument("--work", default="/tmp/maskrcnn_bench", help="folder for the demo model's ONNX files")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -171,6 +264,9 @@ def main() -> None:
         export_model(from_torchvision(torchvision_model()), args.model)
         print(f"exported {args.model}")
     if args.export_only:
+        if args.int8:
+            quantized(Path(args.model))
+        static_model(args)
         return
     results = {} if args.demo_checkpoint else timings(args)
     if args.demo_checkpoint:
