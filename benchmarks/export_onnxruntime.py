@@ -10,8 +10,9 @@ masks are pasted by the package's `paste_masks`); "graph only" is ONNX Runtime's
 
 ONNX Runtime settings: graph optimisation level "all" (and "basic" for comparison), intra-op threads = torch's
 threads; with --int8, dynamic int8 quantisation (onnxruntime.quantization.quantize_dynamic) of the Conv and MatMul
-weights; with --int8-static, static int8 quantisation (quantize_static, QDQ) of the backbone and FPN only, calibrated
-on real images (Penn-Fudan photos other than the timed ones; the demo's training images for --demo-checkpoint).
+weights; with --int8-static, static int8 quantisation of the backbone and FPN only (`maskrcnn.export.quantize`, what
+`maskrcnn export --int8 DIR` writes), calibrated on real images (Penn-Fudan photos other than the timed ones; the
+demo's training images for --demo-checkpoint).
 --onnx-only leaves out the eager rows and the "basic" row (a shorter run under the CPU lock).
 
     python benchmarks/export_onnxruntime.py --out benchmarks/export_onnxruntime.json
@@ -34,6 +35,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,59 +95,14 @@ def quantized(model_path: Path) -> Path:
     return out
 
 
-# the backbone and FPN operators that static quantisation turns into int8 (Relu, Add, MaxPool and Resize so that
-# consecutive int8 convolutions pass uint8 tensors to each other instead of dequantising in between)
-STATIC_OP_TYPES = ("Conv", "Relu", "Add", "MaxPool", "Resize")
-
-
-def feature_nodes(model) -> list:
-    """The nodes of an ONNX model that compute the feature maps RoiAlign pools, i.e. the backbone and FPN: every
-    ancestor of the RoiAlign nodes' first input (the RPN, box and mask heads are not among them)."""
-    producer = {output: node for node in model.graph.node for output in node.output}
-    pending = [node.input[0] for node in model.graph.node if node.op_type == "RoiAlign"]
-    seen: set[str] = set()
-    nodes = []
-    while pending:
-        tensor = pending.pop()
-        if tensor in seen or tensor not in producer:  # graph inputs and initializers have no producer
-            continue
-        seen.add(tensor)
-        nodes.append(producer[tensor])
-        pending.extend(producer[tensor].input)
-    return nodes
-
-
-class _Calibration:
-    """onnxruntime.quantization.CalibrationDataReader over images f32[3, H, W], one per batch."""
-
-    def __init__(self, calibration: list[torch.Tensor]) -> None:
-        self.batches = iter(calibration)
-
-    def get_next(self) -> dict | None:
-        image = next(self.batches, None)
-        return None if image is None else {"images": image[None].numpy()}
-
-
 def static_quantized(model_path: Path, calibration: list[torch.Tensor]) -> Path:
-    """Static int8 quantisation of the backbone and FPN (`feature_nodes` of types STATIC_OP_TYPES), QDQ format,
-    per-channel int8 weights, uint8 activations whose ranges are the min / max over the `calibration` images
-    f32[3, H, W]; the heads, NMS and RoiAlign stay fp32. Made only when the file is missing."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """Static int8 quantisation of the backbone and FPN (`maskrcnn.export.quantize.quantize_backbone`), calibrated
+    on `calibration` images f32[3, H, W]; made only when the file is missing."""
+    from maskrcnn.export.quantize import quantize_backbone
 
     out = model_path.with_name(model_path.stem + "_int8_static.onnx")
-    if out.is_file():
-        return out
-    # constant folding first: the exported convolutions' weights are products (frozen batch norm folded in by a
-    # Mul), and only initializers get quantised weights
-    folded = model_path.with_name(model_path.stem + "_folded.onnx")
-    quant_pre_process(str(model_path), str(folded), skip_symbolic_shape=True)
-    names = [node.name for node in feature_nodes(onnx.load(str(folded))) if node.op_type in STATIC_OP_TYPES]
-    quantize_static(str(folded), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=list(STATIC_OP_TYPES), nodes_to_quantize=names)
-    folded.unlink()
+    if not out.is_file():
+        quantize_backbone(model_path, out, calibration)
     return out
 
 
@@ -220,7 +177,7 @@ def int8_accuracy(args: argparse.Namespace) -> dict:
     candidates = {"eager": model, "onnxruntime fp32": _PredictorModule(OnnxPredictor(onnx_path)),
                   "onnxruntime int8": _PredictorModule(OnnxPredictor(quantized(onnx_path)))}
     if args.int8_static:
-        train = build_dataset(cfg.data, "train")
+        train = build_dataset(replace(cfg.data, flip_prob=0.0), "train")  # no random flips: the same calibration
         calibration = images_to_model([train[index][0] for index in range(min(args.calibration_images, len(train)))],
                                       torch.device("cpu"))
         candidates["onnxruntime int8 static"] = _PredictorModule(OnnxPredictor(static_quantized(onnx_path,

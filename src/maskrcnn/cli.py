@@ -390,23 +390,62 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in EXPORTED_SUFFIXES:
         raise CommandError(f"--out {out}: the file name must end in .onnx (ONNX) or .pt2 (torch.export)")
+    if args.int8 is not None and out.suffix != ".onnx":
+        raise CommandError(f"--out {out}: --int8 quantises ONNX models for ONNX Runtime; the file name must end in "
+                           f".onnx")
+    calibration = _calibration_images(args.int8) if args.int8 is not None else None
     if args.torchvision:
         model, class_names = _torchvision_model(args.checkpoint), None
     else:
         _, model, _, categories = _build_for_checkpoint(args.checkpoint, None, args.set)
         class_names = [c["name"] for c in categories]
     try:
-        info = export_model(model.cpu(), out, class_names=class_names, opset=opset)
+        if calibration is None:
+            info = export_model(model.cpu(), out, class_names=class_names, opset=opset)
+        else:
+            info, convolutions = _export_int8(model.cpu(), out, class_names, opset, calibration)
     except ImportError as error:
         raise CommandError(f"ONNX export needs the optional packages of `pip install maskrcnn[export]` "
                            f"({error})") from None
-    kind = f"ONNX (opset {opset}), run it with ONNX Runtime" if out.suffix == ".onnx" else \
-        "torch.export ExportedProgram, load it with torch.export.load"
+    if calibration is not None:
+        kind = (f"ONNX (opset {opset}) with the backbone and FPN in static int8 ({convolutions} convolutions, "
+                f"calibrated on {len(calibration)} images of {args.int8}), run it with ONNX Runtime on the CPU")
+    elif out.suffix == ".onnx":
+        kind = f"ONNX (opset {opset}), run it with ONNX Runtime"
+    else:
+        kind = "torch.export ExportedProgram, load it with torch.export.load"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {kind}")
     print(contract(info))
     print(f"classes: {', '.join(info.class_names)}")
     print(f"run it: maskrcnn predict {out} IMAGES... --out DIR")
     return 0
+
+
+def _calibration_images(folder: str) -> list:
+    """The images of `--int8 DIR` (the folder's image files) as f32[3, H, W] in 0..1."""
+    from maskrcnn.data.common import DatasetError, read_rgb
+
+    if not Path(folder).is_dir():
+        raise CommandError(f"--int8 {folder}: not a folder (of calibration images)")
+    try:
+        return [read_rgb(path).float() / 255.0 for path in _image_paths([folder])]
+    except DatasetError as error:
+        raise CommandError(f"--int8 {folder}: {error}") from None
+
+
+def _export_int8(model, out: Path, class_names: list[str] | None, opset: int, calibration: list):
+    """(ExportInfo, number of int8 convolutions): `model` exported to ONNX in a temporary folder, then written to
+    `out` with its backbone and FPN in static int8, calibrated on `calibration`."""
+    import tempfile
+
+    from maskrcnn.export import export_model
+    from maskrcnn.export.quantize import quantize_backbone
+
+    with tempfile.TemporaryDirectory() as work:
+        fp32 = Path(work) / "fp32.onnx"
+        info = export_model(model, fp32, class_names=class_names, opset=opset)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return info, quantize_backbone(fp32, out, calibration)
 
 
 def _torchvision_model(path: str):
@@ -523,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--torchvision", action="store_true",
                         help="CHECKPOINT is a torchvision maskrcnn_resnet50_fpn state dict (converted on the way)")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset, >= 16 (default: 18)")
+    export.add_argument("--int8", metavar="DIR",
+                        help="ONNX only: the backbone and FPN in static int8 (about 0.7x the fp32 graph time on a "
+                             "CPU with VNNI), their activation ranges calibrated on the images of DIR (a few dozen "
+                             "of the kind the model will see); the heads, NMS and RoiAlign stay fp32")
     add_set(export)
     export.set_defaults(func=cmd_export)
 
