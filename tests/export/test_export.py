@@ -184,12 +184,13 @@ def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
     assert "export again" in capsys.readouterr().err
 
 
-def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_top_detections(trained, tmp_path):
+def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(trained, tmp_path):
     """`maskrcnn export --int8 DIR`: the 28 backbone + FPN convolutions (ResNet-18: stem, 16 block convs, 3
-    downsamples; FPN: 4 lateral + 4 output) get int8 weights, the RPN and mask head convolutions keep fp32 ones,
-    and the fp32 graph's 5 top-scoring detections of every image are among the int8 graph's detections: same
-    label, box IoU >= 0.9, |score difference| <= 0.01, mask IoU >= 0.9. Only the top 5 of the 10: this 4-iteration
-    model scores every detection 0.33 +- 0.003, and int8 reorders such near-ties at the end of the list."""
+    downsamples; FPN: 4 lateral + 4 output) get int8 weights, the RPN and mask head convolutions keep fp32 ones, and
+    on every image the int8 graph keeps at least 6 of the fp32 graph's 10 detections (same label, box IoU >= 0.9),
+    with |score difference| <= 0.01 and mask IoU >= 0.9. Not all 10: this 4-iteration model scores every detection
+    0.33 +- 0.003, and int8 reorders such near-ties, so one or two detections at the end of the list change
+    (8 of 10 kept at worst on the generated and the Penn-Fudan batches, with AVX-512 VNNI)."""
     onnx = pytest.importorskip("onnx")
     root, checkpoint, _, _, predictors = trained
     calibration = tmp_path / "calibration"
@@ -214,12 +215,13 @@ def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_top_detections
     assert quantised.info == predictors["onnx"].info
     for name, images in batches().items():
         for index, (e, a) in enumerate(zip(predictors["onnx"](images), quantised(images))):
-            top = e["scores"].argsort(descending=True)[:5]
-            same_label = e["labels"][top, None] == a["labels"][None, :]
-            iou, pair = (box_iou(e["boxes"][top], a["boxes"]) * same_label).max(dim=1)  # (5,) each
-            assert iou.min() >= 0.9, f"{name}, image {index}: box IoU {iou.min():.3f}"
-            assert (e["scores"][top] - a["scores"][pair]).abs().max() <= 0.01, f"{name}, image {index}: scores"
-            e_masks, a_masks = e["masks"][top, 0] >= 0.5, a["masks"][pair, 0] >= 0.5  # (5, H, W) each
+            assert a["boxes"].shape[0] == e["boxes"].shape[0] == 10, f"{name}, image {index}: number of detections"
+            same_label = e["labels"][:, None] == a["labels"][None, :]
+            iou, pair = (box_iou(e["boxes"], a["boxes"]) * same_label).max(dim=1)  # (10,) each
+            kept = iou >= 0.9
+            assert kept.sum() >= 6, f"{name}, image {index}: {int(kept.sum())} of 10 detections kept"
+            assert (e["scores"][kept] - a["scores"][pair[kept]]).abs().max() <= 0.01, f"{name}, image {index}"
+            e_masks, a_masks = e["masks"][kept, 0] >= 0.5, a["masks"][pair[kept], 0] >= 0.5  # (kept, H, W) each
             mask_iou = (e_masks & a_masks).sum((1, 2)) / (e_masks | a_masks).sum((1, 2)).clamp(min=1)
             assert mask_iou.min() >= 0.9, f"{name}, image {index}: mask IoU {mask_iou.min():.3f}"
 
