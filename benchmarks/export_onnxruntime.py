@@ -38,9 +38,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-# as the `maskrcnn` command sets it, for all three models alike (THP_MEM_ALLOC_ENABLE=0 on the command line: without)
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import numpy as np
 import torch
 from PIL import Image
@@ -116,8 +113,7 @@ def timings(args: argparse.Namespace) -> dict:
     batch_images = images(2)
     static = static_model(args)
     results: dict = {"machine": platform.processor() or platform.machine(), "torch_threads": args.threads,
-                     "size": SIZE, "torch": torch.__version__,
-                     "THP_MEM_ALLOC_ENABLE": os.environ["THP_MEM_ALLOC_ENABLE"], "cases": {}}
+                     "size": SIZE, "torch": torch.__version__, "cases": {}}
     predictor = OnnxPredictor(args.model, threads=args.threads, optimization="all")
     basic = OnnxPredictor(args.model, threads=args.threads, optimization="basic")
     int8 = OnnxPredictor(quantized(Path(args.model)), threads=args.threads, optimization="all") if args.int8 else None

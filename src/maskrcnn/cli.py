@@ -650,10 +650,6 @@ def main(argv: list[str] | None = None) -> int:
     Every error ends as one line `maskrcnn: error: ...` naming the file / id / config key, with exit status 2
     (1 for an internal error); `--debug` or MASKRCNN_DEBUG=1 lets the exception and its traceback through.
     """
-    # Large CPU tensors in transparent huge pages (PyTorch's allocator reads this once, at its first allocation; torch
-    # is imported only below, by the command): a fresh 350 MB tensor, the pasted masks of 100 detections in an
-    # 800 x 1088 photo, is then filled in 0.05 s instead of 0.26 s of 4 KB page faults (2-core VM, THP "madvise").
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("MASKRCNN_DEBUG", "") not in ("", "0")
     try:
