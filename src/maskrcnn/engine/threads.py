@@ -1,8 +1,9 @@
 """`train.num_threads: auto`: the CPU thread count of training, chosen by timing the training step.
 
-Why measured: on an idle 2-core machine the demo's step takes 0.19 s with 2 threads and 0.27 s with 1, but when
-another process keeps a core busy, 2 spinning OpenMP threads take 2.4 s and 1 thread still 0.3 s. No fixed setting
-is right on both, and a user's machine may be either. So the first iterations after start-up run PROBE_ITERS
+Why measured: on the project's idle 2-core VM the demo's step took 0.28 s with 2 threads and 0.31 s with 1; with
+one core kept busy by another process, 0.48 s with 2 (spinning OpenMP threads wait for the busy core) and 0.34 s
+with 1, and 2.4 s against 0.3 s under a load average of 10. No fixed setting is right on both, and a user's
+machine may be either. So the first iterations after start-up run PROBE_ITERS
 steps with every candidate count (all cores, then 1), and training goes on with the one whose median step was
 shortest. Every process start probes again (a resumed run may be on another machine, or under another load).
 """
