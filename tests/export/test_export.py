@@ -61,6 +61,21 @@ def batches(odd_size: tuple[int, int] = (200, 307)) -> dict[str, list[torch.Tens
             "odd": odd}
 
 
+def pair_detections(expected: dict, actual: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each expected detection, the actual one of the same label with the highest box IoU: (IoU f32[D_e],
+    index i64[D_e] into actual's rows)."""
+    same_label = expected["labels"][:, None] == actual["labels"][None, :]
+    return (box_iou(expected["boxes"], actual["boxes"]) * same_label).max(dim=1)
+
+
+def mask_ious(expected: dict, actual: dict, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU f32[D_e] of the pasted masks binarised at 0.5, expected row i against actual row pair[i], and the size
+    of their union i64[D_e] (0 where both are empty)."""
+    masks_e, masks_a = expected["masks"][:, 0] >= 0.5, actual["masks"][pair, 0] >= 0.5  # (D_e, H, W) each
+    union = (masks_e | masks_a).flatten(1).sum(1)
+    return (masks_e & masks_a).flatten(1).sum(1) / union.clamp(min=1), union
+
+
 def assert_same_detections(expected: list[dict], actual: list[dict]) -> None:
     """Same number of detections per image and, for each expected one, an actual one of the same label with box
     IoU >= 0.99, |score difference| <= 1e-3 and mask IoU >= 0.98 (masks pasted, binarised at 0.5).
@@ -73,14 +88,11 @@ def assert_same_detections(expected: list[dict], actual: list[dict]) -> None:
         assert a["boxes"].shape[0] == e["boxes"].shape[0], f"image {index}: number of detections"
         if e["boxes"].shape[0] == 0:
             continue
-        same_label = e["labels"][:, None] == a["labels"][None, :]
-        iou, pair = (box_iou(e["boxes"], a["boxes"]) * same_label).max(dim=1)  # (D,) each
+        iou, pair = pair_detections(e, a)  # (D,) each
         assert pair.unique().numel() == pair.numel(), f"image {index}: two detections paired with one"
         assert iou.min() >= 0.99, f"image {index}: box IoU {iou.min():.4f}"
         assert (e["scores"] - a["scores"][pair]).abs().max() <= 1e-3, f"image {index}: scores"
-        masks_e, masks_a = e["masks"][:, 0] >= 0.5, a["masks"][pair, 0] >= 0.5
-        union = (masks_e | masks_a).flatten(1).sum(1)
-        mask_iou = (masks_e & masks_a).flatten(1).sum(1) / union.clamp(min=1)
+        mask_iou, union = mask_ious(e, a, pair)
         assert mask_iou[union > 0].min() >= 0.98, f"image {index}: mask IoU {mask_iou[union > 0].min():.4f}"
 
 
@@ -216,13 +228,11 @@ def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(tra
     for name, images in batches().items():
         for index, (e, a) in enumerate(zip(predictors["onnx"](images), quantised(images))):
             assert a["boxes"].shape[0] == e["boxes"].shape[0] == 10, f"{name}, image {index}: number of detections"
-            same_label = e["labels"][:, None] == a["labels"][None, :]
-            iou, pair = (box_iou(e["boxes"], a["boxes"]) * same_label).max(dim=1)  # (10,) each
+            iou, pair = pair_detections(e, a)  # (10,) each
             kept = iou >= 0.9
             assert kept.sum() >= 6, f"{name}, image {index}: {int(kept.sum())} of 10 detections kept"
             assert (e["scores"][kept] - a["scores"][pair[kept]]).abs().max() <= 0.01, f"{name}, image {index}"
-            e_masks, a_masks = e["masks"][kept, 0] >= 0.5, a["masks"][pair[kept], 0] >= 0.5  # (kept, H, W) each
-            mask_iou = (e_masks & a_masks).sum((1, 2)) / (e_masks | a_masks).sum((1, 2)).clamp(min=1)
+            mask_iou = mask_ious(e, a, pair)[0][kept]
             assert mask_iou.min() >= 0.9, f"{name}, image {index}: mask IoU {mask_iou.min():.3f}"
 
 
