@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskrcnn.structures import ImageBatch, check_targets, pack_per_image, pad_per_image
+from maskrcnn.structures import ImageBatch, check_targets, pad_per_image
 
 
 def test_pad_per_image_uneven_and_empty():
@@ -17,20 +17,9 @@ def test_pad_per_image_all_empty():
     assert padded.shape == (2, 0, 4) and valid.shape == (2, 0)
 
 
-def test_pack_per_image_keeps_the_first_rows_of_each_image():
-    image = torch.tensor([0, 0, 0, 2])  # image 0 has three rows, image 1 none, image 2 one
-    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    boxes = torch.arange(16.0).view(4, 4)
-    valid, packed, packed_boxes = pack_per_image(image, 3, 2, values, boxes)
-    assert valid.tolist() == [[True, True], [False, False], [True, False]]
-    assert packed.tolist() == [[1.0, 2.0], [0.0, 0.0], [4.0, 0.0]]
-    assert packed_boxes.shape == (3, 2, 4) and packed_boxes[2, 0].tolist() == [12.0, 13.0, 14.0, 15.0]
-    empty_valid, empty = pack_per_image(torch.zeros(0, dtype=torch.int64), 2, 3, torch.zeros(0))
-    assert empty_valid.shape == (2, 3) and not empty_valid.any() and empty.shape == (2, 3)
-
-
 def test_scales():
-    batch = ImageBatch(torch.zeros(2, 3, 64, 64), image_sizes=[(50, 60), (64, 32)], original_sizes=[(100, 120), (32, 32)])
+    batch = ImageBatch(torch.zeros(2, 3, 64, 64), image_sizes=torch.tensor([[50.0, 60.0], [64.0, 32.0]]),
+                       original_sizes=torch.tensor([[100.0, 120.0], [32.0, 32.0]]))
     assert len(batch) == 2
     assert batch.scales.tolist() == [[0.5, 0.5], [2.0, 1.0]]
 

@@ -24,23 +24,21 @@ class ImageBatch:
 
     Attributes:
         tensor: f32[B, 3, Hp, Wp], zero padding at the bottom and right.
-        image_sizes: per image (h, w) after resize, before padding.
-        original_sizes: per image (h, w) as given to the model.
+        image_sizes: f32[B, 2] (h, w) of every image after resize, before padding, on the batch's device.
+        original_sizes: f32[B, 2] (h, w) of every image as given to the model.
     """
 
     tensor: Tensor
-    image_sizes: list[tuple[int, int]]
-    original_sizes: list[tuple[int, int]]
+    image_sizes: Tensor
+    original_sizes: Tensor
 
     def __len__(self) -> int:
-        return len(self.image_sizes)
+        return self.tensor.shape[0]
 
     @property
     def scales(self) -> Tensor:
-        """f32[B, 2]: (resized / original) for (y, x) of every image, on the batch's device."""
-        resized = torch.tensor(self.image_sizes, dtype=torch.float32)
-        original = torch.tensor(self.original_sizes, dtype=torch.float32)
-        return (resized / original).to(self.tensor.device)
+        """f32[B, 2]: (resized / original) for (y, x) of every image."""
+        return self.image_sizes / self.original_sizes
 
 
 def pad_per_image(tensors_per_image: list[Tensor], pad_value: float = 0) -> tuple[Tensor, Tensor]:
@@ -57,31 +55,6 @@ def pad_per_image(tensors_per_image: list[Tensor], pad_value: float = 0) -> tupl
     padded = torch.nn.utils.rnn.pad_sequence(tensors_per_image, batch_first=True, padding_value=pad_value)
     valid = torch.arange(padded.shape[1]) < lengths[:, None]
     return padded, valid.to(padded.device)
-
-
-def pack_per_image(image: Tensor, num_images: int, limit: int, *values: Tensor) -> tuple[Tensor, ...]:
-    """The first `limit` rows of every image in padded per-image tensors, without a host sync.
-
-    Args:
-        image: i64[M] image index of each row, non-decreasing (rows grouped by image, in the order to keep).
-        num_images: B.
-        limit: P, rows kept per image; later rows of an image are dropped.
-        values: tensors [M, *rest] to pack.
-    Returns:
-        valid: bool[B, P], True for filled rows (a prefix of every row).
-        then one [B, P, *rest] tensor per `values`, zero where not valid.
-    """
-    device = image.device
-    first = torch.searchsorted(image, torch.arange(num_images, device=device))  # (B,) first row of each image
-    rank = torch.arange(image.shape[0], device=device) - first[image]  # (M,) position inside its image
-    # ranks >= P land in a spare column that is cut off: no boolean indexing (a nonzero, a sync on CUDA)
-    slot = image * (limit + 1) + rank.clamp(max=limit)
-    packed = []
-    for value in (torch.ones_like(image, dtype=torch.bool), *values):
-        out = value.new_zeros((num_images * (limit + 1), *value.shape[1:]))
-        out[slot] = value
-        packed.append(out.view(num_images, limit + 1, *value.shape[1:])[:, :limit].contiguous())
-    return tuple(packed)
 
 
 def check_targets(targets: Sequence[dict], image_sizes: Sequence[tuple[int, int]]) -> None:

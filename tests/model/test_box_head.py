@@ -94,45 +94,51 @@ def test_loss_values_by_hand():
 
 def test_predict_on_hand_made_logits():
     head = _head(num_classes=2, detections=2)
-    rois = torch.tensor([[0.0, 10.0, 10.0, 50.0, 50.0],
-                         [0.0, 11.0, 10.0, 50.0, 50.0],  # overlaps the first: suppressed for class 1
-                         [0.0, 60.0, 60.0, 90.0, 200.0],  # clipped to the image height 100
-                         [1.0, 0.0, 0.0, 20.0, 20.0]])
+    proposals = torch.tensor([[[10.0, 10.0, 50.0, 50.0],
+                               [11.0, 10.0, 50.0, 50.0],  # overlaps the first: suppressed for class 1
+                               [60.0, 60.0, 90.0, 200.0]],  # clipped to the image height 100
+                              [[0.0, 0.0, 20.0, 20.0],
+                               [0.0, 0.0, 30.0, 30.0],  # a padding slot: never a detection
+                               [0.0, 0.0, 0.0, 0.0]]])  # (B=2, P=3, 4)
+    proposal_valid = torch.tensor([[True, True, True], [True, False, False]])
     big = 10.0
     logits = torch.tensor([[0.0, big, 0.0],  # class 1 for sure
                            [0.0, big - 1, 0.0],  # class 1, lower score
                            [0.0, 0.0, big],  # class 2
-                           [big, 0.0, 0.0]])  # background: every class under 0.05
-    deltas = torch.zeros(4, 12)
+                           [big, 0.0, 0.0],  # background: every class under 0.05
+                           [0.0, big, 0.0],  # padding slot, confident
+                           [0.0, big, 0.0]])  # padding slot, confident
+    deltas = torch.zeros(6, 12)
     sizes = torch.tensor([[100.0, 120.0], [40.0, 40.0]])
-    detections = head.predict(logits, deltas, rois, sizes, num_images=2)
+    detections = head.predict(logits, deltas, proposals, proposal_valid, sizes)
     assert detections.boxes.shape == (2, 2, 4)
     assert detections.valid.tolist() == [[True, True], [False, False]]
-    assert detections.labels[0].tolist() == [1, 2]
+    assert detections.labels.tolist() == [[1, 2], [0, 0]]
     torch.testing.assert_close(detections.boxes[0], torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 90.0, 100.0]]))
     p = 1 / (1 + 2 * math.exp(-big))
     torch.testing.assert_close(detections.scores[0], torch.tensor([p, p]))
-    assert detections.scores[1].tolist() == [0.0, 0.0]
+    assert detections.scores[1].tolist() == [0.0, 0.0] and detections.boxes[1].eq(0).all()
 
 
 def test_predict_keeps_top_detections_per_image():
     head = _head(num_classes=1, detections=3)
     xs = torch.arange(5, dtype=torch.float32) * 30  # 5 disjoint boxes per image
     boxes = torch.stack([xs, xs, xs + 20, xs + 20], dim=1)
-    rois = torch.cat([torch.cat([torch.full((5, 1), float(b)), boxes], dim=1) for b in (0, 1)])
+    proposals = torch.stack([boxes, boxes])  # (2, 5, 4)
     logits = torch.stack([torch.zeros(10), torch.arange(10, dtype=torch.float32)], dim=1)
-    detections = head.predict(logits, torch.zeros(10, 8), rois, torch.tensor([[200.0, 200.0]] * 2), num_images=2)
+    detections = head.predict(logits, torch.zeros(10, 8), proposals, torch.ones(2, 5, dtype=torch.bool),
+                              torch.tensor([[200.0, 200.0]] * 2))
     assert detections.valid.all()
-    # highest scores first: rois 4, 3, 2 of each image
+    # highest scores first: proposals 4, 3, 2 of each image
     torch.testing.assert_close(detections.boxes[:, :, 0], torch.tensor([[120.0, 90.0, 60.0]] * 2))
     assert (detections.scores[:, :-1] >= detections.scores[:, 1:]).all()
 
 
-def test_proposal_rois():
+def test_proposal_rois_are_every_slot_image_by_image():
     proposals = torch.arange(16, dtype=torch.float32).reshape(2, 2, 4)
-    rois = proposal_rois(proposals, torch.tensor([[True, False], [True, True]]))
-    assert rois[:, 0].tolist() == [0.0, 1.0, 1.0]
-    assert rois[1, 1:].tolist() == [8.0, 9.0, 10.0, 11.0]
+    rois = proposal_rois(proposals)
+    assert rois[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert rois[2, 1:].tolist() == [8.0, 9.0, 10.0, 11.0]
 
 
 def test_loss_equals_torchvision_fastrcnn_loss_on_the_same_sampled_rois():

@@ -43,8 +43,8 @@ def make_inputs(canvas, image_sizes, seed=0):
     generator = torch.Generator().manual_seed(seed)
     features = {f"p{level}": torch.randn(len(image_sizes), C, -(-canvas[0] // 2**level), -(-canvas[1] // 2**level),
                                          generator=generator) for level in range(2, 7)}
-    batch = ImageBatch(tensor=torch.zeros(len(image_sizes), 3, *canvas), image_sizes=list(image_sizes),
-                       original_sizes=list(image_sizes))
+    sizes = torch.tensor(image_sizes, dtype=torch.float32)
+    batch = ImageBatch(tensor=torch.zeros(len(image_sizes), 3, *canvas), image_sizes=sizes, original_sizes=sizes)
     return batch, features
 
 
@@ -116,8 +116,8 @@ def test_batching_does_not_mix_images():
     batch, features = make_inputs((256, 320), [(250, 310), (120, 200)], seed=1)
     _, other_features = make_inputs((256, 320), [(250, 310), (256, 320)], seed=2)
     other_features = {k: torch.stack([f[0], other_features[k][1]]) for k, f in features.items()}
-    other_batch = ImageBatch(tensor=batch.tensor, image_sizes=[(250, 310), (256, 320)],
-                             original_sizes=[(250, 310), (256, 320)])
+    other_sizes = torch.tensor([[250.0, 310.0], [256.0, 320.0]])
+    other_batch = ImageBatch(tensor=batch.tensor, image_sizes=other_sizes, original_sizes=other_sizes)
     with torch.no_grad():
         proposals, scores, valid, _ = rpn(batch, features)
         other_proposals, other_scores, other_valid, _ = rpn(other_batch, other_features)
@@ -145,7 +145,8 @@ def test_losses_by_hand():
     # (32,32); the GT box equals the last anchor and touches none of the others: 1 positive, 3 negatives
     rpn = make_rpn(sizes=(32,), ratios=(1.0,)).train()
     constant_head(rpn, logit=0.5, deltas=[0.1, 0.0, 0.0, 0.0])
-    batch = ImageBatch(tensor=torch.zeros(1, 3, 64, 64), image_sizes=[(64, 64)], original_sizes=[(64, 64)])
+    sizes = torch.tensor([[64.0, 64.0]])
+    batch = ImageBatch(tensor=torch.zeros(1, 3, 64, 64), image_sizes=sizes, original_sizes=sizes)
     features = {"p": torch.rand(1, C, 2, 2)}
     gt_boxes, gt_valid = torch.tensor([[[16.0, 16.0, 48.0, 48.0]]]), torch.tensor([[True]])
     _, _, _, losses = rpn(batch, features, gt_boxes, gt_valid)

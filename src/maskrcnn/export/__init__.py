@@ -4,8 +4,8 @@
 """
 
 from maskrcnn.export.exporter import ExportInfo, contract, export_model, export_program
-from maskrcnn.export.graph import OUTPUT_NAMES, ExportGraph
+from maskrcnn.export.adapter import OUTPUT_NAMES, DetectAdapter
 from maskrcnn.export.runtime import OnnxPredictor, ProgramPredictor, load_predictor, unpad_detections
 
-__all__ = ["OUTPUT_NAMES", "ExportGraph", "ExportInfo", "OnnxPredictor", "ProgramPredictor", "contract",
+__all__ = ["OUTPUT_NAMES", "DetectAdapter", "ExportInfo", "OnnxPredictor", "ProgramPredictor", "contract",
            "export_model", "export_program", "load_predictor", "unpad_detections"]

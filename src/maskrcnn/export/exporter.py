@@ -1,8 +1,8 @@
 """Writes a `MaskRCNN` as an ONNX file (`.onnx`, run by ONNX Runtime) or a torch.export ExportedProgram (`.pt2`).
 
-Both hold the same graph (`ExportGraph`) with the same contract (`CONTRACT`), and carry the few facts a predictor
-needs besides the graph (class names, mask paste mode) as JSON: ONNX metadata key "maskrcnn", or the `.pt2`
-extra file "maskrcnn.json".
+Both hold the same graph (`DetectAdapter`: `MaskRCNN.detect` as written) with the same contract (`contract`), and
+carry the few facts a predictor needs besides the graph (class names, mask paste mode) as JSON: ONNX metadata key
+"maskrcnn", or the `.pt2` extra file "maskrcnn.json".
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from maskrcnn.export.graph import OUTPUT_NAMES, ExportGraph
+from maskrcnn.export.adapter import OUTPUT_NAMES, DetectAdapter
 from maskrcnn.model.maskrcnn import MaskRCNN
 
 # RoiAlign with half-pixel coordinates (aligned=True) needs opset >= 16; 18 is what onnxscript's torch ops target
@@ -78,8 +78,8 @@ def export_info(model: MaskRCNN, class_names: list[str] | None = None) -> Export
 
 
 def export_program(model: MaskRCNN) -> torch.export.ExportedProgram:
-    """torch.export of `ExportGraph(model)` with dynamic batch size, height and width."""
-    graph = ExportGraph(model)
+    """torch.export of `model.detect` (`DetectAdapter`) with dynamic batch size, height and width."""
+    graph = DetectAdapter(model)
     # an example batch of 2 distinct sides: size 1 and equal sides would be specialised (torch.export's 0/1 and
     # duck-sizing rules)
     example = torch.rand(2, 3, 3 * MIN_INPUT_SIZE, 4 * MIN_INPUT_SIZE)

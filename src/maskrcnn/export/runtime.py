@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from maskrcnn.export.exporter import METADATA_KEY, PT2_EXTRA_FILE, SUFFIXES, ExportInfo
-from maskrcnn.export.graph import OUTPUT_NAMES
-from maskrcnn.model.postprocess import paste_masks
+from maskrcnn.export.adapter import OUTPUT_NAMES
+from maskrcnn.model.box_head import Detections
+from maskrcnn.model.postprocess import detections_per_image
 
 
 def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], paste_mode: str) -> list[dict]:
-    """The graph's padded outputs of one batch -> the eager model's per-image dicts.
+    """The graph's padded outputs of one batch -> the eager model's per-image dicts (`detections_per_image`).
 
     Args:
         outputs: {"boxes" f32[B, D, 4], "scores" f32[B, D], "labels" i64[B, D], "masks" f32[B, D, M, M],
@@ -31,13 +32,11 @@ def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], pa
     Returns:
         B dicts {"boxes" f32[D_i, 4], "labels" i64[D_i], "scores" f32[D_i], "masks" f32[D_i, 1, H, W]}.
     """
-    counts = outputs["num_detections"].tolist()
-    valid = torch.arange(outputs["scores"].shape[1])[None, :] < outputs["num_detections"][:, None]  # (B, D)
-    boxes = outputs["boxes"][valid]  # (sum D_i, 4), images in order
-    masks = paste_masks(outputs["masks"][valid], boxes, counts, [tuple(image_size)] * len(counts), mode=paste_mode)
-    return [{"boxes": b, "labels": l, "scores": s, "masks": m}
-            for b, l, s, m in zip(boxes.split(counts), outputs["labels"][valid].split(counts),
-                                  outputs["scores"][valid].split(counts), masks)]
+    B, D = outputs["scores"].shape
+    valid = torch.arange(D)[None, :] < outputs["num_detections"][:, None]  # (B, D), a prefix of every row
+    detections = Detections(boxes=outputs["boxes"], scores=outputs["scores"], labels=outputs["labels"], valid=valid,
+                            masks=outputs["masks"])
+    return detections_per_image(detections, [tuple(image_size)] * B, paste_mode)
 
 
 class Predictor:

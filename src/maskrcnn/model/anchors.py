@@ -67,14 +67,18 @@ class AnchorGenerator:
         if len(feature_sizes) != len(self.sizes):
             raise ValueError(f"AnchorGenerator: {len(feature_sizes)} feature levels given but {len(self.sizes)} "
                              f"anchor sizes configured ({self.sizes})")
-        key = (tuple(canvas_size), tuple(tuple(s) for s in feature_sizes), torch.device(device), dtype)
-        anchors = self._cache.get(key)
+        feature_sizes = tuple(tuple(size) for size in feature_sizes)
+        # sizes known only symbolically (torch.export traces one graph for every image size) are not cached
+        cacheable = all(isinstance(s, int) for s in (*canvas_size, *(s for size in feature_sizes for s in size)))
+        key = (tuple(canvas_size), feature_sizes, torch.device(device), dtype)
+        anchors = self._cache.get(key) if cacheable else None
         if anchors is None:
             anchors = [self._grid_anchors(canvas_size, size, cell).to(device=device, dtype=dtype)
-                       for size, cell in zip(key[1], self.cell_anchors)]
-            self._cache[key] = anchors
-            if len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
+                       for size, cell in zip(feature_sizes, self.cell_anchors)]
+            if cacheable:
+                self._cache[key] = anchors
+                if len(self._cache) > _CACHE_SIZE:
+                    self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
         return anchors

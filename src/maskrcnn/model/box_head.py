@@ -6,8 +6,8 @@ RoIs per image in training, R RoIs of the whole batch (flattened), K foreground 
 C feature channels, S pooled size, D detections per image (padded).
 
 Every step runs on the whole batch at once: one [B, G, A] IoU, one sampling call, one RoIAlign per FPN level
-over the RoIs of all images (boxes as [R, 5] with the image index), one `batched_nms` with group id
-image_index * (K + 1) + class.
+over the RoIs of all images (boxes as [R, 5] with the image index), one NMS with group id
+image_index * (K + 1) + class and one `topk` per image (`box_ops.select_per_image`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.box_ops import clip_boxes, nms_per_image
+from maskrcnn.model.box_ops import clip_boxes, select_per_image
 from maskrcnn.model.matcher import IGNORED, BalancedSampler, Matcher, pairwise_iou
 from maskrcnn.model.poolers import LevelRoIAlign, image_index_rois
 
@@ -166,40 +166,40 @@ class BoxHead(nn.Module):
         return {"loss_box_cls": loss_cls, "loss_box_reg": loss_reg}
 
     @torch.no_grad()
-    def predict(self, class_logits: Tensor, box_deltas: Tensor, rois: Tensor, image_sizes: Tensor,
-                num_images: int) -> Detections:
-        """Detections of all images at once.
+    def predict(self, class_logits: Tensor, box_deltas: Tensor, proposals: Tensor, proposal_valid: Tensor,
+                image_sizes: Tensor) -> Detections:
+        """Detections of all images at once, with fixed shapes.
 
         Softmax, decode every class, clip to the image, drop background, score >= score_thresh, drop boxes
-        smaller than min_box_size, per-class NMS (one `batched_nms`, group image * (K+1) + class), keep the
-        top D per image.
+        smaller than min_box_size, per-class NMS (group image * (K+1) + class), keep the top D per image.
 
         Args:
-            class_logits: f32[R, K+1]; box_deltas: f32[R, (K+1)*4]; rois: f32[R, 5] they were predicted on.
+            class_logits: f32[B*P, K+1]; box_deltas: f32[B*P, (K+1)*4], predicted on every proposal slot.
+            proposals: f32[B, P, 4] they were predicted on; proposal_valid: bool[B, P] (padding slots are never
+                detections).
             image_sizes: f32[B, 2] (h, w) of every resized image (the clip bounds).
-            num_images: B.
         Returns:
             Detections padded to D = detections_per_img.
         """
-        num_rois, num_labels = class_logits.shape  # R, K + 1
-        image = rois[:, 0].to(torch.int64)  # (R,)
-        probs = F.softmax(class_logits, dim=-1)  # (R, K+1)
-        boxes = self.box_coder.decode(box_deltas.reshape(num_rois, num_labels, 4), rois[:, None, 1:])  # (R, K+1, 4)
-        boxes = clip_boxes(boxes, image_sizes[image][:, None, :])[:, 1:]  # (R, K, 4): no background
-        scores = probs[:, 1:]  # (R, K)
-        labels = torch.arange(1, num_labels, device=rois.device).expand(num_rois, -1)  # (R, K)
-        image = image[:, None].expand(-1, num_labels - 1)  # (R, K)
-        boxes, scores, labels, image = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1), image.reshape(-1)
-        wh = boxes[:, 2:] - boxes[:, :2]
-        keep = (scores >= self.score_thresh) & (wh >= self.min_box_size).all(dim=1)
-        valid, out_boxes, out_scores, out_labels = nms_per_image(
-            boxes, scores, keep, image, labels, num_groups=num_labels, num_images=num_images,
-            iou_threshold=self.nms_thresh, limit=self.detections_per_img, values=(labels,))
+        B, P = proposal_valid.shape
+        C = class_logits.shape[1]  # K + 1
+        probs = F.softmax(class_logits, dim=-1)[:, 1:].reshape(B, -1)  # (B*P, K) -> (B, N): N = P*K, no background
+        # (B*P, C*4) -> (B*P, C, 4), decoded against each proposal, background dropped -> (B, N, 4)
+        boxes = self.box_coder.decode(box_deltas.reshape(B * P, C, 4), proposals.reshape(B * P, 1, 4))
+        boxes = clip_boxes(boxes[:, 1:].reshape(B, -1, 4), image_sizes[:, None, :])
+        labels = torch.arange(1, C, device=probs.device).repeat(P)[None].expand(B, -1)  # (B, N): each RoI's classes
+        wh = boxes[..., 2:] - boxes[..., :2]
+        selectable = ((probs >= self.score_thresh) & (wh >= self.min_box_size).all(dim=2)
+                      & proposal_valid.repeat_interleave(C - 1, dim=1))  # (B, N)
+        groups = torch.arange(B, device=probs.device)[:, None] * C + labels  # (B, N): image * (K+1) + class
+        valid, out_boxes, out_scores, out_labels = select_per_image(
+            boxes, probs, groups, selectable, iou_threshold=self.nms_thresh, count=self.detections_per_img,
+            values=(labels,))
         return Detections(boxes=out_boxes, scores=out_scores, labels=out_labels, valid=valid)
 
 
-def proposal_rois(proposals: Tensor, proposal_valid: Tensor) -> Tensor:
-    """Valid proposals of a batch as RoIs: (f32[B, P, 4], bool[B, P]) -> f32[R, 5], image by image."""
-    image, index = proposal_valid.nonzero(as_tuple=True)
-    return image_index_rois(image, proposals[image, index])
-
+def proposal_rois(proposals: Tensor) -> Tensor:
+    """Every proposal slot of a batch as a RoI: f32[B, P, 4] -> f32[B*P, 5], image by image."""
+    B, P = proposals.shape[:2]
+    image = torch.arange(B, device=proposals.device)[:, None].expand(-1, P)  # (B, P)
+    return image_index_rois(image.reshape(-1), proposals.reshape(-1, 4))  # (B*P,), (B*P, 4) -> (B*P, 5)

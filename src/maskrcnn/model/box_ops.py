@@ -1,16 +1,22 @@
 """Box operations shared by the RPN and the box head: clipping to the image, and the batched
-"score filter -> NMS -> top-k -> pack per image" that turns scored boxes of a whole batch into padded outputs.
+"score filter -> NMS per group -> top-k per image" that turns scored candidates into padded outputs.
 
-Shape letters: B images, N scored boxes of the whole batch (flattened), P boxes kept per image (padded).
+The selection keeps fixed shapes: the candidates stay on a [B, N] grid from start to end, NMS marks which of them
+survive, and one `topk` per image picks the best survivors. The only data-dependent size is the number of
+candidates that enter the NMS (one `nonzero`, which NMS needs anyway: a host sync on CUDA, an unbacked size for
+torch.export, a NonZero for ONNX), so the same code runs eagerly and as an exported graph.
+
+Shape letters: B images, N candidates per image, S candidates of the batch that enter the NMS, P kept per image.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
-from maskrcnn.structures import pack_per_image
+# score of a candidate that cannot be selected (scores are probabilities >= 0)
+NOT_SELECTABLE = -1.0
 
 
 def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
@@ -20,29 +26,59 @@ def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     return torch.minimum(boxes.clamp(min=0), max_xyxy)
 
 
-def nms_per_image(boxes: Tensor, scores: Tensor, keep: Tensor, image: Tensor, group: Tensor, *, num_groups: int,
-                  num_images: int, iou_threshold: float, limit: int, values: tuple[Tensor, ...] = ()
-                  ) -> tuple[Tensor, ...]:
-    """Drops the boxes not in `keep`, runs one NMS per (image, group) for the whole batch, and keeps the `limit`
-    best survivors of every image, padded.
+def nms_mask(boxes: Tensor, scores: Tensor, groups: Tensor, selectable: Tensor, iou_threshold: float) -> Tensor:
+    """NMS inside every group, over a fixed candidate grid.
 
     Args:
-        boxes: f32[N, 4]; scores: f32[N]; keep: bool[N] boxes that passed the score / size filter.
-        image: i64[N] image index of each box; group: i64[N] NMS group inside the image (0..num_groups-1: the
-            pyramid level for proposals, the class for detections).
-        num_groups, num_images: the group and image counts (group ids are image * num_groups + group).
-        iou_threshold: NMS IoU threshold.
-        limit: P, boxes kept per image.
-        values: further tensors [N, *rest] carried along (e.g. labels).
+        boxes: f32[B, N, 4]; scores: f32[B, N].
+        groups: i64[B, N] NMS group of every candidate, distinct across images (e.g. image * L + level).
+        selectable: bool[B, N], candidates that passed the score / size filters and enter the NMS.
+        iou_threshold: candidates overlapping a better one of their group by more than this are suppressed.
     Returns:
-        valid bool[B, P] (a prefix of every row), boxes f32[B, P, 4], scores f32[B, P], then one [B, P, *rest] per
+        bool[B, N]: the selectable candidates that the NMS kept.
+    """
+    rows = torch.nonzero(selectable.flatten()).squeeze(1)  # (B*N,) -> (S,)
+    flat_boxes = boxes.flatten(0, 1)[rows]  # (B, N, 4) -> (S, 4)
+    # groups moved apart by more than the largest coordinate: one nms is then a per-group nms (torchvision's
+    # coordinate trick; its batched_nms loops over groups above 4000 boxes, a guard on S when exported). The
+    # maximum over all candidates, not the selected ones, is defined when S = 0
+    offsets = groups.flatten()[rows].to(boxes.dtype) * (boxes.max() + 1)  # (S,)
+    kept = nms(flat_boxes + offsets[:, None], scores.flatten()[rows], iou_threshold)  # (S',) indices into rows
+    mask = torch.zeros_like(selectable.flatten())
+    return mask.index_put((rows[kept],), torch.ones_like(kept, dtype=torch.bool)).view_as(selectable)
+
+
+def top_per_image(scores: Tensor, keep: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The `count` best kept candidates of every image, by decreasing score.
+
+    Args:
+        scores: f32[B, N] (>= 0); keep: bool[B, N]; count: P, rows per image in the result (static).
+    Returns:
+        index: i64[B, P] into N (0 in padding rows); valid: bool[B, P], a prefix of every row.
+    """
+    masked = torch.where(keep, scores, NOT_SELECTABLE)
+    # P unselectable columns make the row at least P long whatever N is: topk's k stays static
+    masked = torch.cat([masked, masked.new_full((masked.shape[0], count), NOT_SELECTABLE)], dim=1)
+    top_scores, index = masked.topk(count, dim=1)  # (B, P), sorted
+    valid = top_scores > NOT_SELECTABLE
+    return torch.where(valid, index, 0), valid
+
+
+def select_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, selectable: Tensor, *, iou_threshold: float,
+                     count: int, values: tuple[Tensor, ...] = ()) -> tuple[Tensor, ...]:
+    """Filter -> NMS per group -> top `count` per image, gathered into padded outputs.
+
+    Args:
+        boxes: f32[B, N, 4]; scores: f32[B, N]; groups: i64[B, N]; selectable: bool[B, N] (see `nms_mask`).
+        iou_threshold: of the NMS.
+        count: P, rows per image kept.
+        values: further tensors [B, N] carried along (e.g. labels).
+    Returns:
+        valid bool[B, P] (a prefix of every row), boxes f32[B, P, 4], scores f32[B, P], then one [B, P] per
         `values`; sorted by score inside each image, zero where not valid.
     """
-    index = keep.nonzero().squeeze(1)  # (N,) -> (M,), the host sync that NMS needs anyway
-    boxes, scores, image = boxes[index], scores[index], image[index]
-    values = tuple(value[index] for value in values)
-    kept = batched_nms(boxes, scores, image * num_groups + group[index], iou_threshold)  # decreasing score
-    # the first `limit` survivors of every image: a stable sort by image keeps the score order inside it
-    kept_image, order = torch.sort(image[kept], stable=True)
-    kept = kept[order]
-    return pack_per_image(kept_image, num_images, limit, boxes[kept], scores[kept], *(v[kept] for v in values))
+    keep = nms_mask(boxes, scores, groups, selectable, iou_threshold)
+    index, valid = top_per_image(scores, keep, count)  # (B, P)
+    top_boxes = torch.gather(boxes, 1, index[:, :, None].expand(-1, -1, 4)) * valid[:, :, None]  # (B, P, 4)
+    gathered = tuple(torch.gather(value, 1, index) * valid for value in (scores, *values))  # (B, P) each
+    return (valid, top_boxes, *gathered)

@@ -250,6 +250,9 @@ def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale:
     Returns:
         f32[R, C, S, S].
     """
+    if torch.compiler.is_compiling():  # traced for export: the plain op, which the exporters know
+        return torchvision_roi_align(input, boxes, output_size, spatial_scale=spatial_scale,
+                                     sampling_ratio=sampling_ratio, aligned=aligned)
     input = nchw_copy(input)
     workers = torch.get_num_threads() if input.device.type == "cpu" else 1
     splittable = min(boxes.shape[0], input.shape[1]) >= workers  # RoIs in the forward, channels in the backward

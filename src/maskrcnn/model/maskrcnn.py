@@ -17,7 +17,7 @@ from maskrcnn.model.mask_head import MaskHead
 from maskrcnn.model.poolers import image_index_rois
 from maskrcnn.model.postprocess import PASTE_MODES, detections_per_image, unpad
 from maskrcnn.model.rpn import RPN
-from maskrcnn.model.transform import ImageTransform, sizes_tensor
+from maskrcnn.model.transform import ImageTransform
 from maskrcnn.structures import ImageBatch, check_targets, pad_per_image
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_box_cls", "loss_box_reg", "loss_mask")
@@ -94,67 +94,69 @@ class MaskRCNN(nn.Module):
         return {key: losses[key] for key in LOSS_KEYS}
 
     @torch.no_grad()
-    def detect(self, images: Sequence[Tensor]) -> Detections:
+    def detect(self, images: Tensor | Sequence[Tensor]) -> Detections:
         """Padded detections of a batch with their box-relative masks: the model's output before the mask paste.
 
-        Every image has D = detections_per_img slots (`valid` marks the filled ones, a prefix), so the outputs
-        have fixed shapes and no per-image step or host sync is spent on their sizes (ONNX export builds on this).
+        The one inference path: `inference` (eval-mode `forward`) pastes its masks, and `maskrcnn.export` exports
+        it as written (torch.export and ONNX, dynamic batch and image size). Every image has D =
+        detections_per_img slots (`valid` marks the filled ones, a prefix), so the outputs have fixed shapes; the
+        data-dependent sizes inside (the candidates entering each NMS, the RoIs of each pyramid level, the valid
+        detections the mask head runs on) are single `nonzero` / count steps.
 
         Args:
-            images: B tensors f32[3, H, W] in 0..1.
+            images: f32[B, 3, H, W] in 0..1, or B tensors f32[3, H, W] of any sizes.
         Returns:
             Detections: boxes f32[B, D, 4] in original-image pixels, scores f32[B, D], labels i64[B, D],
-            valid bool[B, D], masks f32[B, D, M, M] probabilities inside each box.
+            valid bool[B, D], masks f32[B, D, M, M] probabilities inside each box; zeros where not valid.
         """
-        return self._detect(images, every_slot=True)[0]
+        return self._detect(self._eval_batch(images))[0]
 
-    def _detect(self, images: Sequence[Tensor], every_slot: bool
-                ) -> tuple[Detections, ImageBatch, Tensor, Tensor, Tensor]:
-        """`detect`, plus the ImageBatch and the proposals (resized pixels, scores, valid) it came from.
-        every_slot=False runs the mask head on the valid detections only (one host sync for their positions)."""
+    def _eval_batch(self, images: Tensor | Sequence[Tensor]) -> ImageBatch:
         if self.training:
             raise RuntimeError("MaskRCNN: detection needs eval mode (the RPN, the transform and BatchNorm use their "
                                "test-time behaviour); call model.eval() first")
-        batch, _ = self.transform(images)
+        return self.transform(images)[0]
+
+    def _detect(self, batch: ImageBatch) -> tuple[Detections, Tensor, Tensor, Tensor]:
+        """`detect` of a prepared batch, plus the proposals (resized pixels, scores, valid) it came from."""
         features = self.backbone(batch.tensor)
         proposals, proposal_scores, proposal_valid, _ = self.rpn(batch, features)
-        rois = proposal_rois(proposals, proposal_valid)  # (R, 5)
-        class_logits, box_deltas = self.box_head(features, rois)
-        detections = self.box_head.predict(class_logits.float(), box_deltas.float(), rois,
-                                           sizes_tensor(batch.image_sizes, rois.device), len(batch))
-        masks = self._mask_probabilities(features, detections, every_slot)
+        # every proposal slot, padding included: fixed shapes, and the RPN fills all P of a real photo anyway
+        class_logits, box_deltas = self.box_head(features, proposal_rois(proposals))  # (B*P, K+1), (B*P, (K+1)*4)
+        detections = self.box_head.predict(class_logits.float(), box_deltas.float(), proposals, proposal_valid,
+                                           batch.image_sizes)
+        masks = self._mask_probabilities(features, detections)
         detections = dataclasses.replace(detections, boxes=self.transform.boxes_to_original(detections.boxes, batch),
                                          masks=masks)
-        return detections, batch, proposals, proposal_scores, proposal_valid
+        return detections, proposals, proposal_scores, proposal_valid
 
-    def _mask_probabilities(self, features: dict[str, Tensor], detections: Detections, every_slot: bool) -> Tensor:
-        """f32[B, D, M, M] mask probabilities of the detections (boxes in resized pixels); 0 where not computed."""
+    def _mask_probabilities(self, features: dict[str, Tensor], detections: Detections) -> Tensor:
+        """f32[B, D, M, M] mask probabilities of the valid detections (boxes in resized pixels), 0 in empty slots.
+        The mask head runs on the valid detections only: a photo fills a few of its D = 100 slots."""
         B, D = detections.labels.shape
-        if every_slot:  # fixed shapes: invalid slots (zero boxes) go through the head too
-            slots = torch.arange(B * D, device=detections.labels.device)
-        else:
-            slots = detections.valid.view(-1).nonzero().squeeze(1)  # (B*D,) -> (sum D_i,)
+        slots = detections.valid.view(-1).nonzero().squeeze(1)  # (B*D,) -> (V,)
         image = torch.div(slots, D, rounding_mode="floor")
-        boxes = detections.boxes.view(B * D, 4)[slots]  # (B, D, 4) -> (sum D_i, 4)
-        labels = detections.labels.view(B * D)[slots].clamp(min=1)  # label 0 (empty slot): any class channel
-        logits = self.mask_head(features, image_index_rois(image, boxes), labels)  # (sum D_i, M, M)
-        M = logits.shape[-1]
-        masks = logits.new_zeros((B * D, M, M), dtype=torch.float32).index_copy_(0, slots, logits.float().sigmoid())
+        boxes = detections.boxes.view(B * D, 4)[slots]  # (B, D, 4) -> (V, 4)
+        logits = self.mask_head(features, image_index_rois(image, boxes), detections.labels.view(B * D)[slots])
+        M = self.mask_head.mask_size
+        masks = logits.new_zeros((B * D, M, M), dtype=torch.float32).index_put((slots,), logits.float().sigmoid())
         return masks.view(B, D, M, M)  # (B*D, M, M) -> (B, D, M, M)
 
     @torch.no_grad()
-    def inference(self, images: Sequence[Tensor], return_proposals: bool = False) -> list[dict[str, Tensor]]:
-        """Detections of a batch, one dict per image; the model must be in eval mode.
+    def inference(self, images: Tensor | Sequence[Tensor], return_proposals: bool = False) -> list[dict[str, Tensor]]:
+        """Detections of a batch, one dict per image, masks pasted; the model must be in eval mode.
 
         Args:
-            images: B tensors f32[3, H, W] in 0..1.
-            return_proposals: also return the RPN proposals ("proposals" f32[P, 4], "proposal_scores" f32[P])
+            images: B tensors f32[3, H, W] in 0..1 (or f32[B, 3, H, W]).
+            return_proposals: also return the RPN proposals ("proposals" f32[P_i, 4], "proposal_scores" f32[P_i])
                 in original image pixels.
         Returns:
-            B dicts {"boxes" f32[D, 4], "labels" i64[D], "scores" f32[D], "masks" f32[D, 1, H, W]}.
+            B dicts {"boxes" f32[D_i, 4], "labels" i64[D_i], "scores" f32[D_i], "masks" f32[D_i, 1, H, W]}.
         """
-        detections, batch, proposals, proposal_scores, proposal_valid = self._detect(images, every_slot=False)
-        outputs = detections_per_image(detections, batch.original_sizes, self.paste_mode)
+        batch = self._eval_batch(images)
+        detections, proposals, proposal_scores, proposal_valid = self._detect(batch)
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        outputs = detections_per_image(detections, original_sizes, self.paste_mode)
         if return_proposals:
             counts = proposal_valid.sum(dim=1).tolist()  # valid proposals are a prefix of every row
             proposals_original = self.transform.boxes_to_original(proposals, batch)  # (B, P, 4)

@@ -1,8 +1,8 @@
 """Region proposal network (Faster R-CNN sec. 3.1, on FPN levels as in Lin et al. 2017 sec. 4.1), batched.
 
 Matching, sampling, losses and proposal selection run on the whole batch at once: IoU as one [B, G, A] tensor
-against anchors shared by the batch, one `topk` per level over [B, n_level], one `batched_nms` for all images
-and levels (group = image * L + level), and a scatter into padded [B, P] outputs. Proposals equal torchvision's
+against anchors shared by the batch, one `topk` per level over [B, n_level], one NMS for all images and levels
+(group = image * L + level) and one `topk` per image into padded [B, P] outputs (`box_ops.select_per_image`). Proposals equal torchvision's
 `RegionProposalNetwork` for the same weights (same boxes, same order up to score ties).
 
 Shape letters: B images, L pyramid levels, A anchors over all levels of one image (shared by the batch),
@@ -19,9 +19,8 @@ from torchvision.ops import Conv2dNormActivation, box_iou
 
 from maskrcnn.model.anchors import AnchorGenerator
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.box_ops import clip_boxes, nms_per_image
+from maskrcnn.model.box_ops import clip_boxes, select_per_image
 from maskrcnn.model.matcher import BalancedSampler, Matcher, gather_matched
-from maskrcnn.model.transform import sizes_tensor
 from maskrcnn.structures import ImageBatch
 
 
@@ -100,7 +99,7 @@ class RPN(nn.Module):
             proposals: f32[B, P, 4] xyxy in resized-image pixels, detached, sorted by score per image.
             proposal_scores: f32[B, P] objectness probabilities (0 in padding rows).
             proposal_valid: bool[B, P], False for padding rows (an image may have fewer than P proposals).
-                P = min(post_nms_top_n, K) is fixed by the shapes alone, so no host sync is spent on it.
+                P = post_nms_top_n is fixed, so no host sync is spent on it and the graph's shapes are static.
             losses: {"loss_rpn_cls", "loss_rpn_box"} in training, {} in eval.
         """
         if self.training and (gt_boxes is None or gt_valid is None):
@@ -175,27 +174,26 @@ class RPN(nn.Module):
         L = len(num_per_level)
 
         top_idx_per_level, level_per_level, start = [], [], 0
-        for level, (level_logits, count) in enumerate(zip(logits.split(num_per_level, dim=1), num_per_level)):
-            k = min(pre_nms_top_n, count)
+        for level, count in enumerate(num_per_level):
+            k = torch.sym_min(pre_nms_top_n, count)  # symbolic when the image size is (torch.export)
+            level_logits = logits[:, start:start + count]  # (B, A_l)
             top_idx_per_level.append(level_logits.topk(k, dim=1).indices + start)  # (B, A_l) -> (B, k)
             level_per_level.append(torch.full((k,), level, dtype=torch.int64, device=device))
-            start += count
+            start = start + count
         top_idx = torch.cat(top_idx_per_level, dim=1)  # (B, K)
         levels = torch.cat(level_per_level)  # (K,)
-        K = top_idx.shape[1]
 
         top_logits = torch.gather(logits, 1, top_idx)  # (B, K)
         top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, K, 4)
         boxes = self.box_coder.decode(top_deltas, anchors[top_idx])  # (B, K, 4)
-        boxes = clip_boxes(boxes, sizes_tensor(batch.image_sizes, device)[:, None, :])  # to each image, not the canvas
+        boxes = clip_boxes(boxes, batch.image_sizes[:, None, :])  # to each image, not the canvas
         scores = torch.sigmoid(top_logits)  # (B, K)
 
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        keep = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)  # (B, K)
-        image = torch.arange(B, device=device)[:, None].expand(B, K)  # (B, K)
-        valid, proposals, proposal_scores = nms_per_image(
-            boxes.view(-1, 4), scores.view(-1), keep.view(-1), image.reshape(-1), levels.repeat(B), num_groups=L,
-            num_images=B, iou_threshold=self.nms_thresh, limit=min(post_nms_top_n, K))  # (B*K,) flat inputs
+        selectable = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+        groups = torch.arange(B, device=device)[:, None] * L + levels  # (B, K): image * L + level
+        valid, proposals, proposal_scores = select_per_image(
+            boxes, scores, groups, selectable, iou_threshold=self.nms_thresh, count=post_nms_top_n)
         return proposals, proposal_scores, valid
 
 

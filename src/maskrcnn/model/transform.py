@@ -30,7 +30,7 @@ class ImageTransform(nn.Module):
         max_size: the longest edge after resize is at most this; None: no limit.
         size_divisible: the canvas height and width are rounded up to a multiple of this (the FPN needs 32).
         fixed_canvas: (H, W) to pad every batch to instead (static shapes for cudnn.benchmark), turned to (W, H)
-            for portrait images (see `canvas_for`); must be a multiple of `size_divisible` and hold every resized
+            for portrait images (see `canvas_size`); must be a multiple of `size_divisible` and hold every resized
             image in one of its orientations.
         image_mean, image_std: per-channel normalisation of images given in 0..1.
     """
@@ -53,30 +53,57 @@ class ImageTransform(nn.Module):
         self.register_buffer("image_mean", mean[:, None, None], persistent=False)  # (3,) -> (3, 1, 1)
         self.register_buffer("image_std", std[:, None, None], persistent=False)
 
-    def scale_factor(self, height: int, width: int) -> float:
-        """The resize factor of an image of size (height, width); 1.0 means no resize."""
-        short, long = min(height, width), max(height, width)
+    def resized_size(self, height, width):
+        """(h, w) of an image of size (height, width) after the resize; ints, or symbolic sizes when exported.
+
+        The scale is min_size / short side, capped so the long side is at most max_size, computed in Python floats
+        (float64) as torchvision; the size is floor(side * scale), as `interpolate(recompute_scale_factor=True)`.
+        """
+        if self.min_size is None and self.max_size is None:
+            return height, width
+        short, long = torch.sym_min(height, width), torch.sym_max(height, width)
         if self.min_size is None:
-            return 1.0 if self.max_size is None else min(1.0, self.max_size / long)
-        scale = self.min_size / short
-        return scale if self.max_size is None else min(scale, self.max_size / long)
+            scale = torch.sym_min(1.0, self.max_size / long)
+        else:
+            scale = self.min_size / short
+            if self.max_size is not None:
+                scale = torch.sym_min(scale, self.max_size / long)
+        # trunc is floor for these positive sizes; math.floor of a symbolic size cannot be saved in a .pt2
+        return math.trunc(height * scale), math.trunc(width * scale)
 
-    def resize(self, image: Tensor) -> Tensor:
-        """Resizes one normalised image f32[3, H, W] -> f32[3, H', W'] as torchvision does."""
-        scale = self.scale_factor(image.shape[-2], image.shape[-1])
-        if scale == 1.0:
-            return image
-        # recompute_scale_factor=True: the output size is floor(H * scale) and the sampling grid follows the
-        # actual size ratio, exactly torchvision's call
-        return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                             align_corners=False)[0]
+    def canvas_size(self, height, width):
+        """The padded (Hp, Wp) of a batch whose resized images are at most (height, width); symbolic when exported.
 
-    def forward(self, images: Sequence[Tensor],
+        Without a fixed canvas: the sizes rounded up to a multiple of `size_divisible`. With one, (H, W) of
+        `fixed_canvas` follows the batch's orientation: (H, W) when every image fits it, else (W, H) when every
+        image fits that (a batch of portrait images), else the square (max, max) for a batch that mixes both
+        (training batches are grouped by orientation, so only inference meets it). At most three shapes, so
+        cudnn.benchmark still tunes each once.
+
+        Raises:
+            ValueError: an image is larger than the square canvas.
+        """
+        if self.fixed_canvas is None:
+            d = self.size_divisible
+            return (height + d - 1) // d * d, (width + d - 1) // d * d
+        canvas_h, canvas_w = self.fixed_canvas
+        side = max(canvas_h, canvas_w)
+        torch._check_with(ValueError, torch.sym_max(height, width) <= side, lambda: (
+            f"ImageTransform: an image is {height}x{width} after resize, larger than fixed_canvas "
+            f"{self.fixed_canvas} in either orientation; raise fixed_canvas or lower min_size/max_size"))
+        landscape = (height <= canvas_h) & (width <= canvas_w)
+        portrait = (height <= canvas_w) & (width <= canvas_h)
+        # sym_ite: a choice the exported graph makes at run time, for every image size
+        return (torch.sym_ite(landscape, canvas_h, torch.sym_ite(portrait, canvas_w, side)),
+                torch.sym_ite(landscape, canvas_w, torch.sym_ite(portrait, canvas_h, side)))
+
+    def forward(self, images: Tensor | Sequence[Tensor],
                 targets: Sequence[dict] | None = None) -> tuple[ImageBatch, list[dict] | None]:
         """Prepares a batch.
 
         Args:
-            images: B tensors f32[3, H, W] in 0..1, sizes may differ.
+            images: f32[B, 3, H, W] in 0..1 (one size, e.g. an exported graph's input), or B tensors
+                f32[3, H, W] whose sizes may differ.
             targets: training only, B dicts with "boxes" f32[N, 4] in original pixels (other keys kept as given,
                 masks included). Ignored in eval mode.
         Returns:
@@ -84,65 +111,48 @@ class ImageTransform(nn.Module):
             targets: new dicts with "boxes" scaled to the resized images (training); None in eval mode or when
                 no targets are given.
         """
-        if len(images) == 0:
-            raise ValueError("ImageTransform: empty list of images")
-        resized_per_image = []
-        for index, image in enumerate(images):
-            if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(f"ImageTransform: image {index} must be [3, H, W], got {tuple(image.shape)}")
-            if not image.is_floating_point():
-                raise TypeError(f"ImageTransform: image {index} must be float in 0..1, got {image.dtype}")
-            # normalise before resizing, in this order, to reproduce torchvision's pixels bit for bit
-            mean = self.image_mean.to(device=image.device, dtype=image.dtype)
-            std = self.image_std.to(device=image.device, dtype=image.dtype)
-            image = (image - mean) / std
-            resized_per_image.append(self.resize(image))
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized_per_image]
-        batch = ImageBatch(tensor=self._pad(resized_per_image, image_sizes), image_sizes=image_sizes,
-                           original_sizes=original_sizes)
+        # images of one size go through every step together; a list goes image by image, as each has its own size
+        groups = [images] if isinstance(images, Tensor) else [image[None] for image in images]
+        if len(groups) == 0 or groups[0].shape[0] == 0:
+            raise ValueError("ImageTransform: empty batch of images")
+        for index, group in enumerate(groups):
+            if group.ndim != 4 or group.shape[1] != 3:
+                raise ValueError(f"ImageTransform: image {index} must be [3, H, W], got {tuple(group.shape[1:])}")
+            if not group.is_floating_point():
+                raise TypeError(f"ImageTransform: image {index} must be float in 0..1, got {group.dtype}")
+        resized = [self._resize(self._normalise(group)) for group in groups]  # each f32[b, 3, h, w]
+        if len(resized) == 1:
+            height, width = resized[0].shape[-2:]
+        else:
+            height, width = max(r.shape[-2] for r in resized), max(r.shape[-1] for r in resized)
+        canvas_h, canvas_w = self.canvas_size(height, width)
+        padded = [F.pad(r, (0, canvas_w - r.shape[-1], 0, canvas_h - r.shape[-2])) for r in resized]
+        batch = ImageBatch(tensor=padded[0] if len(padded) == 1 else torch.cat(padded),
+                           image_sizes=torch.cat([_size_rows(r) for r in resized]),
+                           original_sizes=torch.cat([_size_rows(g) for g in groups]))
         if not self.training or targets is None:
             return batch, None
-        if len(targets) != len(images):
-            raise ValueError(f"ImageTransform: {len(images)} images but {len(targets)} targets")
+        if len(targets) != len(groups):
+            raise ValueError(f"ImageTransform: {len(groups)} images but {len(targets)} targets")
         targets_out = []
-        for target, original, resized in zip(targets, original_sizes, image_sizes):
+        for target, group, image in zip(targets, groups, resized):
             target = dict(target)
-            target["boxes"] = _scale_boxes(target["boxes"], original, resized)
+            target["boxes"] = _scale_boxes(target["boxes"], tuple(group.shape[-2:]), tuple(image.shape[-2:]))
             targets_out.append(target)
         return batch, targets_out
 
-    def canvas_for(self, image_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
-        """The fixed canvas (H, W) for a batch of resized images, following the batch's orientation: (H, W) when
-        every image fits it, else (W, H) when every image fits that (a batch of portrait images), else the square
-        (max, max) for a batch that mixes both (training batches are grouped by orientation, so only inference
-        meets it). At most three shapes, so cudnn.benchmark still tunes each once.
+    def _normalise(self, images: Tensor) -> Tensor:
+        """f32[b, 3, H, W] in 0..1 -> normalised by the channel mean and std."""
+        return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
 
-        Raises:
-            ValueError: an image is larger than the square canvas.
-        """
-        height, width = self.fixed_canvas
-        for canvas in ((height, width), (width, height), (max(height, width),) * 2):
-            if all(h <= canvas[0] and w <= canvas[1] for h, w in image_sizes):
-                return canvas
-        index, size = next((i, s) for i, s in enumerate(image_sizes) if max(s) > max(height, width))
-        raise ValueError(f"ImageTransform: image {index} is {size} after resize, larger than fixed_canvas "
-                         f"{self.fixed_canvas} in either orientation; raise fixed_canvas or lower min_size/max_size")
+    def _resize(self, images: Tensor) -> Tensor:
+        """Resizes normalised images f32[b, 3, H, W] -> f32[b, 3, h, w] as torchvision does (normalised first,
+        bilinear, the sampling grid following the actual size ratio), to reproduce its pixels bit for bit."""
+        height, width = self.resized_size(images.shape[-2], images.shape[-1])
+        return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
 
-    def _pad(self, images: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
-        """B tensors f32[3, H_i, W_i] -> f32[B, 3, Hp, Wp]: one allocation, one copy per image."""
-        if self.fixed_canvas is not None:
-            canvas = self.canvas_for(image_sizes)
-        else:
-            d = self.size_divisible
-            canvas = (math.ceil(max(h for h, _ in image_sizes) / d) * d,
-                      math.ceil(max(w for _, w in image_sizes) / d) * d)
-        batched = images[0].new_zeros((len(images), 3, *canvas))
-        for padded, image in zip(batched, images):
-            padded[:, : image.shape[1], : image.shape[2]].copy_(image)
-        return batched
-
-    def boxes_to_original(self, boxes: Tensor, batch: ImageBatch) -> Tensor:
+    @staticmethod
+    def boxes_to_original(boxes: Tensor, batch: ImageBatch) -> Tensor:
         """Maps boxes from resized-image pixels back to original-image pixels.
 
         Args:
@@ -151,20 +161,16 @@ class ImageTransform(nn.Module):
         Returns:
             f32[B, D, 4] xyxy in the original images (per-dimension ratio original / resized, as torchvision).
         """
-        original = sizes_tensor(batch.original_sizes, boxes.device)
-        resized = sizes_tensor(batch.image_sizes, boxes.device)
-        ratio_yx = (original / resized).to(boxes.dtype)  # (B, 2)
+        ratio_yx = (batch.original_sizes / batch.image_sizes).to(boxes.dtype)  # (B, 2)
         ratio_xyxy = ratio_yx[:, [1, 0, 1, 0]]  # (B, 2) -> (B, 4) as (x, y, x, y)
         return boxes * ratio_xyxy[:, None, :]
 
 
-def sizes_tensor(sizes: Sequence[tuple[int, int]], device: torch.device) -> Tensor:
-    """f32[B, 2] (h, w) pairs on `device`; pinned and non-blocking on CUDA, since an ordinary host->device copy
-    waits for the whole stream (a host sync in the middle of the step)."""
-    sizes = torch.tensor(sizes, dtype=torch.float32).reshape(-1, 2)
-    if device.type == "cuda":
-        return sizes.pin_memory().to(device, non_blocking=True)
-    return sizes.to(device)
+def _size_rows(images: Tensor) -> Tensor:
+    """f32[b, 2]: (h, w) of images f32[b, 3, h, w] on their device, for every image; made on the device from the
+    shape (no host->device copy, which on CUDA would wait for the stream; symbolic sizes when exported)."""
+    b, _, height, width = images.shape
+    return torch.stack([images.new_full((b,), height), images.new_full((b,), width)], dim=1)
 
 
 def _scale_boxes(boxes: Tensor, original: tuple[int, int], resized: tuple[int, int]) -> Tensor:

@@ -1,0 +1,52 @@
+import torch
+
+from maskrcnn.model.box_ops import clip_boxes, nms_mask, select_per_image, top_per_image
+
+
+def test_clip_boxes_to_each_image():
+    boxes = torch.tensor([[[-5.0, -1.0, 70.0, 30.0]], [[-5.0, -1.0, 70.0, 30.0]]])  # (B=2, 1, 4)
+    sizes = torch.tensor([[20.0, 64.0], [40.0, 50.0]])  # (h, w)
+    assert clip_boxes(boxes, sizes[:, None, :]).tolist() == [[[0.0, 0.0, 64.0, 20.0]], [[0.0, 0.0, 50.0, 30.0]]]
+
+
+def test_nms_mask_suppresses_inside_a_group_only():
+    # image 0: boxes 0 and 1 overlap with IoU 81/100 = 0.81; box 2 is the same as box 0 but in another group
+    box = [0.0, 0.0, 10.0, 10.0]
+    boxes = torch.tensor([[box, [1.0, 1.0, 10.0, 10.0], box], [box, box, box]])  # (B=2, N=3, 4)
+    scores = torch.tensor([[0.9, 0.8, 0.7], [0.5, 0.6, 0.4]])
+    groups = torch.tensor([[0, 0, 1], [2, 2, 3]])
+    selectable = torch.tensor([[True, True, True], [True, True, False]])  # image 1, box 2 filtered out
+    keep = nms_mask(boxes, scores, groups, selectable, iou_threshold=0.5)
+    # image 1: boxes 0 and 1 are identical in group 2, the better one (box 1, 0.6) survives
+    assert keep.tolist() == [[True, False, True], [False, True, False]]
+    # IoU 0.81 is not above 0.9: both survive
+    assert nms_mask(boxes, scores, groups, selectable, iou_threshold=0.9)[0].tolist() == [True, True, True]
+
+
+def test_nms_mask_with_nothing_selectable():
+    boxes = torch.rand(2, 3, 4)
+    keep = nms_mask(boxes, torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.bool),
+                    0.5)
+    assert keep.shape == (2, 3) and not keep.any()
+
+
+def test_top_per_image_pads_short_rows():
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]])
+    keep = torch.tensor([[True, True, True], [False, True, False]])
+    index, valid = top_per_image(scores, keep, count=4)  # more rows than candidates
+    assert index.tolist() == [[1, 2, 0, 0], [1, 0, 0, 0]]
+    assert valid.tolist() == [[True, True, True, False], [True, False, False, False]]
+
+
+def test_select_per_image_gathers_and_zeroes_padding():
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]], [[1.0, 1.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]]])
+    scores = torch.tensor([[0.2, 0.7], [0.6, 0.1]])
+    labels = torch.tensor([[3, 4], [5, 6]])
+    selectable = torch.tensor([[True, True], [True, False]])
+    groups = torch.tensor([[0, 0], [1, 1]])
+    valid, top_boxes, top_scores, top_labels = select_per_image(boxes, scores, groups, selectable, iou_threshold=0.5,
+                                                                count=2, values=(labels,))
+    assert valid.tolist() == [[True, True], [True, False]]
+    assert top_boxes.tolist() == [[[20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 10.0, 10.0]], [[1.0, 1.0, 2.0, 2.0], [0.0] * 4]]
+    torch.testing.assert_close(top_scores, torch.tensor([[0.7, 0.2], [0.6, 0.0]]))
+    assert top_labels.tolist() == [[4, 3], [5, 0]]
