@@ -65,7 +65,7 @@ class LevelRoIAlign(nn.Module):
         """
         maps = [features[name] for name in self.featmap_names]
         level = self.assign_levels(rois[:, 1:])
-        order = torch.argsort(level, stable=True)  # RoIs grouped by level
+        order = torch.argsort(level)  # RoIs grouped by level (their order inside a level does not matter)
         # the one host sync of the pooler (unbacked sizes when exported); a comparison, not bincount, whose CUDA
         # kernel reads the maximum first
         counts = (level[:, None] == torch.arange(len(maps), device=level.device)).sum(dim=0).tolist()
