@@ -1,6 +1,6 @@
 import torch
 
-from maskrcnn.model.box_ops import clip_boxes, nms_mask, select_per_image, top_per_image
+from maskrcnn.model.box_ops import clip_boxes, nms_mask, top_per_image
 
 
 def test_clip_boxes_to_each_image():
@@ -30,23 +30,14 @@ def test_nms_mask_with_nothing_selectable():
     assert keep.shape == (2, 3) and not keep.any()
 
 
-def test_top_per_image_pads_short_rows():
+def test_top_per_image_pads_short_rows_and_zeroes_them():
+    boxes = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]])
     keep = torch.tensor([[True, True, True], [False, True, False]])
-    index, valid = top_per_image(scores, keep, count=4)  # more rows than candidates
-    assert index.tolist() == [[1, 2, 0, 0], [1, 0, 0, 0]]
-    assert valid.tolist() == [[True, True, True, False], [True, False, False, False]]
-
-
-def test_select_per_image_gathers_and_zeroes_padding():
-    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]], [[1.0, 1.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]]])
-    scores = torch.tensor([[0.2, 0.7], [0.6, 0.1]])
-    labels = torch.tensor([[3, 4], [5, 6]])
-    selectable = torch.tensor([[True, True], [True, False]])
-    groups = torch.tensor([[0, 0], [1, 1]])
-    valid, top_boxes, top_scores, top_labels = select_per_image(boxes, scores, groups, selectable, iou_threshold=0.5,
-                                                                count=2, values=(labels,))
-    assert valid.tolist() == [[True, True], [True, False]]
-    assert top_boxes.tolist() == [[[20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 10.0, 10.0]], [[1.0, 1.0, 2.0, 2.0], [0.0] * 4]]
-    torch.testing.assert_close(top_scores, torch.tensor([[0.7, 0.2], [0.6, 0.0]]))
-    assert top_labels.tolist() == [[4, 3], [5, 0]]
+    labels = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    valid, top_boxes, top_scores, top_labels = top_per_image(boxes, scores, keep, count=4, values=(labels,))
+    assert valid.tolist() == [[True, True, True, False], [True, False, False, False]]  # more rows than candidates
+    assert top_labels.tolist() == [[4, 5, 3, 0], [7, 0, 0, 0]]
+    torch.testing.assert_close(top_scores, torch.tensor([[0.9, 0.5, 0.1, 0.0], [0.2, 0.0, 0.0, 0.0]]))
+    assert top_boxes[0, 0].tolist() == [4.0, 5.0, 6.0, 7.0] and top_boxes[1, 0].tolist() == [16.0, 17.0, 18.0, 19.0]
+    assert top_boxes[0, 3].eq(0).all() and top_boxes[1, 1:].eq(0).all()

@@ -7,7 +7,7 @@ C feature channels, S pooled size, D detections per image (padded).
 
 Every step runs on the whole batch at once: one [B, G, A] IoU, one sampling call, one RoIAlign per FPN level
 over the RoIs of all images (boxes as [R, 5] with the image index), one NMS with group id
-image_index * (K + 1) + class and one `topk` per image (`box_ops.select_per_image`).
+image_index * (K + 1) + class and one `topk` per image (`box_ops`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.box_ops import clip_boxes, select_per_image
+from maskrcnn.model.box_ops import clip_boxes, nms_mask, top_per_image
 from maskrcnn.model.matcher import IGNORED, BalancedSampler, Matcher, pairwise_iou
 from maskrcnn.model.poolers import LevelRoIAlign, image_index_rois
 
@@ -192,9 +192,9 @@ class BoxHead(nn.Module):
         selectable = ((probs >= self.score_thresh) & (wh >= self.min_box_size).all(dim=2)
                       & proposal_valid.repeat_interleave(C - 1, dim=1))  # (B, N)
         groups = torch.arange(B, device=probs.device)[:, None] * C + labels  # (B, N): image * (K+1) + class
-        valid, out_boxes, out_scores, out_labels = select_per_image(
-            boxes, probs, groups, selectable, iou_threshold=self.nms_thresh, count=self.detections_per_img,
-            values=(labels,))
+        keep = nms_mask(boxes, probs, groups, selectable, self.nms_thresh)  # (B, N)
+        valid, out_boxes, out_scores, out_labels = top_per_image(boxes, probs, keep, self.detections_per_img,
+                                                                 values=(labels,))
         return Detections(boxes=out_boxes, scores=out_scores, labels=out_labels, valid=valid)
 
 

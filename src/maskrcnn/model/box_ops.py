@@ -2,7 +2,7 @@
 "score filter -> NMS per group -> top-k per image" that turns scored candidates into padded outputs.
 
 The selection keeps fixed shapes: the candidates stay on a [B, N] grid from start to end, NMS marks which of them
-survive, and one `topk` per image picks the best survivors. The only data-dependent size is the number of
+survive (`nms_mask`), and one `topk` per image picks the best survivors (`top_per_image`). The only data-dependent size is the number of
 candidates that enter the NMS (one `nonzero`, which NMS needs anyway: a host sync on CUDA, an unbacked size for
 torch.export, a NonZero for ONNX), so the same code runs eagerly and as an exported graph.
 
@@ -40,45 +40,33 @@ def nms_mask(boxes: Tensor, scores: Tensor, groups: Tensor, selectable: Tensor, 
     rows = torch.nonzero(selectable.flatten()).squeeze(1)  # (B*N,) -> (S,)
     flat_boxes = boxes.flatten(0, 1)[rows]  # (B, N, 4) -> (S, 4)
     # groups moved apart by more than the largest coordinate: one nms is then a per-group nms (torchvision's
-    # coordinate trick; its batched_nms loops over groups above 4000 boxes, a guard on S when exported). The
-    # maximum over all candidates, not the selected ones, is defined when S = 0
+    # coordinate trick; its batched_nms loops over groups above 4000 boxes, a guard on S when exported). The cost
+    # grows with S^2: callers with many candidates (the RPN) call it per level. The maximum over all candidates,
+    # not the selected ones, is defined when S = 0
     offsets = groups.flatten()[rows].to(boxes.dtype) * (boxes.max() + 1)  # (S,)
     kept = nms(flat_boxes + offsets[:, None], scores.flatten()[rows], iou_threshold)  # (S',) indices into rows
     mask = torch.zeros_like(selectable.flatten())
     return mask.index_put((rows[kept],), torch.ones_like(kept, dtype=torch.bool)).view_as(selectable)
 
 
-def top_per_image(scores: Tensor, keep: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """The `count` best kept candidates of every image, by decreasing score.
+def top_per_image(boxes: Tensor, scores: Tensor, keep: Tensor, count: int,
+                  values: tuple[Tensor, ...] = ()) -> tuple[Tensor, ...]:
+    """The `count` best kept candidates of every image, by decreasing score, gathered into padded outputs.
 
     Args:
-        scores: f32[B, N] (>= 0); keep: bool[B, N]; count: P, rows per image in the result (static).
+        boxes: f32[B, N, 4]; scores: f32[B, N] (>= 0); keep: bool[B, N], e.g. from `nms_mask`.
+        count: P, rows per image in the result (static: the outputs' shapes do not depend on the data).
+        values: further tensors [B, N] carried along (e.g. labels).
     Returns:
-        index: i64[B, P] into N (0 in padding rows); valid: bool[B, P], a prefix of every row.
+        valid bool[B, P] (a prefix of every row), boxes f32[B, P, 4], scores f32[B, P], then one [B, P] per
+        `values`; sorted by score inside each image, zero where not valid.
     """
     masked = torch.where(keep, scores, NOT_SELECTABLE)
     # P unselectable columns make the row at least P long whatever N is: topk's k stays static
     masked = torch.cat([masked, masked.new_full((masked.shape[0], count), NOT_SELECTABLE)], dim=1)
     top_scores, index = masked.topk(count, dim=1)  # (B, P), sorted
     valid = top_scores > NOT_SELECTABLE
-    return torch.where(valid, index, 0), valid
-
-
-def select_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, selectable: Tensor, *, iou_threshold: float,
-                     count: int, values: tuple[Tensor, ...] = ()) -> tuple[Tensor, ...]:
-    """Filter -> NMS per group -> top `count` per image, gathered into padded outputs.
-
-    Args:
-        boxes: f32[B, N, 4]; scores: f32[B, N]; groups: i64[B, N]; selectable: bool[B, N] (see `nms_mask`).
-        iou_threshold: of the NMS.
-        count: P, rows per image kept.
-        values: further tensors [B, N] carried along (e.g. labels).
-    Returns:
-        valid bool[B, P] (a prefix of every row), boxes f32[B, P, 4], scores f32[B, P], then one [B, P] per
-        `values`; sorted by score inside each image, zero where not valid.
-    """
-    keep = nms_mask(boxes, scores, groups, selectable, iou_threshold)
-    index, valid = top_per_image(scores, keep, count)  # (B, P)
+    index = torch.where(valid, index, 0)  # padding rows read column 0, then zeroed
     top_boxes = torch.gather(boxes, 1, index[:, :, None].expand(-1, -1, 4)) * valid[:, :, None]  # (B, P, 4)
     gathered = tuple(torch.gather(value, 1, index) * valid for value in (scores, *values))  # (B, P) each
     return (valid, top_boxes, *gathered)

@@ -1,8 +1,8 @@
 """Region proposal network (Faster R-CNN sec. 3.1, on FPN levels as in Lin et al. 2017 sec. 4.1), batched.
 
 Matching, sampling, losses and proposal selection run on the whole batch at once: IoU as one [B, G, A] tensor
-against anchors shared by the batch, one `topk` per level over [B, n_level], one NMS for all images and levels
-(group = image * L + level) and one `topk` per image into padded [B, P] outputs (`box_ops.select_per_image`). Proposals equal torchvision's
+against anchors shared by the batch, one `topk` per level over [B, n_level], one NMS per level for all images
+(group = image) and one `topk` per image into padded [B, P] outputs (`box_ops`). Proposals equal torchvision's
 `RegionProposalNetwork` for the same weights (same boxes, same order up to score ties).
 
 Shape letters: B images, L pyramid levels, A anchors over all levels of one image (shared by the batch),
@@ -19,7 +19,7 @@ from torchvision.ops import Conv2dNormActivation, box_iou
 
 from maskrcnn.model.anchors import AnchorGenerator
 from maskrcnn.model.box_coder import BoxCoder
-from maskrcnn.model.box_ops import clip_boxes, select_per_image
+from maskrcnn.model.box_ops import clip_boxes, nms_mask, top_per_image
 from maskrcnn.model.matcher import BalancedSampler, Matcher, gather_matched
 from maskrcnn.structures import ImageBatch
 
@@ -171,17 +171,13 @@ class RPN(nn.Module):
         pre_nms_top_n = self.pre_nms_top_n_train if self.training else self.pre_nms_top_n_test
         post_nms_top_n = self.post_nms_top_n_train if self.training else self.post_nms_top_n_test
         B, device = logits.shape[0], logits.device
-        L = len(num_per_level)
 
-        top_idx_per_level, level_per_level, start = [], [], 0
-        for level, count in enumerate(num_per_level):
+        top_idx_per_level, start = [], 0
+        for count in num_per_level:
             k = torch.sym_min(pre_nms_top_n, count)  # symbolic when the image size is (torch.export)
-            level_logits = logits[:, start:start + count]  # (B, A_l)
-            top_idx_per_level.append(level_logits.topk(k, dim=1).indices + start)  # (B, A_l) -> (B, k)
-            level_per_level.append(torch.full((k,), level, dtype=torch.int64, device=device))
+            top_idx_per_level.append(logits[:, start:start + count].topk(k, dim=1).indices + start)  # (B, k)
             start = start + count
         top_idx = torch.cat(top_idx_per_level, dim=1)  # (B, K)
-        levels = torch.cat(level_per_level)  # (K,)
 
         top_logits = torch.gather(logits, 1, top_idx)  # (B, K)
         top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, K, 4)
@@ -191,9 +187,17 @@ class RPN(nn.Module):
 
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         selectable = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
-        groups = torch.arange(B, device=device)[:, None] * L + levels  # (B, K): image * L + level
-        valid, proposals, proposal_scores = select_per_image(
-            boxes, scores, groups, selectable, iou_threshold=self.nms_thresh, count=post_nms_top_n)
+        # NMS per image and level: one call per level, the images of a level as its groups (one call for all
+        # B * L groups would compare every candidate with the K of its image: about L times the work)
+        image = torch.arange(B, device=device)[:, None]  # (B, 1)
+        keep_per_level, start = [], 0
+        for level_idx in top_idx_per_level:
+            level = slice(start, start + level_idx.shape[1])
+            keep_per_level.append(nms_mask(boxes[:, level], scores[:, level], image.expand_as(level_idx),
+                                           selectable[:, level], self.nms_thresh))  # (B, k)
+            start = start + level_idx.shape[1]
+        keep = torch.cat(keep_per_level, dim=1)  # (B, K)
+        valid, proposals, proposal_scores = top_per_image(boxes, scores, keep, post_nms_top_n)  # (B, P)
         return proposals, proposal_scores, valid
 
 
