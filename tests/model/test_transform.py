@@ -116,3 +116,16 @@ def test_bad_images_are_named():
         transform([torch.rand(3, 10, 10), torch.zeros(3, 10, 10, dtype=torch.uint8)])
     with pytest.raises(ValueError, match=r"image 0 must be \[3, H, W\]"):
         transform([torch.rand(1, 10, 10)])
+
+
+def test_a_batch_tensor_is_prepared_as_the_list_of_its_images():
+    transform = make_transform(min_size=64, max_size=1000, fixed_canvas=(96, 128))
+    images = torch.rand(2, 3, 30, 45)
+    from_tensor, _ = transform(images)
+    from_list, _ = transform(list(images))
+    assert torch.equal(from_tensor.tensor, from_list.tensor) and from_tensor.tensor.shape == (2, 3, 96, 128)
+    assert from_tensor.image_sizes.tolist() == from_list.image_sizes.tolist() == [[64, 96]] * 2
+    assert from_tensor.original_sizes.tolist() == [[30, 45]] * 2
+    # training: one target per image of the tensor, boxes scaled by 64 / 30 and 96 / 45
+    _, targets = transform.train()(images, [{"boxes": torch.tensor([[0.0, 0.0, 45.0, 30.0]])}] * 2)
+    assert [t["boxes"].tolist() for t in targets] == [[[0.0, 0.0, 96.0, 64.0]]] * 2

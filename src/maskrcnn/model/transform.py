@@ -121,23 +121,20 @@ class ImageTransform(nn.Module):
             if not group.is_floating_point():
                 raise TypeError(f"ImageTransform: image {index} must be float in 0..1, got {group.dtype}")
         resized = [self._resize(self._normalise(group)) for group in groups]  # each f32[b, 3, h, w]
-        if len(resized) == 1:
-            height, width = resized[0].shape[-2:]
-        else:
-            height, width = max(r.shape[-2] for r in resized), max(r.shape[-1] for r in resized)
-        canvas_h, canvas_w = self.canvas_size(height, width)
+        canvas_h, canvas_w = self.canvas_size(max(r.shape[-2] for r in resized), max(r.shape[-1] for r in resized))
         padded = [F.pad(r, (0, canvas_w - r.shape[-1], 0, canvas_h - r.shape[-2])) for r in resized]
-        batch = ImageBatch(tensor=padded[0] if len(padded) == 1 else torch.cat(padded),
-                           image_sizes=torch.cat([_size_rows(r) for r in resized]),
+        batch = ImageBatch(tensor=torch.cat(padded), image_sizes=torch.cat([_size_rows(r) for r in resized]),
                            original_sizes=torch.cat([_size_rows(g) for g in groups]))
         if not self.training or targets is None:
             return batch, None
-        if len(targets) != len(groups):
-            raise ValueError(f"ImageTransform: {len(groups)} images but {len(targets)} targets")
+        # (original, resized) size of every image, in order
+        sizes = [(tuple(g.shape[-2:]), tuple(r.shape[-2:])) for g, r in zip(groups, resized) for _ in range(len(g))]
+        if len(targets) != len(sizes):
+            raise ValueError(f"ImageTransform: {len(sizes)} images but {len(targets)} targets")
         targets_out = []
-        for target, group, image in zip(targets, groups, resized):
+        for target, (original, resized_size) in zip(targets, sizes):
             target = dict(target)
-            target["boxes"] = _scale_boxes(target["boxes"], tuple(group.shape[-2:]), tuple(image.shape[-2:]))
+            target["boxes"] = _scale_boxes(target["boxes"], original, resized_size)
             targets_out.append(target)
         return batch, targets_out
 
