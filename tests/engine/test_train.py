@@ -19,7 +19,8 @@ from maskrcnn.config import config_from_dict
 from maskrcnn.data import DatasetError
 from maskrcnn.engine.checkpoint import LOCK_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from maskrcnn.config import ConfigError
-from maskrcnn.engine.train import NonFiniteLossError, TimeBudget, Trainer, lr_factor, sync_batchnorm, train
+from maskrcnn.engine.train import (NonFiniteLossError, StopSignals, TimeBudget, Trainer, TrainResult, lr_factor,
+                                   sync_batchnorm, train)
 from maskrcnn.fileio import DiskFullError
 from maskrcnn.model import build_model
 
@@ -153,9 +154,9 @@ def test_non_finite_loss_names_iteration_and_term(tmp_path, tiny_config):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_time_budget_stops_early_and_evaluates(tmp_path, tiny_config):
+def test_a_spent_time_budget_ends_the_schedule_at_once_and_evaluates(tmp_path, tiny_config):
     result = train(tiny_config(tmp_path / "t", "train.max_minutes=0.0", "train.max_iters=50"), progress=False)
-    assert result.stopped_early and result.iterations == 1
+    assert result.iterations == 1 and not result.stopped_early  # no time left: the plan ends at the first log
     assert result.evaluation is not None and (tmp_path / "t" / "metrics.json").is_file()
     assert load_checkpoint(tmp_path / "t" / "last.pt")["iteration"] == 1
 
@@ -173,40 +174,130 @@ class FakeClock:
 def test_time_budget_fits_the_schedule_to_the_measured_speed(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(train_module.time, "perf_counter", clock)
-    budget = TimeBudget(max_iters=1000, minutes=1.0, warmup_iters=20)
+    budget = TimeBudget(max_iters=1000, minutes=1.0)
     budget.start(0)
     clock.now = 5.0
-    budget.refit(10)  # still warming up: the plan is max_iters
-    assert budget.planned_iters == 1000 and budget.seconds_per_iteration() == 0.5
+    budget.refit(10)  # start-up, the only speed yet: 0.5 s/it, 55 s left: 110 more iterations
+    assert budget.planned_iters == 120 and budget.seconds_per_iteration() == 0.5
+    budget.steady_from(10)  # start-up over: the speed is measured from here on
     clock.now = 10.0
     budget.refit(20)  # 0.5 s/it, 50 s left: 100 more iterations
     assert budget.planned_iters == 120
     clock.now = 20.0
-    budget.refit(30)  # 20 s for 30 iterations: 0.667 s/it, 40 s left: 60 more
-    assert budget.planned_iters == 90
+    budget.refit(30)  # 15 s for 20 iterations: 0.75 s/it, 40 s left: 53 more
+    assert budget.planned_iters == 83
     state = budget.state_dict()
-    assert state == {"spent": 20.0, "planned_iters": 90}
+    assert state == {"spent": 20.0, "planned_iters": 83}
 
-    resumed = TimeBudget(max_iters=1000, minutes=1.0, warmup_iters=20)  # another process, its own clock
+    resumed = TimeBudget(max_iters=1000, minutes=1.0)  # another process, its own clock
     resumed.load_state_dict(state)
     clock.now = 100.0
     resumed.start(30)
-    assert resumed.planned_iters == 90 and resumed.elapsed() == 20.0
+    assert resumed.planned_iters == 83 and resumed.elapsed() == 20.0
+    clock.now = 110.0
+    resumed.refit(35)  # 2 s/it over the start-up would plan 35 + 15: the checkpoint's plan stays
+    assert resumed.planned_iters == 83
     clock.now = 139.0
     assert not resumed.out_of_time()
     clock.now = 140.0  # 20 s before + 40 s now: the minute is spent
     assert resumed.out_of_time()
-    shorter = TimeBudget(max_iters=60, minutes=1.0, warmup_iters=20)  # resumed with a smaller max_iters
+    shorter = TimeBudget(max_iters=60, minutes=1.0)  # resumed with a smaller max_iters
     shorter.load_state_dict(state)
     assert shorter.planned_iters == 60
-    no_budget = TimeBudget(max_iters=500, minutes=None, warmup_iters=20)  # resumed without a budget: max_iters
+    no_budget = TimeBudget(max_iters=500, minutes=None)  # resumed without a budget: max_iters
     no_budget.load_state_dict(state)
     assert no_budget.planned_iters == 500 and no_budget.spent == 20.0
-    unlimited = TimeBudget(max_iters=50, minutes=None, warmup_iters=0)
+    unlimited = TimeBudget(max_iters=50, minutes=None)
     unlimited.start(0)
     clock.now = 1000.0
     unlimited.refit(10)
     assert unlimited.planned_iters == 50 and not unlimited.out_of_time()
+
+
+# the fake steps below move the schedule without an optimiser step
+SCHEDULER_ONLY = pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+
+
+def run_on_the_fake_clock(trainer: Trainer, clock: FakeClock, seconds: dict[int, float], *,
+                          stop_at: int | None = None) -> tuple[TrainResult, dict[int, float]]:
+    """Runs `trainer` with steps that only advance `clock` (by `seconds[iteration]`, 1 s where absent) and the
+    schedule; a signal arrives during iteration `stop_at`. Returns the result and the lr of each log record."""
+    stop = StopSignals()
+
+    def step(iteration: int) -> dict[str, float]:
+        clock.now += seconds.get(iteration, 1.0)
+        trainer.scheduler.step()
+        if iteration == stop_at:
+            stop.received = "SIGINT"
+        return {"loss_fake": 1.0}
+
+    trainer.step, trainer.evaluate = step, lambda iteration: None
+    result = trainer.run(stop)
+    return result, {r["iteration"]: r["lr"] for r in map(json.loads, (trainer.out_dir / "metrics.jsonl").open())
+                    if "lr" in r}
+
+
+def cosine(iteration: int, length: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * iteration / length))
+
+
+@SCHEDULER_ONLY
+def test_a_budget_shorter_than_the_warm_up_ends_at_lr_zero(tmp_path, tiny_config, monkeypatch):
+    """`maskrcnn demo --minutes 1` on a slow machine: 60 iterations of 1 s fit, fewer than the 100 of warm-up.
+    The plan shrinks during warm-up, the warm-up to half of it, and the lr reaches 0 as the minute ends (it
+    stopped at iteration 60 with 60 % of the lr, still warming up)."""
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=1", "train.max_iters=3000", "train.warmup_iters=100",
+                      "train.warmup_factor=0.001", "train.log_period=10", "train.checkpoint_period=0")
+    trainer = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    result, lrs = run_on_the_fake_clock(trainer, clock, {})
+    assert result.iterations == 60 and not result.stopped_early and clock.now == 60.0
+    # iteration 10: the plan is still 3000 (it is refitted after this record); from then on 60, warm-up 30 of them
+    expected = {10: (0.001 + 0.999 * 10 / 100) * cosine(10, 3000), 20: (0.001 + 0.999 * 20 / 30) * cosine(20, 60),
+                **{n: cosine(n, 60) for n in (30, 40, 50, 60)}}
+    assert lrs == pytest.approx({n: 0.01 * factor for n, factor in expected.items()}, abs=1e-9)
+    assert lrs[60] == pytest.approx(0.0, abs=1e-12)
+
+
+@SCHEDULER_ONLY
+def test_a_machine_that_slows_down_after_the_plan_is_stopped_by_the_budget(tmp_path, tiny_config, monkeypatch):
+    """1 s per iteration plans 60 iterations into the minute; from iteration 40 on they take 4 s: the minute ends
+    after iteration 45, before the plan, which the result says."""
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=1", "train.max_iters=3000", "train.warmup_iters=10",
+                      "train.log_period=10", "train.checkpoint_period=0")
+    trainer = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    result, _ = run_on_the_fake_clock(trainer, clock, {iteration: 4.0 for iteration in range(40, 100)})
+    assert trainer.budget.planned_iters == 60 and result.iterations == 45 and result.stopped_early
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 45
+
+
+@SCHEDULER_ONLY
+def test_resume_under_a_budget_continues_the_schedule(tmp_path, tiny_config, monkeypatch):
+    """A run stopped at iteration 30 of a 2-minute budget (1 s per iteration: a plan of 120) is resumed; its first
+    5 iterations take 3 s each (start-up). The plan is re-measured from the steady iterations only: 70 s are left at
+    1 s each at iteration 40, so the schedule ends at 110, as the budget does (a first refit over the start-up
+    planned 75 and the lr fell from 0.75 to 0.25 of the base between two records)."""
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=2", "train.max_iters=3000", "train.warmup_iters=10",
+                      "train.log_period=10", "train.checkpoint_period=0")
+    first = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    result, lrs = run_on_the_fake_clock(first, clock, {}, stop_at=29)
+    assert result.iterations == 30 and load_checkpoint(tmp_path / "run" / "last.pt")["budget"] == {
+        "spent": 30.0, "planned_iters": 120}
+    assert lrs[30] == pytest.approx(0.01 * cosine(30, 120))
+
+    clock.now = 1000.0  # another process
+    resumed = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=True)
+    assert resumed.threads.steady_iter == 35  # one thread count: 5 untimed start-up iterations, no probe
+    result, lrs = run_on_the_fake_clock(resumed, clock, {iteration: 3.0 for iteration in range(30, 35)})
+    expected = {40: cosine(40, 120), **{n: cosine(n, 110) for n in range(50, 111, 10)}}
+    assert {n: lr for n, lr in lrs.items() if n > 30} == pytest.approx({n: 0.01 * factor for n, factor in
+                                                                       expected.items()}, abs=1e-9)
+    assert result.iterations == 110 and not result.stopped_early and clock.now - 1000.0 + 30.0 == 120.0
 
 
 def test_schedule_follows_the_planned_length_and_resume_restores_it(tmp_path, tiny_config):
