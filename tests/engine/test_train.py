@@ -6,8 +6,10 @@ import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -21,7 +23,8 @@ from maskrcnn.engine.checkpoint import LOCK_NAME, CheckpointError, load_checkpoi
 from maskrcnn.config import ConfigError
 from maskrcnn.engine.train import (NonFiniteLossError, StopSignals, TimeBudget, Trainer, TrainResult, lr_factor,
                                    sync_batchnorm, train)
-from maskrcnn.fileio import DiskFullError
+from maskrcnn.cli import main
+from maskrcnn.fileio import DiskFullError, read_jsonl
 from maskrcnn.model import build_model
 
 
@@ -462,3 +465,87 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(tmp_path, tiny_values):
     assert result.iterations == 3
     assert training_records(run) == [1, 2, 3]
     assert sorted(p.name for p in run.glob(".*")) == []
+
+
+
+def logged_iterations(run) -> list[int]:
+    path = run / "metrics.jsonl"
+    return [record["iteration"] for record in read_jsonl(path) if "loss" in record] if path.is_file() else []
+
+
+def test_sigterm_saves_last_pt_after_the_iteration_and_exits_143(tmp_path, tiny_values):
+    """A real `maskrcnn train` process, as a job scheduler stops it."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_values))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "maskrcnn", "train", str(tmp_path / "tiny.yaml"), "--out",
+                                str(run), "--set", "train.checkpoint_period=0", "--set", "train.max_iters=100000"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while len(logged_iterations(run)) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    done = logged_iterations(run)
+    assert process.returncode == 128 + signal.SIGTERM == 143, stderr[-2000:]
+    assert f"stopped by SIGTERM after iteration {done[-1]}" in stderr and "Traceback" not in stderr
+    assert load_checkpoint(run / "last.pt")["iteration"] == done[-1]
+
+
+def train_command(tmp_path, tiny_values, *settings: str) -> list[str]:
+    """`maskrcnn train` of the tiny config into tmp_path/run, as arguments of `main`."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_values))
+    return ["train", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run"),
+            *(part for setting in settings for part in ("--set", setting))]
+
+
+def test_a_second_sigterm_stops_at_once_with_143_not_as_an_interrupt(tmp_path, tiny_values, monkeypatch, capsys):
+    """Two SIGTERMs during one iteration (sent by this process to itself, the handler is the real one): the second
+    exits with 143 at once (it was a KeyboardInterrupt: 'maskrcnn: interrupted', 130)."""
+    real_step = Trainer.step
+
+    def step_signalled_twice(self, iteration):
+        values = real_step(self, iteration)
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return values
+
+    monkeypatch.setattr(Trainer, "step", step_signalled_twice)
+    with pytest.raises(SystemExit) as stopped:
+        main(train_command(tmp_path, tiny_values, "train.max_iters=10", "train.checkpoint_period=2"))
+    assert stopped.value.code == 143
+    err = capsys.readouterr().err
+    assert ("maskrcnn: SIGTERM: saving last.pt after this iteration" in err
+            and "maskrcnn: SIGTERM: stopping at once; last.pt is the last checkpoint saved" in err), err
+    assert "interrupted" not in err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2  # iteration 3 was cut short
+
+
+def test_a_signal_during_the_final_evaluation_says_how_to_evaluate(tmp_path, tiny_values, monkeypatch, capsys):
+    """Training is saved when the final evaluation starts: a signal stops the evaluation at once (it was finished,
+    then no report was made and the line said to resume) with the command that makes the evaluation and report,
+    which works."""
+    real_evaluate = train_module.evaluate_dataset
+
+    def signalled_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_dataset", signalled_evaluation)
+    with pytest.raises(SystemExit) as stopped:
+        main(train_command(tmp_path, tiny_values, "train.max_iters=2"))
+    assert stopped.value.code == 143
+    last = tmp_path / "run" / "last.pt"
+    command = f"maskrcnn evaluate {last}"
+    err = capsys.readouterr().err
+    assert (f"maskrcnn: SIGTERM: stopping the final evaluation; {last} holds the 2 iterations trained: evaluate it "
+            f"and make its report with: {command}") in err, err
+    assert load_checkpoint(last)["iteration"] == 2
+    monkeypatch.setattr(train_module, "evaluate_dataset", real_evaluate)
+    assert main(command.split()[1:]) == 0
+    assert (tmp_path / "run" / "eval_last" / "report.md").is_file()

@@ -299,13 +299,16 @@ def run_log(out_dir: Path, *, enabled: bool, to_terminal: bool):
 
 class StopSignals:
     """Turns the first SIGINT / SIGTERM into a request to stop after the current iteration (the trainer then saves
-    last.pt and returns); a second one stops at once. A context manager; outside the main thread it does nothing
-    (Python delivers signals to the main thread only)."""
+    last.pt and returns); a second one stops at once, as that signal would without this handler: SIGINT raises
+    KeyboardInterrupt (exit status 130), SIGTERM raises SystemExit(143), the status a job scheduler expects. Within
+    `stopping_at_once` (the final evaluation, when training is saved) the first one stops at once too. A context
+    manager; outside the main thread it does nothing (Python delivers signals to the main thread only)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.received: str | None = None  # the name of the signal that asked to stop
+        self.at_once: str | None = None  # what a signal that stops at once prints (what is kept, how to go on)
         self._previous: dict = {}
         self._pid = os.getpid()
 
@@ -318,6 +321,15 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @contextlib.contextmanager
+    def stopping_at_once(self, message: str):
+        """Within it, the first signal stops at once too, printing `message`."""
+        self.at_once = message
+        try:
+            yield
+        finally:
+            self.at_once = None
+
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:
             # a DataLoader worker forked with this handler: the main process decides when to stop, so Ctrl-C (sent
@@ -326,11 +338,17 @@ class StopSignals:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             return
-        if self.received is not None:
+        name = signal.Signals(signum).name
+        if self.received is None and self.at_once is None:
+            self.received = name
+            print(f"\nmaskrcnn: {name}: saving last.pt after this iteration, then stopping "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        print(f"\nmaskrcnn: {name}: {self.at_once or 'stopping at once; last.pt is the last checkpoint saved'}",
+              file=sys.stderr, flush=True)
+        if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        print(f"\nmaskrcnn: {self.received}: saving last.pt after this iteration, then stopping "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -593,7 +611,8 @@ class Trainer:
 
     def run(self, stop: StopSignals) -> TrainResult:
         """Trains to the end of the schedule, the time budget or a stop signal; saves last.pt, then evaluates (not
-        after a signal: the user asked to stop)."""
+        after a signal: the user asked to stop; a signal during the evaluation stops it at once, with the command
+        that evaluates last.pt)."""
         self.model.train()
         self.budget.start(self.start_iter)
         if self.main:
@@ -618,7 +637,12 @@ class Trainer:
             if self.main:
                 log.info(f"trained {iteration} iterations in {format_duration(self.budget.elapsed())}"
                          + (" (the time budget ran out)" if stopped_early else ""))
-            evaluation = None if stop.received else self.evaluate(iteration)
+            evaluation = None
+            if not stop.received:
+                last = self.out_dir / "last.pt"
+                with stop.stopping_at_once(f"stopping the final evaluation; {last} holds the {iteration} iterations "
+                                           f"trained: evaluate it and make its report with: maskrcnn evaluate {last}"):
+                    evaluation = self.evaluate(iteration)
         finally:
             self.logger.close()
         return TrainResult(out_dir=self.out_dir, iterations=iteration, evaluation=evaluation,
