@@ -157,6 +157,7 @@ def _fetch(weights: models.WeightsEnum, setting: str, hint: str) -> dict[str, Te
     if not cache.is_file():
         # the file name holds the first digits of its SHA-256 (torchvision's check_hash): a wrong file is refused
         digits = torch.hub.HASH_REGEX.search(cache.name)
+        logger.info("downloading %s to %s", weights.url, cache)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(cache), digits.group(1) if digits else None,
