@@ -5,7 +5,8 @@ one core kept busy by another process, 0.48 s with 2 (spinning OpenMP threads wa
 with 1, and 2.4 s against 0.3 s under a load average of 10. No fixed setting is right on both, and a user's
 machine may be either. So the first iterations after start-up run PROBE_ITERS
 steps with every candidate count (all cores, then 1), and training goes on with the one whose median step was
-shortest. Every process start probes again (a resumed run may be on another machine, or under another load).
+shortest. Every training run probes again, a second one in the same process too (a resumed run may be on
+another machine, or under another load).
 """
 
 from __future__ import annotations
