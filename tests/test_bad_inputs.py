@@ -347,14 +347,13 @@ CLI_CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
 
 
 @pytest.fixture
-def offline(monkeypatch):
-    """Every torchvision weights download fails as it does without network."""
-    import torchvision.models._api as api
-
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache, and every weights download fails as it does without network."""
     def refuse(url, *args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))

@@ -138,7 +138,7 @@ class TrainConfig:
     batch_size: int = 2  # images per iteration of ONE process; under torchrun the total batch is this x processes
     max_iters: int = 1000  # iterations to train
     max_minutes: float | None = None  # training time budget: the schedule is fitted to the measured speed, and training stops when it is spent
-    warmup_iters: int = 200  # iterations of linear warm-up
+    warmup_iters: int = 200  # iterations of linear warm-up (at most half of the planned schedule)
     warmup_factor: float = 0.001  # learning rate at the first warm-up iteration, as a fraction of lr
     schedule: str = "step"  # step | cosine (after warm-up)
     steps: tuple[int, ...] = ()  # step schedule: iterations at which the lr is multiplied by gamma

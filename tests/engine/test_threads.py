@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -33,6 +35,7 @@ def test_probe_keeps_the_faster_count_after_timing_each_on_its_own_iterations():
     used = run_probe(probe, 30, {2: 2.4, 1: 0.3}, skip + 2 * probe_iters + 5)
     assert used == [2] * (skip + probe_iters) + [1] * (probe_iters + 5)
     assert probe.chosen == 1 and probe.times == {2: [2.4] * probe_iters, 1: [0.3] * probe_iters}
+    assert probe.steady_iter == 30 + skip + 2 * probe_iters  # the first iteration with the chosen count
     # an idle machine: 2 threads win, and training goes back to them after the probe
     probe = ThreadProbe(start_iter=0, candidates=(2, 1))
     used = run_probe(probe, 0, {2: 0.19, 1: 0.27}, skip + 2 * probe_iters + 5)
@@ -53,11 +56,25 @@ def test_probe_uses_the_median_so_one_slow_step_does_not_decide():
 def test_one_candidate_is_no_probe():
     probe = ThreadProbe(start_iter=0, candidates=(3,))
     assert probe.chosen == 3 and run_probe(probe, 0, {3: 1.0}, 30) == [3] * 30
+    assert probe.steady_iter == ThreadProbe.SKIP_ITERS  # only the untimed start-up before the steady speed
 
 
-def test_auto_threads_in_training_logs_the_choice(tmp_path, tiny_config, caplog):
+def test_candidates_are_the_cores_of_the_process_not_the_count_an_earlier_probe_chose(monkeypatch):
+    """A first training in this process chose 1 thread: a second one still tries one per core, then 1."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)  # e.g. taskset -c 0,2,5
+    first = ThreadProbe(start_iter=0)
+    assert first.candidates == (3, 1)
+    run_probe(first, 0, {3: 2.4, 1: 0.3}, ThreadProbe.SKIP_ITERS + 2 * ThreadProbe.PROBE_ITERS)
+    assert first.chosen == 1 and torch.get_num_threads() == 1
+    assert ThreadProbe(start_iter=0).candidates == (3, 1)
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: every core
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert ThreadProbe(start_iter=0).candidates == (4, 1)
+
+
+def test_auto_threads_in_training_logs_the_choice(tmp_path, tiny_config, caplog, monkeypatch):
     cfg = tiny_config(tmp_path / "run", "train.num_threads=auto", "train.max_iters=22", "train.log_period=22")
-    torch.set_num_threads(2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores on any machine
     with caplog.at_level("INFO", logger="maskrcnn"):
         train(cfg, progress=False)
     chosen = [line for line in caplog.messages if line.startswith("threads: median training step with 2 threads")]

@@ -6,8 +6,10 @@ import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -19,8 +21,10 @@ from maskrcnn.config import config_from_dict
 from maskrcnn.data import DatasetError
 from maskrcnn.engine.checkpoint import LOCK_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from maskrcnn.config import ConfigError
-from maskrcnn.engine.train import NonFiniteLossError, TimeBudget, Trainer, lr_factor, sync_batchnorm, train
-from maskrcnn.fileio import DiskFullError
+from maskrcnn.engine.train import (NonFiniteLossError, StopSignals, TimeBudget, Trainer, TrainResult, lr_factor,
+                                   sync_batchnorm, train)
+from maskrcnn.cli import main
+from maskrcnn.fileio import DiskFullError, read_jsonl
 from maskrcnn.model import build_model
 
 
@@ -153,9 +157,9 @@ def test_non_finite_loss_names_iteration_and_term(tmp_path, tiny_config):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_time_budget_stops_early_and_evaluates(tmp_path, tiny_config):
+def test_a_spent_time_budget_ends_the_schedule_at_once_and_evaluates(tmp_path, tiny_config):
     result = train(tiny_config(tmp_path / "t", "train.max_minutes=0.0", "train.max_iters=50"), progress=False)
-    assert result.stopped_early and result.iterations == 1
+    assert result.iterations == 1 and not result.stopped_early  # no time left: the plan ends at the first log
     assert result.evaluation is not None and (tmp_path / "t" / "metrics.json").is_file()
     assert load_checkpoint(tmp_path / "t" / "last.pt")["iteration"] == 1
 
@@ -173,40 +177,130 @@ class FakeClock:
 def test_time_budget_fits_the_schedule_to_the_measured_speed(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(train_module.time, "perf_counter", clock)
-    budget = TimeBudget(max_iters=1000, minutes=1.0, warmup_iters=20)
+    budget = TimeBudget(max_iters=1000, minutes=1.0)
     budget.start(0)
     clock.now = 5.0
-    budget.refit(10)  # still warming up: the plan is max_iters
-    assert budget.planned_iters == 1000 and budget.seconds_per_iteration() == 0.5
+    budget.refit(10)  # start-up, the only speed yet: 0.5 s/it, 55 s left: 110 more iterations
+    assert budget.planned_iters == 120 and budget.seconds_per_iteration() == 0.5
+    budget.steady_from(10)  # start-up over: the speed is measured from here on
     clock.now = 10.0
     budget.refit(20)  # 0.5 s/it, 50 s left: 100 more iterations
     assert budget.planned_iters == 120
     clock.now = 20.0
-    budget.refit(30)  # 20 s for 30 iterations: 0.667 s/it, 40 s left: 60 more
-    assert budget.planned_iters == 90
+    budget.refit(30)  # 15 s for 20 iterations: 0.75 s/it, 40 s left: 53 more
+    assert budget.planned_iters == 83
     state = budget.state_dict()
-    assert state == {"spent": 20.0, "planned_iters": 90}
+    assert state == {"spent": 20.0, "planned_iters": 83}
 
-    resumed = TimeBudget(max_iters=1000, minutes=1.0, warmup_iters=20)  # another process, its own clock
+    resumed = TimeBudget(max_iters=1000, minutes=1.0)  # another process, its own clock
     resumed.load_state_dict(state)
     clock.now = 100.0
     resumed.start(30)
-    assert resumed.planned_iters == 90 and resumed.elapsed() == 20.0
+    assert resumed.planned_iters == 83 and resumed.elapsed() == 20.0
+    clock.now = 110.0
+    resumed.refit(35)  # 2 s/it over the start-up would plan 35 + 15: the checkpoint's plan stays
+    assert resumed.planned_iters == 83
     clock.now = 139.0
     assert not resumed.out_of_time()
     clock.now = 140.0  # 20 s before + 40 s now: the minute is spent
     assert resumed.out_of_time()
-    shorter = TimeBudget(max_iters=60, minutes=1.0, warmup_iters=20)  # resumed with a smaller max_iters
+    shorter = TimeBudget(max_iters=60, minutes=1.0)  # resumed with a smaller max_iters
     shorter.load_state_dict(state)
     assert shorter.planned_iters == 60
-    no_budget = TimeBudget(max_iters=500, minutes=None, warmup_iters=20)  # resumed without a budget: max_iters
+    no_budget = TimeBudget(max_iters=500, minutes=None)  # resumed without a budget: max_iters
     no_budget.load_state_dict(state)
     assert no_budget.planned_iters == 500 and no_budget.spent == 20.0
-    unlimited = TimeBudget(max_iters=50, minutes=None, warmup_iters=0)
+    unlimited = TimeBudget(max_iters=50, minutes=None)
     unlimited.start(0)
     clock.now = 1000.0
     unlimited.refit(10)
     assert unlimited.planned_iters == 50 and not unlimited.out_of_time()
+
+
+# the fake steps below move the schedule without an optimiser step
+SCHEDULER_ONLY = pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+
+
+def run_on_the_fake_clock(trainer: Trainer, clock: FakeClock, seconds: dict[int, float], *,
+                          stop_at: int | None = None) -> tuple[TrainResult, dict[int, float]]:
+    """Runs `trainer` with steps that only advance `clock` (by `seconds[iteration]`, 1 s where absent) and the
+    schedule; a signal arrives during iteration `stop_at`. Returns the result and the lr of each log record."""
+    stop = StopSignals()
+
+    def step(iteration: int) -> dict[str, float]:
+        clock.now += seconds.get(iteration, 1.0)
+        trainer.scheduler.step()
+        if iteration == stop_at:
+            stop.received = "SIGINT"
+        return {"loss_fake": 1.0}
+
+    trainer.step, trainer.evaluate = step, lambda iteration: None
+    result = trainer.run(stop)
+    return result, {r["iteration"]: r["lr"] for r in map(json.loads, (trainer.out_dir / "metrics.jsonl").open())
+                    if "lr" in r}
+
+
+def cosine(iteration: int, length: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * iteration / length))
+
+
+@SCHEDULER_ONLY
+def test_a_budget_shorter_than_the_warm_up_ends_at_lr_zero(tmp_path, tiny_config, monkeypatch):
+    """`maskrcnn demo --minutes 1` on a slow machine: 60 iterations of 1 s fit, fewer than the 100 of warm-up.
+    The plan shrinks during warm-up, the warm-up to half of it, and the lr reaches 0 as the minute ends (it
+    stopped at iteration 60 with 60 % of the lr, still warming up)."""
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=1", "train.max_iters=3000", "train.warmup_iters=100",
+                      "train.warmup_factor=0.001", "train.log_period=10", "train.checkpoint_period=0")
+    trainer = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    result, lrs = run_on_the_fake_clock(trainer, clock, {})
+    assert result.iterations == 60 and not result.stopped_early and clock.now == 60.0
+    # iteration 10: the plan is still 3000 (it is refitted after this record); from then on 60, warm-up 30 of them
+    expected = {10: (0.001 + 0.999 * 10 / 100) * cosine(10, 3000), 20: (0.001 + 0.999 * 20 / 30) * cosine(20, 60),
+                **{n: cosine(n, 60) for n in (30, 40, 50, 60)}}
+    assert lrs == pytest.approx({n: 0.01 * factor for n, factor in expected.items()}, abs=1e-9)
+    assert lrs[60] == pytest.approx(0.0, abs=1e-12)
+
+
+@SCHEDULER_ONLY
+def test_a_machine_that_slows_down_after_the_plan_is_stopped_by_the_budget(tmp_path, tiny_config, monkeypatch):
+    """1 s per iteration plans 60 iterations into the minute; from iteration 40 on they take 4 s: the minute ends
+    after iteration 45, before the plan, which the result says."""
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=1", "train.max_iters=3000", "train.warmup_iters=10",
+                      "train.log_period=10", "train.checkpoint_period=0")
+    trainer = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    result, _ = run_on_the_fake_clock(trainer, clock, {iteration: 4.0 for iteration in range(40, 100)})
+    assert trainer.budget.planned_iters == 60 and result.iterations == 45 and result.stopped_early
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 45
+
+
+@SCHEDULER_ONLY
+def test_resume_under_a_budget_continues_the_schedule(tmp_path, tiny_config, monkeypatch):
+    """A run stopped at iteration 30 of a 2-minute budget (1 s per iteration: a plan of 120) is resumed; its first
+    5 iterations take 3 s each (start-up). The plan is re-measured from the steady iterations only: 70 s are left at
+    1 s each at iteration 40, so the schedule ends at 110, as the budget does (a first refit over the start-up
+    planned 75 and the lr fell from 0.75 to 0.25 of the base between two records)."""
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=2", "train.max_iters=3000", "train.warmup_iters=10",
+                      "train.log_period=10", "train.checkpoint_period=0")
+    first = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    result, lrs = run_on_the_fake_clock(first, clock, {}, stop_at=29)
+    assert result.iterations == 30 and load_checkpoint(tmp_path / "run" / "last.pt")["budget"] == {
+        "spent": 30.0, "planned_iters": 120}
+    assert lrs[30] == pytest.approx(0.01 * cosine(30, 120))
+
+    clock.now = 1000.0  # another process
+    resumed = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=True)
+    assert resumed.threads.steady_iter == 35  # one thread count: 5 untimed start-up iterations, no probe
+    result, lrs = run_on_the_fake_clock(resumed, clock, {iteration: 3.0 for iteration in range(30, 35)})
+    expected = {40: cosine(40, 120), **{n: cosine(n, 110) for n in range(50, 111, 10)}}
+    assert {n: lr for n, lr in lrs.items() if n > 30} == pytest.approx({n: 0.01 * factor for n, factor in
+                                                                       expected.items()}, abs=1e-9)
+    assert result.iterations == 110 and not result.stopped_early and clock.now - 1000.0 + 30.0 == 120.0
 
 
 def test_schedule_follows_the_planned_length_and_resume_restores_it(tmp_path, tiny_config):
@@ -371,3 +465,87 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(tmp_path, tiny_values):
     assert result.iterations == 3
     assert training_records(run) == [1, 2, 3]
     assert sorted(p.name for p in run.glob(".*")) == []
+
+
+
+def logged_iterations(run) -> list[int]:
+    path = run / "metrics.jsonl"
+    return [record["iteration"] for record in read_jsonl(path) if "loss" in record] if path.is_file() else []
+
+
+def test_sigterm_saves_last_pt_after_the_iteration_and_exits_143(tmp_path, tiny_values):
+    """A real `maskrcnn train` process, as a job scheduler stops it."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_values))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "maskrcnn", "train", str(tmp_path / "tiny.yaml"), "--out",
+                                str(run), "--set", "train.checkpoint_period=0", "--set", "train.max_iters=100000"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while len(logged_iterations(run)) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    done = logged_iterations(run)
+    assert process.returncode == 128 + signal.SIGTERM == 143, stderr[-2000:]
+    assert f"stopped by SIGTERM after iteration {done[-1]}" in stderr and "Traceback" not in stderr
+    assert load_checkpoint(run / "last.pt")["iteration"] == done[-1]
+
+
+def train_command(tmp_path, tiny_values, *settings: str) -> list[str]:
+    """`maskrcnn train` of the tiny config into tmp_path/run, as arguments of `main`."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_values))
+    return ["train", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run"),
+            *(part for setting in settings for part in ("--set", setting))]
+
+
+def test_a_second_sigterm_stops_at_once_with_143_not_as_an_interrupt(tmp_path, tiny_values, monkeypatch, capsys):
+    """Two SIGTERMs during one iteration (sent by this process to itself, the handler is the real one): the second
+    exits with 143 at once (it was a KeyboardInterrupt: 'maskrcnn: interrupted', 130)."""
+    real_step = Trainer.step
+
+    def step_signalled_twice(self, iteration):
+        values = real_step(self, iteration)
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return values
+
+    monkeypatch.setattr(Trainer, "step", step_signalled_twice)
+    with pytest.raises(SystemExit) as stopped:
+        main(train_command(tmp_path, tiny_values, "train.max_iters=10", "train.checkpoint_period=2"))
+    assert stopped.value.code == 143
+    err = capsys.readouterr().err
+    assert ("maskrcnn: SIGTERM: saving last.pt after this iteration" in err
+            and "maskrcnn: SIGTERM: stopping at once; last.pt is the last checkpoint saved" in err), err
+    assert "interrupted" not in err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2  # iteration 3 was cut short
+
+
+def test_a_signal_during_the_final_evaluation_says_how_to_evaluate(tmp_path, tiny_values, monkeypatch, capsys):
+    """Training is saved when the final evaluation starts: a signal stops the evaluation at once (it was finished,
+    then no report was made and the line said to resume) with the command that makes the evaluation and report,
+    which works."""
+    real_evaluate = train_module.evaluate_dataset
+
+    def signalled_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_dataset", signalled_evaluation)
+    with pytest.raises(SystemExit) as stopped:
+        main(train_command(tmp_path, tiny_values, "train.max_iters=2"))
+    assert stopped.value.code == 143
+    last = tmp_path / "run" / "last.pt"
+    command = f"maskrcnn evaluate {last}"
+    err = capsys.readouterr().err
+    assert (f"maskrcnn: SIGTERM: stopping the final evaluation; {last} holds the 2 iterations trained: evaluate it "
+            f"and make its report with: {command}") in err, err
+    assert load_checkpoint(last)["iteration"] == 2
+    monkeypatch.setattr(train_module, "evaluate_dataset", real_evaluate)
+    assert main(command.split()[1:]) == 0
+    assert (tmp_path / "run" / "eval_last" / "report.md").is_file()

@@ -114,11 +114,12 @@ def test_bad_weight_files_are_named(tmp_path):
         build_backbone(depth=18, weights=str(deeper))
 
 
-def test_imagenet_download_failure_says_what_to_do(monkeypatch):
-    def offline(self, *args, **kwargs):
+def test_imagenet_download_failure_says_what_to_do(monkeypatch, tmp_path):
+    def offline(url, *args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(WeightsError, match="local path"):
         build_backbone(depth=18, weights="imagenet")
 

@@ -115,19 +115,20 @@ def test_compatible_config():
     assert (cfg.box_head.score_thresh, cfg.box_head.nms_thresh, cfg.box_head.detections_per_img) == (0.05, 0.5, 100)
 
 
-def test_torchvision_coco_weights_offline_and_fine_tuning(monkeypatch, torchvision_model, caplog):
+def test_torchvision_coco_weights_offline_and_fine_tuning(monkeypatch, tmp_path, torchvision_model, caplog):
     def offline(*args, **kwargs):
         raise URLError("no network")
 
-    weights_type = type(MaskRCNN_ResNet50_FPN_Weights.COCO_V1)
-    monkeypatch.setattr(weights_type, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     cfg = dataclasses.replace(ModelConfig(num_classes=1), weights="torchvision-coco")
     with pytest.raises(WeightsError, match="cannot download"):
         build_model(cfg)
 
-    # a stand-in for the COCO file with 2 foreground classes: the 1-class model keeps its own predictor
+    # a stand-in for the COCO file with 2 foreground classes, put into the hub cache: the 1-class model keeps its
+    # own predictor
     state = torchvision_model.state_dict()
-    monkeypatch.setattr(weights_type, "get_state_dict", lambda *args, **kwargs: state)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / Path(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url).name)
     with caplog.at_level("INFO"):
         model = build_model(cfg)
     assert "predictor layers" in caplog.text

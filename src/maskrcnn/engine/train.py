@@ -112,29 +112,43 @@ def lr_factor(
 class TimeBudget:
     """Fits the schedule into the time budget `train.max_minutes`.
 
-    Without a budget the schedule spans `max_iters`. With one, every log period from the end of warm-up on
-    measures the speed of the last iterations and sets the schedule's length, `planned_iters`, to the iterations
-    that fit into the time left (at most `max_iters`): the cosine reaches zero, or the steps fall, as the budget
-    ends, on a fast machine and on a slow one alike (a fixed 1900-iteration cosine stopped at 586 iterations with
-    80 % of its learning rate left on a machine 3x slower). The plan and the time spent go into the checkpoint,
-    so a resumed run continues the same schedule with the time that was left.
+    Without a budget the schedule spans `max_iters`. With one, every log period measures the speed of the last
+    iterations and sets the schedule's length, `planned_iters`, to the iterations that fit into the time left (at most
+    `max_iters`): the cosine reaches zero, or the steps fall, as the budget ends, on a fast machine and on a slow one
+    alike (a fixed 1900-iteration cosine stopped at 586 iterations with 80 % of its learning rate left on a machine 3x
+    slower). The plan and the time spent go into the checkpoint, so a resumed run continues the same schedule with
+    the time that was left.
+
+    The speed that plans is the steady one, measured from `steady_from` on: the first iterations of a process pay
+    start-up costs, and the thread probe runs some with a slower thread count (measured over them, a resumed run's
+    first plan shrank and its learning rate jumped down). Before a steady measurement exists, the start-up's speed
+    plans only when nothing better does: the first plans of a fresh run (a budget shorter than the start-up must end
+    too), never the plan a resumed run brought from its checkpoint.
     """
 
     WINDOW = 100  # iterations the speed is measured over: smooths the noise, follows a change of machine load
 
-    def __init__(self, *, max_iters: int, minutes: float | None, warmup_iters: int) -> None:
+    def __init__(self, *, max_iters: int, minutes: float | None) -> None:
         self.max_iters = max_iters
         self.seconds = None if minutes is None else 60.0 * minutes
-        self.warmup_iters = warmup_iters
         self.planned_iters = max_iters
+        self.planned_steady = False  # planned_iters comes from a steady speed or from a checkpoint
         self.spent = 0.0  # seconds of training before this process started (a resumed run)
         self.started = time.perf_counter()
+        self.steady = False  # the marks start at a steady iteration
         self.marks: collections.deque[tuple[int, float]] = collections.deque()  # (iteration, time) per log period
 
     def start(self, iteration: int) -> None:
         """Starts the clock at `iteration`, the first one of this process."""
         self.started = time.perf_counter()
         self.marks = collections.deque([(iteration, self.started)])
+        self.steady = False
+
+    def steady_from(self, iteration: int) -> None:
+        """From `iteration` on, the speed is measured anew: the iterations before it paid start-up costs or ran with
+        a thread count under test (`ThreadProbe.steady_iter`)."""
+        self.marks = collections.deque([(iteration, time.perf_counter())])
+        self.steady = True
 
     def elapsed(self) -> float:
         """Seconds of training so far, earlier processes of a resumed run included."""
@@ -149,16 +163,17 @@ class TimeBudget:
         return (now - then) / (last - first) if last > first else None
 
     def refit(self, iteration: int) -> None:
-        """Records the time of `iteration` (call it every log period) and, with a budget and after warm-up,
-        re-plans the schedule's length."""
+        """Records the time of `iteration` (call it every log period) and, with a budget, re-plans the schedule's
+        length."""
         self.marks.append((iteration, time.perf_counter()))
         while len(self.marks) > 2 and self.marks[-1][0] - self.marks[1][0] >= self.WINDOW:
             self.marks.popleft()
         per_iteration = self.seconds_per_iteration()
-        if self.seconds is None or iteration < self.warmup_iters or per_iteration is None:
+        if self.seconds is None or per_iteration is None or (self.planned_steady and not self.steady):
             return
         fits = iteration + int((self.seconds - self.elapsed()) / per_iteration)
         self.planned_iters = max(iteration, min(self.max_iters, fits))  # no time left: the schedule ends here
+        self.planned_steady = self.steady
 
     def state_dict(self) -> dict:
         return {"spent": self.elapsed(), "planned_iters": self.planned_iters}
@@ -169,6 +184,7 @@ class TimeBudget:
         self.spent = float(state["spent"])
         if self.seconds is not None:
             self.planned_iters = min(int(state["planned_iters"]), self.max_iters)
+            self.planned_steady = True
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -283,13 +299,16 @@ def run_log(out_dir: Path, *, enabled: bool, to_terminal: bool):
 
 class StopSignals:
     """Turns the first SIGINT / SIGTERM into a request to stop after the current iteration (the trainer then saves
-    last.pt and returns); a second one stops at once. A context manager; outside the main thread it does nothing
-    (Python delivers signals to the main thread only)."""
+    last.pt and returns); a second one stops at once, as that signal would without this handler: SIGINT raises
+    KeyboardInterrupt (exit status 130), SIGTERM raises SystemExit(143), the status a job scheduler expects. Within
+    `stopping_at_once` (the final evaluation, when training is saved) the first one stops at once too. A context
+    manager; outside the main thread it does nothing (Python delivers signals to the main thread only)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.received: str | None = None  # the name of the signal that asked to stop
+        self.at_once: str | None = None  # what a signal that stops at once prints (what is kept, how to go on)
         self._previous: dict = {}
         self._pid = os.getpid()
 
@@ -302,6 +321,15 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @contextlib.contextmanager
+    def stopping_at_once(self, message: str):
+        """Within it, the first signal stops at once too, printing `message`."""
+        self.at_once = message
+        try:
+            yield
+        finally:
+            self.at_once = None
+
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:
             # a DataLoader worker forked with this handler: the main process decides when to stop, so Ctrl-C (sent
@@ -310,11 +338,17 @@ class StopSignals:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             return
-        if self.received is not None:
+        name = signal.Signals(signum).name
+        if self.received is None and self.at_once is None:
+            self.received = name
+            print(f"\nmaskrcnn: {name}: saving last.pt after this iteration, then stopping "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        print(f"\nmaskrcnn: {name}: {self.at_once or 'stopping at once; last.pt is the last checkpoint saved'}",
+              file=sys.stderr, flush=True)
+        if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        print(f"\nmaskrcnn: {self.received}: saving last.pt after this iteration, then stopping "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -373,7 +407,7 @@ class Trainer:
             check_validation_set(self.val_set)
         self.optimizer = build_optimizer(model, name=tc.optimizer, lr=tc.lr, momentum=tc.momentum,
                                          weight_decay=tc.weight_decay)
-        self.budget = TimeBudget(max_iters=tc.max_iters, minutes=tc.max_minutes, warmup_iters=tc.warmup_iters)
+        self.budget = TimeBudget(max_iters=tc.max_iters, minutes=tc.max_minutes)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.start_iter = self._resume(model) if resume else 0
         probed = tc.num_threads == "auto" and device.type == "cpu"
@@ -403,11 +437,13 @@ class Trainer:
         self.window: dict[str, list[float]] = {}  # loss values since the last log record
 
     def lr_factor(self, iteration: int) -> float:
-        """`lr_factor` over the schedule's planned length (`TimeBudget`): the step milestones scale with it."""
+        """`lr_factor` over the schedule's planned length (`TimeBudget`): the step milestones scale with it, and the
+        warm-up takes at most half of it (a budget shorter than the warm-up ends at lr 0 too, after a shorter
+        warm-up, instead of in the middle of the warm-up)."""
         tc, planned = self.tc, self.budget.planned_iters
         steps = tuple(round(step * planned / tc.max_iters) for step in tc.steps)
-        return lr_factor(iteration, max_iters=planned, warmup_iters=tc.warmup_iters, warmup_factor=tc.warmup_factor,
-                         schedule=tc.schedule, steps=steps, gamma=tc.gamma)
+        return lr_factor(iteration, max_iters=planned, warmup_iters=min(tc.warmup_iters, planned // 2),
+                         warmup_factor=tc.warmup_factor, schedule=tc.schedule, steps=steps, gamma=tc.gamma)
 
     def _resume(self, model: torch.nn.Module) -> int:
         """Loads last.pt into the model, optimiser and schedule; returns its iteration.
@@ -569,13 +605,14 @@ class Trainer:
                  f"train.lr {tc.lr:g} is for this total batch (linear scaling rule: k times the total batch, k times "
                  f"the lr)")
         if tc.max_minutes is not None:
-            log.info(f"time budget {tc.max_minutes:g} min ({format_duration(self.budget.elapsed())} spent): after "
-                     f"warm-up the schedule's length is fitted to the measured speed")
+            log.info(f"time budget {tc.max_minutes:g} min ({format_duration(self.budget.elapsed())} spent): the "
+                     f"schedule's length is fitted to the measured speed")
         log.info(f"log: {self.out_dir / 'log.txt'}" + (f", TensorBoard: {self.out_dir / 'tb'}" if tc.tensorboard else ""))
 
     def run(self, stop: StopSignals) -> TrainResult:
         """Trains to the end of the schedule, the time budget or a stop signal; saves last.pt, then evaluates (not
-        after a signal: the user asked to stop)."""
+        after a signal: the user asked to stop; a signal during the evaluation stops it at once, with the command
+        that evaluates last.pt)."""
         self.model.train()
         self.budget.start(self.start_iter)
         if self.main:
@@ -589,6 +626,8 @@ class Trainer:
                 values = self.step(iteration)
                 self.threads.after(iteration, time.perf_counter() - started)
                 iteration += 1
+                if iteration == self.threads.steady_iter:
+                    self.budget.steady_from(iteration)
                 self.log(iteration, values)
                 if self.should_stop(stop) and iteration < self.budget.planned_iters:
                     stopped_early = stop.received is None
@@ -598,7 +637,12 @@ class Trainer:
             if self.main:
                 log.info(f"trained {iteration} iterations in {format_duration(self.budget.elapsed())}"
                          + (" (the time budget ran out)" if stopped_early else ""))
-            evaluation = None if stop.received else self.evaluate(iteration)
+            evaluation = None
+            if not stop.received:
+                last = self.out_dir / "last.pt"
+                with stop.stopping_at_once(f"stopping the final evaluation; {last} holds the {iteration} iterations "
+                                           f"trained: evaluate it and make its report with: maskrcnn evaluate {last}"):
+                    evaluation = self.evaluate(iteration)
         finally:
             self.logger.close()
         return TrainResult(out_dir=self.out_dir, iterations=iteration, evaluation=evaluation,

@@ -146,13 +146,26 @@ def load_backbone_file(backbone: nn.Module, path: Path) -> None:
 
 
 def _fetch(weights: models.WeightsEnum, setting: str, hint: str) -> dict[str, Tensor]:
-    """torchvision's `weights.get_state_dict`, with one error that says where to put the file offline."""
-    try:
-        return weights.get_state_dict(progress=False)
-    except Exception as error:  # URLError, socket and SSL errors, HTTP errors: all mean "could not fetch"
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise WeightsError(f"{setting}: cannot download {weights.url} ({error}); put the file at {cache}, or "
-                           f"{hint}") from None
+    """torchvision's file for `weights`, downloaded into the torch hub cache when it is not there yet, read like
+    every other weights file (`read_state_dict`: weights_only, finiteness).
+
+    Why not torchvision's `weights.get_state_dict`: it unpickles with torch.load's default, weights_only=False in
+    this torch, so a crafted file in the hub cache (where the offline hint below tells users to put it) would run
+    its code.
+    """
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cache.is_file():
+        # the file name holds the first digits of its SHA-256 (torchvision's check_hash): a wrong file is refused
+        digits = torch.hub.HASH_REGEX.search(cache.name)
+        logger.info("downloading %s to %s", weights.url, cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cache), digits.group(1) if digits else None,
+                                           progress=False)
+        except Exception as error:  # URLError, socket and SSL errors, HTTP errors, a wrong hash: "could not fetch"
+            raise WeightsError(f"{setting}: cannot download {weights.url} ({error}); put the file at {cache}, or "
+                               f"{hint}") from None
+    return read_state_dict(cache, setting)
 
 
 def torchvision_compatible_config(num_classes: int) -> ModelConfig:
