@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -117,8 +118,9 @@ def test_evaluation_sharded_over_two_ranks_equals_one_process(tmp_path, tiny_val
     from maskrcnn.data import build_dataset
     from maskrcnn.engine.evaluate import evaluate_dataset
 
-    values = {**tiny_values, "data": {**tiny_values["data"], "synthetic_val_size": 5}}
-    values["model"]["box_head"] = {**values["model"]["box_head"], "score_thresh": 0.0}
+    values = copy.deepcopy(tiny_values)  # the fixture is shared: change a copy
+    values["data"]["synthetic_val_size"] = 5
+    values["model"]["box_head"]["score_thresh"] = 0.0
     cfg = config_from_dict(values, [])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
