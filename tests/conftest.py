@@ -32,7 +32,6 @@ TINY = {
               "checkpoint_period": 2, "device": "cpu", "schedule": "cosine"},
     "eval": {"batch_size": 2, "num_vis": 1},
 }
-TINY_RUN_ITERATIONS = 4  # what `tiny_run` trained (TINY's train.max_iters)
 
 
 def make_tiny_config(out_dir, *overrides: str) -> Config:
@@ -69,7 +68,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_yaml, tmp_path_factory) -> Path:
-    """One tiny run of `maskrcnn train tiny.yaml` (TINY_RUN_ITERATIONS iterations on 8 synthetic images, evaluated
+    """One tiny run of `maskrcnn train tiny.yaml` (TINY's train.max_iters on 8 synthetic images, evaluated
     on 2, reported): the run folder, holding config.yaml, last.pt, best.pt, metrics.jsonl, log.txt, metrics.json,
     detections.json, pr_curves.json, report.md / report.html and figures/. Read it, never change it: copy it
     with `copy_run` to resume, overwrite or evaluate into it. The session ends with an error if a test changed it.

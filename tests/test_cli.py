@@ -109,11 +109,9 @@ def test_demo_runs_and_writes_the_report(tmp_path, capsys, tiny_values):
 
 
 def test_train_resume_evaluate_predict(tiny_run, tiny_yaml, copy_run, tmp_path, capsys):
-    from conftest import TINY_RUN_ITERATIONS
-
     assert (tiny_run / "report.html").is_file() and (tiny_run / "last.pt").is_file()
     out = copy_run()
-    more = TINY_RUN_ITERATIONS + 1
+    more = load_checkpoint(tiny_run / "last.pt")["iteration"] + 1
     assert main(["train", str(tiny_yaml), "--out", str(out), "--set", f"train.max_iters={more}", "--resume"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss" in r] == list(range(1, more + 1))  # resumed, not restarted
