@@ -241,17 +241,14 @@ def test_checkpoint_with_nan_weights_is_refused_naming_file_and_tensor(tmp_path,
                    f"{tmp_path / 'nan.pt'}: weight {name} holds NaN")
 
 
-def test_evaluate_refuses_to_replace_a_runs_metrics_and_report(tmp_path, capsys, tiny_run):
-    out = tiny_run
+def test_evaluate_replaces_a_runs_metrics_and_report_only_with_overwrite(capsys, tiny_run, copy_run):
+    out = copy_run()
     before = {name: (out / name).read_bytes() for name in ("metrics.json", "report.md")}
     one_line_error(capsys, ["evaluate", str(out / "last.pt"), "--out", str(out)], str(out / "metrics.json"),
                    "--overwrite")
     assert {name: (out / name).read_bytes() for name in before} == before
-    ev = tmp_path / "ev"
-    assert main(["evaluate", str(out / "last.pt"), "--out", str(ev)]) == 0
-    capsys.readouterr()
-    one_line_error(capsys, ["evaluate", str(out / "last.pt"), "--out", str(ev)], "--overwrite")
-    assert main(["evaluate", str(out / "last.pt"), "--out", str(ev), "--overwrite"]) == 0
+    assert main(["evaluate", str(out / "last.pt"), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "report.md").read_text().startswith(f"# Evaluation of {out / 'last.pt'}")
 
 
 def test_sigint_saves_a_checkpoint_a_second_trainer_is_refused_and_resume_continues(tmp_path, capsys, tiny_values):
