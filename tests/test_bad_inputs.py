@@ -400,15 +400,15 @@ def test_worker_error_unwrapped_to_the_original_message(tmp_path):
 
 @pytest.mark.parametrize("bug", [TypeError("a bug"), RuntimeError("a bug"), ValueError("a bug")])
 def test_a_bug_is_reported_as_one_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, bug):
-    """An exception that is not a user error (here raised where the data set is built; a torch RuntimeError or a
+    """An exception that is not a user error (here raised when a sample is read; a torch RuntimeError or a
     ValueError from inside the package alike) is not the input's fault: the line says it is a bug and how to see
     its traceback."""
-    import maskrcnn.data
+    from maskrcnn.data import SyntheticShapes
 
     def broken(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(maskrcnn.data, "build_dataset", broken)
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", broken)
     config = str(tiny_config(tmp_path))
     argv = ["train", config, "--out", str(tmp_path / "run")]
     assert main(argv) == 1

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import sys
-import time
 import urllib.error
 from dataclasses import replace
 from pathlib import Path
@@ -36,18 +35,12 @@ def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> 
     signal's number when SIGINT / SIGTERM stopped the training (after saving last.pt)."""
     import signal
 
-    from maskrcnn.data import build_dataset, with_num_classes
     from maskrcnn.engine import distributed
+    from maskrcnn.engine.jobs import train_and_report
     from maskrcnn.engine.run_folder import RunFolder
-    from maskrcnn.engine.train import train
-    from maskrcnn.fileio import full_disk_as_error
-    from maskrcnn.viz.report import build_report, format_metric
+    from maskrcnn.viz.report import format_metric
 
-    RunFolder(cfg.train.out_dir).check_new_run(resume=resume, overwrite=overwrite)
-    started = time.perf_counter()
-    train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
-    cfg = with_num_classes(cfg, train_set, val_set)
-    result = train(cfg, train_set=train_set, val_set=val_set, resume=resume)
+    result, reported = train_and_report(cfg, resume=resume, overwrite=overwrite, title=title)
     run = RunFolder(result.out_dir)
     if result.interrupted_by is not None:
         if distributed.is_main():
@@ -56,14 +49,12 @@ def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> 
         return 128 + signal.Signals[result.interrupted_by].value
     if not distributed.is_main():
         return 0
-    with full_disk_as_error(run.path):
-        md, html = build_report(run.path, config=cfg, evaluation=result.evaluation, title=title)
     voc = result.evaluation.metrics["voc"]
     print(f"trained {result.iterations} iterations" + (" (stopped by the time budget)" if result.stopped_early else "")
-          + f", {(time.perf_counter() - started) / 60:.1f} minutes with evaluation and report")
+          + f", {reported.minutes:.1f} minutes with evaluation and report")
     print(_summary(result.evaluation.metrics))
     print(f"mask mAP@{voc['iou_thresh']:g} (original metric): {format_metric(voc['segm']['mAP'])}")
-    print(f"report: {html}\n        {md}")
+    print(f"report: {reported.report_html}\n        {reported.report_md}")
     return 0
 
 
@@ -102,30 +93,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from maskrcnn.data import build_dataset, data_source, dataset_categories
-    from maskrcnn.engine.checkpoint import check_categories, load_model
-    from maskrcnn.engine.evaluate import evaluate_dataset
-    from maskrcnn.engine.run_folder import RunFolder
-    from maskrcnn.fileio import full_disk_as_error
-    from maskrcnn.viz.report import build_report
+    from maskrcnn.engine.jobs import evaluate_checkpoint
 
     checkpoint = Path(args.checkpoint)
-    out = RunFolder(args.out or checkpoint.parent / f"eval_{checkpoint.stem}")
-    out.check_new_evaluation(overwrite=args.overwrite)
-    loaded = load_model(checkpoint, data_config=args.data_config, overrides=args.set)
-    cfg = loaded.config
-    dataset = build_dataset(cfg.data, "val")
-    check_categories(checkpoint, loaded.categories, data_source(cfg.data, "val"), dataset_categories(dataset))
-    with full_disk_as_error(out.path):
-        result = evaluate_dataset(loaded.model, dataset, batch_size=cfg.eval.batch_size, device=loaded.device,
-                                  num_workers=cfg.data.num_workers, iou_thresh=cfg.eval.iou_thresh,
-                                  max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out.path,
-                                  num_vis=cfg.eval.num_vis)
-        md, html = build_report(out.path, config=cfg, evaluation=result,
-                                metrics_jsonl=RunFolder(checkpoint.parent).metrics_jsonl,
-                                title=f"Evaluation of {checkpoint}")
-    print(_summary(result.metrics))
-    print(f"metrics: {out.metrics}\nreport: {html}\n        {md}")
+    out = Path(args.out or checkpoint.parent / f"eval_{checkpoint.stem}")
+    reported = evaluate_checkpoint(checkpoint, out, data_config=args.data_config, overrides=args.set,
+                                   overwrite=args.overwrite)
+    print(_summary(reported.evaluation.metrics))
+    print(f"metrics: {out / 'metrics.json'}\nreport: {reported.report_html}\n        {reported.report_md}")
     return 0
 
 
