@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.cli import preset_path
+from maskrcnn.config import preset_path
 from maskrcnn.config import ConfigError, config_from_dict, load_config
 from maskrcnn.model import build_model
 from maskrcnn.model.backbone import build_backbone
