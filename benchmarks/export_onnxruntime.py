@@ -161,14 +161,15 @@ class _PredictorModule(nn.Module):
 
 def int8_accuracy(args: argparse.Namespace) -> dict:
     """Box and mask mAP@0.5 on the demo's held-out images: eager, ONNX Runtime fp32, ONNX Runtime int8."""
-    from maskrcnn.cli import _build_for_checkpoint
     from maskrcnn.data import build_dataset
     from maskrcnn.data.loader import build_eval_loader
+    from maskrcnn.engine.checkpoint import load_model
     from maskrcnn.engine.common import images_to_model
     from maskrcnn.engine.evaluate import evaluate
 
-    cfg, model, device, categories = _build_for_checkpoint(args.demo_checkpoint, None, [])
-    class_names = [category["name"] for category in categories]
+    loaded = load_model(args.demo_checkpoint)
+    cfg, model = loaded.config, loaded.model
+    class_names = [category["name"] for category in loaded.categories]
     onnx_path = Path(args.work) / "demo.onnx"
     for stale in (onnx_path, onnx_path.with_name("demo_int8.onnx"), onnx_path.with_name("demo_int8_static.onnx")):
         stale.unlink(missing_ok=True)  # the quantised files are made only when missing: never another checkpoint's

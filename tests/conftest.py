@@ -1,13 +1,18 @@
-"""A tiny CPU config shared by the engine, viz and CLI tests: 64 px synthetic images, ResNet-18 with thin FPN and heads."""
+"""Fixtures shared across the suite: the tiny CPU config (64 px synthetic images, ResNet-18 with a thin FPN and
+heads) and one tiny trained run that the CLI, engine, report, predict and export tests share instead of each
+training its own. Session fixtures are read, never changed: a test that changes a run works on a copy
+(`copy_run`)."""
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
+from pathlib import Path
 
 import pytest
-
 import torch
+import yaml
 
 from maskrcnn.config import Config, config_from_dict
 
@@ -40,9 +45,51 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
-def tiny_values() -> dict:
-    """The tiny config as nested plain values (for YAML files and --set overrides)."""
-    return copy.deepcopy(TINY)
+def tiny_values():
+    """The tiny config as nested plain values (for YAML files and --set overrides). Shared: copy before changing;
+    the session ends with an error if a test changed it."""
+    values = copy.deepcopy(TINY)
+    yield values
+    assert values == TINY, "a test changed the shared tiny_values fixture"
+
+
+@pytest.fixture(scope="session")
+def tiny_yaml(tmp_path_factory) -> Path:
+    """The tiny config as a YAML file (train.out_dir left to the default: give --out)."""
+    path = tmp_path_factory.mktemp("tiny_config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_yaml, tmp_path_factory) -> Path:
+    """One tiny run of `maskrcnn train tiny.yaml` (TINY's train.max_iters on 8 synthetic images, evaluated
+    on 2, reported): the run folder, holding config.yaml, last.pt, best.pt, metrics.jsonl, log.txt, metrics.json,
+    detections.json, pr_curves.json, report.md / report.html and figures/. Read it, never change it: copy it
+    with `copy_run` to resume, overwrite or evaluate into it. The session ends with an error if a test changed it.
+    """
+    from maskrcnn.cli import main
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert main(["train", str(tiny_yaml), "--out", str(run)]) == 0
+    before = _snapshot(run)
+    yield run
+    assert _snapshot(run) == before, "a test changed the shared tiny_run folder"
+
+
+@pytest.fixture
+def copy_run(tiny_run, tmp_path):
+    """copy_run(name="run") -> a copy of `tiny_run` in this test's tmp_path, to change."""
+
+    def copy_to(name: str = "run") -> Path:
+        return Path(shutil.copytree(tiny_run, tmp_path / name))
+
+    return copy_to
 
 
 class Payload:

@@ -66,6 +66,13 @@ def test_bad_config_value_names_its_key(tmp_path, override, key):
     assert str(info.value).startswith(key)
 
 
+@pytest.mark.parametrize("other", ["model.backbone.weights=imagenet", "model.backbone.name=efficientnet_lite0"])
+def test_group_norm_with_a_backbone_it_does_not_fit_names_the_key(other):
+    """Found by the config check, before the model is built (where it used to end as a bare ValueError)."""
+    with pytest.raises(ConfigError, match=r"^model.backbone.norm: group is for"):
+        load_config(None, ["model.backbone.norm=group", other])
+
+
 def alias_bomb(depth: int = 6) -> str:
     """YAML whose aliases expand to 9**depth strings (only about 10 * depth nodes in the file)."""
     levels = ["&l0 [" + ", ".join(["x"] * 9) + "]"]
@@ -386,25 +393,30 @@ def test_worker_error_unwrapped_to_the_original_message(tmp_path):
         gc.enable()
     assert "Traceback" in str(info.value)
     line, status = describe_error(info.value)
-    assert status == 2 and line.startswith(f"{tmp_path / 'images' / 'a.png'}: cannot decode image (image id 1)")
+    assert status == 2 and line.startswith(f"maskrcnn: error: {tmp_path / 'images' / 'a.png'}: cannot decode image (image id 1)")
     assert "Traceback" not in line and "\n" not in line
 
 
-def test_internal_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    import maskrcnn.cli as cli
+@pytest.mark.parametrize("bug", [TypeError("a bug"), RuntimeError("a bug"), ValueError("a bug")])
+def test_a_bug_is_reported_as_one_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, bug):
+    """An exception that is not a user error (here raised when a sample is read; a torch RuntimeError or a
+    ValueError from inside the package alike) is not the input's fault: the line says it is a bug and how to see
+    its traceback."""
+    from maskrcnn.data import SyntheticShapes
 
-    def broken(args):
-        raise TypeError("a bug")
+    def broken(*args, **kwargs):
+        raise bug
 
-    monkeypatch.setattr(cli, "cmd_train", broken)
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", broken)
     config = str(tiny_config(tmp_path))
-    assert main(["train", config]) == 1
+    argv = ["train", config, "--out", str(tmp_path / "run")]
+    assert main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("maskrcnn: error: internal error TypeError: a bug (run again with --debug or MASKRCNN_DEBUG=1 for "
-                   "the traceback, and please report it)")
-    for argv in (["--debug", "train", config], ["train", config, "--debug"]):
-        with pytest.raises(TypeError, match="a bug"):
-            main(argv)
+    assert err == (f"maskrcnn: internal error: {type(bug).__name__}: a bug (this is a bug; run again with --debug or "
+                   f"MASKRCNN_DEBUG=1 for the traceback, and please report it)")
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
+        with pytest.raises(type(bug), match="a bug"):
+            main(debug_argv)
     monkeypatch.setenv("MASKRCNN_DEBUG", "1")
-    with pytest.raises(TypeError, match="a bug"):
-        main(["train", config])
+    with pytest.raises(type(bug), match="a bug"):
+        main(argv)

@@ -18,9 +18,10 @@ import yaml
 from PIL import Image
 
 import maskrcnn.cli
-from maskrcnn.cli import _first_free_run_folder, config_file, main, preset_names, preset_path
-from maskrcnn.config import load_config
+from maskrcnn.cli import main
+from maskrcnn.config import config_path, load_config, preset_names, preset_path
 from maskrcnn.engine.checkpoint import load_checkpoint
+from maskrcnn.engine.run_folder import RunFolder
 from maskrcnn.fileio import read_jsonl
 
 
@@ -33,17 +34,6 @@ def flat_overrides(values: dict, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{key}={json.dumps(value)}")
     return out
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_values):
-    """One tiny training run via `maskrcnn train` (2 iterations), shared by the commands that need a checkpoint."""
-    root = tmp_path_factory.mktemp("cli")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_values))
-    out = root / "run"
-    assert main(["train", str(config), "--out", str(out), "--set", "train.max_iters=2"]) == 0
-    return config, out
 
 
 def test_help_texts(capsys):
@@ -90,8 +80,8 @@ def test_presets_ship_inside_the_package_and_configs_links_to_them():
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads_by_name(name):
-    assert config_file(name) == preset_path(name)
-    cfg = load_config(config_file(name))
+    assert config_path(name) == preset_path(name)
+    cfg = load_config(name)
     expected = {"demo": 3, "seed": 3, "pennfudan": 1, "coco": None}  # coco: from the json
     if name in expected:
         assert cfg.model.num_classes == expected[name]
@@ -118,12 +108,13 @@ def test_demo_runs_and_writes_the_report(tmp_path, capsys, tiny_values):
     assert load_config(tmp_path / "demo" / "config.yaml").train.max_minutes == 5.0
 
 
-def test_train_resume_evaluate_predict(trained_run, tmp_path, capsys):
-    config, out = trained_run
-    assert (out / "report.html").is_file() and (out / "last.pt").is_file()
-    assert main(["train", str(config), "--out", str(out), "--set", "train.max_iters=3", "--resume"]) == 0
+def test_train_resume_evaluate_predict(tiny_run, tiny_yaml, copy_run, tmp_path, capsys):
+    assert (tiny_run / "report.html").is_file() and (tiny_run / "last.pt").is_file()
+    out = copy_run()
+    more = load_checkpoint(tiny_run / "last.pt")["iteration"] + 1
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--set", f"train.max_iters={more}", "--resume"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3]  # resumed at 2, not restarted
+    assert [r["iteration"] for r in records if "loss" in r] == list(range(1, more + 1))  # resumed, not restarted
 
     assert main(["evaluate", str(out / "last.pt"), "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -143,14 +134,23 @@ def test_train_resume_evaluate_predict(trained_run, tmp_path, capsys):
     assert Image.open(tmp_path / "pred" / "im0.png_pred.png").size == (40, 48)
 
 
-def test_evaluate_with_data_config(trained_run, tmp_path):
-    config, out = trained_run
+def test_evaluate_with_data_config(tiny_run, tiny_yaml, tmp_path):
     other = tmp_path / "other.yaml"
-    values = yaml.safe_load(config.read_text())
+    values = yaml.safe_load(tiny_yaml.read_text())
     values["data"]["synthetic_val_size"] = 3
     other.write_text(yaml.safe_dump(values))
-    assert main(["evaluate", str(out / "last.pt"), "--data-config", str(other), "--out", str(tmp_path / "ev")]) == 0
+    assert main(["evaluate", str(tiny_run / "last.pt"), "--data-config", str(other), "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_images"] == 3
+
+
+def test_evaluate_takes_a_preset_by_name_as_data_config(tiny_run, tmp_path, capsys):
+    """`--data-config coco` is the preset, its data paths given with --set: the error is about the missing
+    annotations, not "config file not found: coco"."""
+    missing = tmp_path / "val.json"
+    assert main(["evaluate", str(tiny_run / "last.pt"), "--data-config", "coco", "--out", str(tmp_path / "ev"),
+                 "--set", f"data.val_images={tmp_path}", "--set", f"data.val_annotations={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("maskrcnn: error:") and str(missing) in err and "not found: coco" not in err, err
 
 
 def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
@@ -162,8 +162,8 @@ def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
         assert fragment in err
 
 
-def test_errors_are_one_line(tmp_path, capsys, trained_run):
-    config, out = trained_run
+def test_errors_are_one_line(tmp_path, capsys, tiny_run, tiny_yaml):
+    config, out = tiny_yaml, tiny_run
     one_line_error(capsys, ["train", str(tmp_path / "missing.yaml")], "missing.yaml")
     one_line_error(capsys, ["train", str(config), "--set", "train.lr=fast"], "train.lr")
     one_line_error(capsys, ["train", str(config), "--set", "train.nope=1"], "train.nope")
@@ -172,8 +172,9 @@ def test_errors_are_one_line(tmp_path, capsys, trained_run):
     one_line_error(capsys, ["data", "pennfudan", str(tmp_path / "pf"), "--source", str(tmp_path)], "PNGImages")
 
 
-def test_resume_with_a_config_that_does_not_fit_is_one_line_and_changes_nothing(tmp_path, capsys, trained_run):
-    config, out = trained_run
+def test_resume_with_a_config_that_does_not_fit_is_one_line_and_changes_nothing(tmp_path, capsys, tiny_yaml,
+                                                                                 copy_run):
+    config, out = tiny_yaml, copy_run()
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     one_line_error(capsys, ["train", str(config), "--out", str(out), "--resume", "--set",
                             "model.box_head.representation_size=16"], f"{out / 'last.pt'}: weights do not fit")
@@ -213,9 +214,9 @@ def test_data_pennfudan_from_folder(tmp_path, capsys):
     assert str(tmp_path / "dest") in capsys.readouterr().out
 
 
-def test_crafted_checkpoint_runs_no_code_in_predict_evaluate_or_resume(tmp_path, capsys, trained_run,
+def test_crafted_checkpoint_runs_no_code_in_predict_evaluate_or_resume(tmp_path, capsys, tiny_yaml,
                                                                       write_malicious_checkpoint):
-    config, _ = trained_run
+    config = tiny_yaml
     marker = tmp_path / "payload-ran"
     run = tmp_path / "run"
     run.mkdir()
@@ -230,8 +231,8 @@ def test_crafted_checkpoint_runs_no_code_in_predict_evaluate_or_resume(tmp_path,
         assert not marker.exists(), argv[0]
 
 
-def test_checkpoint_with_nan_weights_is_refused_naming_file_and_tensor(tmp_path, capsys, trained_run):
-    _, out = trained_run
+def test_checkpoint_with_nan_weights_is_refused_naming_file_and_tensor(tmp_path, capsys, tiny_run):
+    out = tiny_run
     state = torch.load(out / "last.pt", weights_only=True)
     name = next(iter(state["model"]))
     state["model"][name] = torch.full_like(state["model"][name], float("nan"))
@@ -240,17 +241,14 @@ def test_checkpoint_with_nan_weights_is_refused_naming_file_and_tensor(tmp_path,
                    f"{tmp_path / 'nan.pt'}: weight {name} holds NaN")
 
 
-def test_evaluate_refuses_to_replace_a_runs_metrics_and_report(tmp_path, capsys, trained_run):
-    _, out = trained_run
+def test_evaluate_replaces_a_runs_metrics_and_report_only_with_overwrite(capsys, tiny_run, copy_run):
+    out = copy_run()
     before = {name: (out / name).read_bytes() for name in ("metrics.json", "report.md")}
     one_line_error(capsys, ["evaluate", str(out / "last.pt"), "--out", str(out)], str(out / "metrics.json"),
                    "--overwrite")
     assert {name: (out / name).read_bytes() for name in before} == before
-    ev = tmp_path / "ev"
-    assert main(["evaluate", str(out / "last.pt"), "--out", str(ev)]) == 0
-    capsys.readouterr()
-    one_line_error(capsys, ["evaluate", str(out / "last.pt"), "--out", str(ev)], "--overwrite")
-    assert main(["evaluate", str(out / "last.pt"), "--out", str(ev), "--overwrite"]) == 0
+    assert main(["evaluate", str(out / "last.pt"), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "report.md").read_text().startswith(f"# Evaluation of {out / 'last.pt'}")
 
 
 def test_sigint_saves_a_checkpoint_a_second_trainer_is_refused_and_resume_continues(tmp_path, capsys, tiny_values):
@@ -297,11 +295,11 @@ def test_a_new_run_never_replaces_an_earlier_one_without_resume_or_overwrite(tmp
     (tmp_path / "demo-2").mkdir()
     (tmp_path / "demo-2" / "last.pt").write_bytes(b"earlier")
     (tmp_path / "demo-3").mkdir()  # an empty folder holds no run
-    assert _first_free_run_folder(run) == tmp_path / "run-2"
-    assert _first_free_run_folder(tmp_path / "demo") == tmp_path / "demo"
+    assert RunFolder(run).first_free().path == tmp_path / "run-2"
+    assert RunFolder(tmp_path / "demo").first_free().path == tmp_path / "demo"
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "best.pt").write_bytes(b"earlier")
-    assert _first_free_run_folder(tmp_path / "demo") == tmp_path / "demo-3"
+    assert RunFolder(tmp_path / "demo").first_free().path == tmp_path / "demo-3"
 
 
 def training_iterations(run: Path) -> list[int]:
@@ -311,8 +309,8 @@ def training_iterations(run: Path) -> list[int]:
     return [record["iteration"] for record in read_jsonl(path) if "loss" in record]
 
 
-def test_predict_names_never_collide_and_unreadable_images_are_skipped(trained_run, tmp_path, capsys):
-    _, out = trained_run
+def test_predict_names_never_collide_and_unreadable_images_are_skipped(tiny_run, tmp_path, capsys):
+    out = tiny_run
     for folder, name, size in (("a", "x.png", (20, 30)), ("b", "x.png", (22, 30)), ("a", "y.png", (24, 30)),
                                ("a", "y.jpg", (26, 30))):
         (tmp_path / folder).mkdir(exist_ok=True)
@@ -344,8 +342,8 @@ def test_predict_names_never_collide_and_unreadable_images_are_skipped(trained_r
     assert {p["image_id"] for p in predictions} <= {2, 3, 4, 5, 6}
 
 
-def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path, capsys):
-    _, out = trained_run
+def test_predict_fails_only_when_no_image_could_be_read(tiny_run, tmp_path, capsys):
+    out = tiny_run
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 cut short")
     capsys.readouterr()
     assert main(["predict", str(out / "last.pt"), str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "pred")]) == 2
@@ -356,7 +354,7 @@ def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path, c
 
 
 def test_predict_stopped_midway_keeps_the_results_of_the_images_done(tmp_path):
-    from maskrcnn.cli import _predict_images
+    from maskrcnn.engine.predict import predict_images
 
     paths = []
     for name in ("a.png", "b.png"):
@@ -375,7 +373,7 @@ def test_predict_stopped_midway_keeps_the_results_of_the_images_done(tmp_path):
 
     out = tmp_path / "pred"
     with pytest.raises(KeyboardInterrupt):
-        _predict_images(paths, detect, [{"id": 1, "name": "thing"}], {p: i for i, p in enumerate(paths, 1)}, out,
+        predict_images(paths, detect, [{"id": 1, "name": "thing"}], {p: i for i, p in enumerate(paths, 1)}, out,
                         0.5)
     predictions = json.loads((out / "predictions.json").read_text())
     assert [(p["image_id"], p["bbox"], p["file_name"]) for p in predictions] == [(1, [2.0, 1.0, 3.0, 2.0], str(paths[0]))]

@@ -60,12 +60,14 @@ def small_tmpfs(tmp_path):
     """A 1 MiB tmpfs (needs root and mount permission; skipped elsewhere, where the test above covers ENOSPC)."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
+    needs = ("a real full disk needs a 1 MiB tmpfs, mounted as root with mount permission (in a container: "
+             "CAP_SYS_ADMIN); test_no_space_names_the_folder_and_keeps_the_previous_file covers ENOSPC everywhere")
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        pytest.skip(f"{needs}; not root here")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
                              capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        pytest.skip(f"{needs}; mount failed: {mounted.stderr.decode().strip()}")
     yield mount_point
     subprocess.run(["umount", str(mount_point)], check=True)
 

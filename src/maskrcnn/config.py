@@ -19,8 +19,10 @@ from typing import Any, Union
 
 import yaml
 
+from maskrcnn.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key is unknown, has the wrong type or an invalid value; the message names the key."""
 
 
@@ -309,6 +311,13 @@ def check_config(config: Config) -> Config:
         if section.bg_iou_thresh > section.fg_iou_thresh:
             raise ConfigError(f"model.{head}.bg_iou_thresh ({section.bg_iou_thresh}) is above model.{head}."
                               f"fg_iou_thresh ({section.fg_iou_thresh})")
+    backbone = config.model.backbone
+    if backbone.norm == "group" and backbone.name != "resnet":
+        raise ConfigError(f"model.backbone.norm: group is for ResNet only; {backbone.name}'s channel counts (16, 24, "
+                          f"40, ...) do not divide into groups of 32, use batch")
+    if backbone.norm == "group" and backbone.weights != "none":
+        raise ConfigError(f"model.backbone.norm: group is for training from scratch; model.backbone.weights "
+                          f"{backbone.weights!r:.200} carry BatchNorm statistics, use batch with them")
     steps = config.train.steps
     if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
         raise ConfigError(f"train.steps: must be increasing, got {list(steps)}")
@@ -477,16 +486,48 @@ def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
     return check_config(_build(Config, values))
 
 
-def read_config_file(path: str | Path) -> dict:
-    """The raw nested values of a YAML config file (not yet checked against `Config`).
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package; ./configs links here
+
+
+class ConfigNotFoundError(ConfigError, FileNotFoundError):
+    """A config named by the user is neither a file nor a preset; the message lists the presets."""
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset shipped inside the package (`demo`, `seed`, `coco`, ...)."""
+    return PRESETS_DIR / f"{name}.yaml"
+
+
+def preset_names() -> list[str]:
+    """Every preset usable by name: the .yaml files of the package's configs folder."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def config_path(name: str | Path) -> Path:
+    """The YAML file a config is named by: an existing file, else a preset's name (`seed`, `coco`, ...).
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        ConfigNotFoundError: neither a file nor a preset.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    if str(name) in preset_names():
+        return preset_path(str(name))
+    raise ConfigNotFoundError(f"config not found: {name} is neither a file nor a preset "
+                              f"({', '.join(preset_names())})")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw nested values of a YAML config file or a preset's (not yet checked against `Config`).
+
+    Args:
+        path: a YAML file or a preset's name (`config_path`).
+    Raises:
+        ConfigNotFoundError: neither a file nor a preset.
         ConfigError: not a YAML mapping, not UTF-8, or over the size bounds (MAX_CONFIG_BYTES, MAX_CONFIG_NODES).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    path = config_path(path)
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a config may have ({MAX_CONFIG_BYTES})")
     try:
@@ -521,17 +562,19 @@ def _resolve_paths(values: dict, folder: Path, prefix: str = "") -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Loads a YAML file (None: all defaults), applies `key.path=value` overrides and checks the result.
+    """Loads a YAML file or a preset by name (None: all defaults), applies `key.path=value` overrides and checks
+    the result.
 
     Paths (data folders and json files, weight files) become absolute: relative ones in the file are relative to
     the file's folder, those in `overrides` to the working directory, as typed. The run's saved config.yaml thus
     means the same wherever it is read from.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        ConfigNotFoundError: neither a file nor a preset.
         ConfigError: invalid YAML, an unknown key, a wrong type or a value outside its choices; names the key.
     """
-    values = {} if path is None else _resolve_paths(read_config_file(path), Path(path).resolve().parent)
+    path = None if path is None else config_path(path)
+    values = {} if path is None else _resolve_paths(read_config_file(path), path.resolve().parent)
     try:
         for text in overrides:
             values = _merge(values, _resolve_paths(parse_override(text), Path.cwd()))

@@ -1,6 +1,6 @@
 """Writing and reading files so that a crash, a kill or a full disk never leaves a half-written file behind.
 
-Low-level on purpose (standard library only): the data readers, the trainer and the report all write through it.
+Low-level on purpose (standard library and `maskrcnn.errors` only): the data readers, the trainer and the report all write through it.
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from maskrcnn.errors import UserError
+
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random><TEMP_SUFFIX>" next to their target
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """The file system ran out of space (or quota) while writing; the message names the folder and the file that
     was kept as it was."""
 
 
-class JsonlError(ValueError):
+class JsonlError(UserError, ValueError):
     """A JSON-lines file has a bad line other than a torn last one; the message names the file and the line."""
 
 

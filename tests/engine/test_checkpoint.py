@@ -16,6 +16,7 @@ from maskrcnn.engine.checkpoint import (
     RunLock,
     RunLockedError,
     load_checkpoint,
+    load_model,
     save_checkpoint,
 )
 from maskrcnn.model.pretrained import first_non_finite
@@ -71,3 +72,17 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     (tmp_path / LOCK_NAME).write_text(dead.stdout)  # what a killed trainer leaves behind
     with RunLock(tmp_path):
         assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+def test_load_model_gives_the_checkpoints_weights_in_eval_mode(tiny_run):
+    state = load_checkpoint(tiny_run / "last.pt")
+    loaded = load_model(tiny_run / "last.pt", overrides=["model.box_head.score_thresh=0.3"])
+    assert not loaded.model.training and loaded.device == torch.device("cpu")
+    assert all(torch.equal(value, state["model"][key]) for key, value in loaded.model.state_dict().items())
+    assert loaded.config.model.box_head.score_thresh == 0.3
+    assert [c["name"] for c in loaded.categories] == [c["name"] for c in state["categories"]]
+
+
+def test_load_model_refuses_a_config_its_weights_do_not_fit(tiny_run):
+    with pytest.raises(CheckpointError, match=f"{tiny_run / 'last.pt'}: weights do not fit"):
+        load_model(tiny_run / "last.pt", overrides=["model.mask_head.conv_channels=16"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -61,10 +62,19 @@ torch.save(result.model.state_dict(), f"{sys.argv[2]}/rank{distributed.get_rank(
 """
 
 
-def test_two_ranks_under_torchrun_end_with_the_same_weights(tmp_path, tiny_values):
-    """torchrun, 2 CPU processes (gloo): the ranks see different images, so only DDP's gradient averaging
-    keeps their weights equal; only rank 0 writes the run directory."""
-    values = {**tiny_values, "train": {**tiny_values["train"], "out_dir": str(tmp_path / "run"), "num_threads": 1}}
+def test_two_ranks_under_torchrun_train_the_same_weights_and_evaluate_as_one_process(tmp_path, tiny_values):
+    """torchrun, 2 CPU processes (gloo), one launch for two behaviours:
+    - training: the ranks see different images, so only DDP's gradient averaging keeps their weights equal; only
+      rank 0 writes the run directory;
+    - the final evaluation: each rank runs inference on every second image of 5 (3 and 2 images), rank 0 gathers
+      them back into data-set order and scores: the same detections and metrics as one process."""
+    from maskrcnn.data import build_dataset
+    from maskrcnn.engine.evaluate import evaluate_dataset
+
+    values = copy.deepcopy(tiny_values)  # the fixture is shared: change a copy
+    values["train"].update(out_dir=str(tmp_path / "run"), num_threads=1)
+    values["data"]["synthetic_val_size"] = 5
+    values["model"]["box_head"]["score_thresh"] = 0.0
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
     (tmp_path / "worker.py").write_text(WORKER)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -78,68 +88,24 @@ def test_two_ranks_under_torchrun_end_with_the_same_weights(tmp_path, tiny_value
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     cfg = config_from_dict(values, [])
     seed_iteration(cfg.train.seed, 0)  # as train() does before it builds the model
-    initial = build_model(cfg.model).state_dict()
-    assert not all(torch.equal(initial[key], rank0[key]) for key in rank0)  # the ranks did train
+    model = build_model(cfg.model)
+    assert not all(torch.equal(model.state_dict()[key], rank0[key]) for key in rank0)  # the ranks did train
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(saved[key], rank0[key]) for key in rank0)
     iterations = [json.loads(line)["iteration"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(line)]
     assert iterations == [1, 2, 3, 4]  # one line per iteration: rank 1 wrote nothing
 
-
-EVAL_WORKER = """
-import json
-import sys
-
-import torch
-import yaml
-
-from maskrcnn.config import config_from_dict
-from maskrcnn.data import build_dataset
-from maskrcnn.engine import distributed
-from maskrcnn.engine.evaluate import evaluate_dataset
-from maskrcnn.model import build_model
-
-cfg = config_from_dict(yaml.safe_load(open(sys.argv[1])), [])
-device = distributed.init_distributed()
-model = build_model(cfg.model)
-model.load_state_dict(torch.load(sys.argv[2]))
-result = evaluate_dataset(model, build_dataset(cfg.data, "val"), batch_size=2, device=device)
-assert (result is None) == (distributed.get_rank() != 0)
-if result is not None:
-    json.dump({"metrics": result.metrics, "detections": result.detections}, open(sys.argv[3], "w"))
-"""
-
-
-def test_evaluation_sharded_over_two_ranks_equals_one_process(tmp_path, tiny_values):
-    """torchrun, 2 CPU processes (gloo): each rank runs inference on every second image of 5 (3 and 2 images),
-    rank 0 gathers them back into data-set order and scores: the same detections and metrics as one process."""
-    from maskrcnn.data import build_dataset
-    from maskrcnn.engine.evaluate import evaluate_dataset
-
-    values = {**tiny_values, "data": {**tiny_values["data"], "synthetic_val_size": 5}}
-    values["model"]["box_head"] = {**values["model"]["box_head"], "score_thresh": 0.0}
-    cfg = config_from_dict(values, [])
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    torch.save(model.state_dict(), tmp_path / "weights.pt")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
-    (tmp_path / "worker.py").write_text(EVAL_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tmp_path / "worker.py"), str(tmp_path / "config.yaml"), str(tmp_path / "weights.pt"),
-               str(tmp_path / "sharded.json")]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert completed.returncode == 0, completed.stderr[-3000:]
-
-    sharded = json.loads((tmp_path / "sharded.json").read_text())
+    model.load_state_dict(rank0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' thread count: the same float arithmetic
     try:
-        single = evaluate_dataset(model, build_dataset(cfg.data, "val"), batch_size=2, device=torch.device("cpu"))
+        single = evaluate_dataset(model.eval(), build_dataset(cfg.data, "val"), batch_size=cfg.eval.batch_size,
+                                  device=torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
-    assert [d["image_id"] for d in sharded["detections"]] == [d["image_id"] for d in single.detections]
-    assert sharded["detections"] == json.loads(json.dumps(single.detections))
-    assert sharded["metrics"] == json.loads(json.dumps(single.metrics))
+    sharded = json.loads((tmp_path / "run" / "detections.json").read_text())
+    assert [d["image_id"] for d in sharded] == [d["image_id"] for d in single.detections]
+    assert sharded == json.loads(json.dumps(single.detections))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == json.loads(json.dumps(single.metrics))
     assert single.metrics["num_images"] == 5 and single.metrics["num_detections"] > 0

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from maskrcnn.errors import UserError
+
 # Largest image (height x width) read, e.g. 15000 x 10000: its decoded RGB takes 450 MB and the model's float copy
 # 1.8 GB before resizing. Larger files are refused from their header, before their pixels are decoded.
 MAX_IMAGE_PIXELS = 150_000_000
@@ -30,7 +32,7 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 _WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad input data; the message names the file and the image / annotation id or the field at fault."""
 
 

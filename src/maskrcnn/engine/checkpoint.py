@@ -1,4 +1,4 @@
-"""Checkpoints and the run folder's lock.
+"""Checkpoints, the run folder's lock, and a checkpoint turned back into a model.
 
 A checkpoint is a dict of tensors and plain values (numbers, strings, lists, dicts) only, so that every file is
 read with `torch.load(weights_only=True)`: a crafted file cannot run code when it is loaded, and our own
@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from maskrcnn.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, read_config_file
+from maskrcnn.data import describe_categories
+from maskrcnn.engine.common import resolve_device
+from maskrcnn.errors import UserError
 from maskrcnn.fileio import atomic_write
-from maskrcnn.model.pretrained import first_non_finite
+from maskrcnn.model import build_model, from_torchvision
+from maskrcnn.model.pretrained import WeightsError, first_non_finite, load_state_dict_checked
 
 LOCK_NAME = ".lock"  # in the run folder: the pid of the process training there
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be read (missing, damaged, unsafe, not ours, non-finite weights) or must not be written
     (non-finite weights); the message names the file."""
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live process is training in the same run folder; the message names it and the lock file."""
 
 
@@ -76,6 +82,82 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: weight {bad} holds NaN or infinite values; a model with it predicts "
                               f"nothing (was it saved after a diverged step?)")
     return state
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model, ready for inference, with what evaluating or running it needs."""
+
+    config: Config  # the checkpoint's config, with the data section and overrides asked for
+    model: torch.nn.Module  # in eval mode on `device`, with the checkpoint's weights
+    device: torch.device  # from config.train.device
+    categories: list[dict]  # [{"id", "name"}] of labels 1..K: the training data's category ids and names
+
+
+def load_model(path: str | Path, *, data_config: str | Path | None = None, overrides: list[str] = ()) -> LoadedModel:
+    """The model of a checkpoint written by training, for evaluation, prediction or export.
+
+    Args:
+        path: a checkpoint with "config" and "model" (last.pt, best.pt).
+        data_config: a YAML file or preset whose data section replaces the checkpoint's (what to evaluate on).
+        overrides: `key.path=value` changes of the checkpoint's config (e.g. model.box_head.score_thresh=0.3).
+    Raises:
+        CheckpointError: unreadable or unsafe file, no config, or weights that do not fit its config's model.
+        ConfigError: `data_config` has no data section, or a bad override.
+    """
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path}: checkpoint has no config; it was not written by `maskrcnn train`")
+    values = state["config"]
+    if data_config is not None:
+        if "data" not in read_config_file(data_config):
+            raise ConfigError(f"--data-config {data_config}: the file has no 'data' section to evaluate on")
+        values = dict(values, data=config_to_dict(load_config(data_config).data))
+    cfg = config_from_dict(values, overrides)
+    # The weights come from the checkpoint: never load (or download) the ones the config names.
+    model = build_model(replace(cfg.model, weights="none", backbone=replace(cfg.model.backbone, weights="none")))
+    try:
+        load_state_dict_checked(model, state["model"], str(path), hint="the model of the checkpoint's config")
+    except WeightsError as error:
+        raise CheckpointError(str(error)) from None
+    device = resolve_device(cfg.train.device)
+    model.to(device).eval()
+    categories = state.get("categories") or [{"id": k, "name": f"class {k}"}
+                                             for k in range(1, cfg.model.num_classes + 1)]
+    return LoadedModel(config=cfg, model=model, device=device, categories=categories)
+
+
+def load_torchvision_model(path: str | Path) -> torch.nn.Module:
+    """Our model from a file holding a torchvision `maskrcnn_resnet50_fpn` state dict, in eval mode on the CPU.
+
+    Raises:
+        CheckpointError: no such file, not a readable state dict, or not a torchvision Mask R-CNN's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"torchvision weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable state dict ({_first_line(error)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a torchvision state dict")
+    try:
+        return from_torchvision(state)
+    except WeightsError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def check_categories(checkpoint: str | Path, categories: list[dict], data: str | Path,
+                     data_categories: list[dict]) -> None:
+    """A checkpoint's classes must be the data's (by name, in label order), or its labels would mean other things.
+
+    Raises:
+        CheckpointError: they differ; names both sides and their classes.
+    """
+    if [c["name"] for c in categories] != [c["name"] for c in data_categories]:
+        raise CheckpointError(f"{checkpoint} was trained on {describe_categories(categories)} but {data} has "
+                              f"{describe_categories(data_categories)}")
 
 
 class RunLock:

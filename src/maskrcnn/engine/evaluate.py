@@ -274,9 +274,11 @@ def coco_stats(coco_gt: COCO, detections: list[dict], *, iou_type: str, image_id
     return {name: (None if value < 0 else float(value)) for name, value in zip(COCO_STAT_NAMES, evaluator.stats[:6])}
 
 
-def _predict(model: torch.nn.Module, images: list[Tensor], *, device: torch.device, amp: bool,
-             with_proposals: bool) -> list[dict]:
-    """The model's outputs for uint8 images; with the RPN proposals when asked and the model can return them."""
+def detect_batch(model: torch.nn.Module, images: list[Tensor], *, device: torch.device, amp: bool,
+                 with_proposals: bool = False) -> list[dict]:
+    """The inference step of evaluation and prediction: the model's outputs (on `device`, in each image's
+    coordinates) for uint8 [3, H, W] images; with the RPN proposals when asked and the model can return them.
+    Call it under `torch.no_grad()` with the model in eval mode."""
     inputs = images_to_model(images, device)
     with autocast(device, amp):
         if with_proposals and callable(getattr(model, "inference", None)):
@@ -313,7 +315,7 @@ def _infer(model: torch.nn.Module, batches: Iterable, *, device: torch.device, a
             break
         if max_images is not None:
             images, targets = images[: max_images - len(run.image_ids)], targets[: max_images - len(run.image_ids)]
-        outputs = _predict(model, images, device=device, amp=amp, with_proposals=len(run.pictures) < num_vis)
+        outputs = detect_batch(model, images, device=device, amp=amp, with_proposals=len(run.pictures) < num_vis)
         for image, target, output in zip(images, targets, outputs):
             image_id = int(target["image_id"])
             run.image_ids.append(image_id)

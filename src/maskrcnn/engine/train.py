@@ -36,16 +36,18 @@ from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
 from maskrcnn.engine.common import autocast, images_to_model, resolve_device, targets_to_device
 from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
+from maskrcnn.engine.run_folder import RunFolder
 from maskrcnn.engine.threads import ThreadProbe
+from maskrcnn.errors import UserError
 from maskrcnn.fileio import full_disk_as_error, read_jsonl, remove_temp_files, write_text_atomic
 from maskrcnn.model import build_model
-from maskrcnn.model.pretrained import load_state_dict_checked
+from maskrcnn.model.pretrained import WeightsError, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the message names the iteration and the loss term."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """A loss became NaN or infinite (e.g. too high a train.lr); the message names the iteration and the loss term."""
 
 
 def seed_iteration(seed: int, iteration: int) -> None:
@@ -199,11 +201,11 @@ class MetricsLogger:
     """Appends JSON records to metrics.jsonl and, with `tensorboard`, writes the same scalars to out_dir/tb."""
 
     def __init__(self, *, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.path = out_dir / "metrics.jsonl"
+        self.path = RunFolder(out_dir).metrics_jsonl
         self.enabled = enabled
         self.tensorboard = None
         if enabled and tensorboard:
-            self.tensorboard = summary_writer()(log_dir=str(out_dir / "tb"))
+            self.tensorboard = summary_writer()(log_dir=str(RunFolder(out_dir).tensorboard))
 
     def drop_after(self, iteration: int) -> None:
         """Removes records past `iteration` (a resumed run repeats the iterations after its checkpoint), and a
@@ -279,7 +281,7 @@ def run_log(out_dir: Path, *, enabled: bool, to_terminal: bool):
     logger = logging.getLogger("maskrcnn")
     handlers = []
     if enabled:
-        handlers.append(logging.FileHandler(out_dir / "log.txt"))
+        handlers.append(logging.FileHandler(RunFolder(out_dir).log))
         handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         if to_terminal and not logger.handlers:
             handlers.append(logging.StreamHandler(sys.stdout))
@@ -386,7 +388,16 @@ def prepare_run_folder(cfg: Config) -> None:
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out_dir)
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(cfg, RunFolder(out_dir).config)
+
+
+def _build_model(cfg: Config) -> torch.nn.Module:
+    """`build_model(cfg.model)`; weights the config names that cannot be read, fetched or do not fit are a
+    ConfigError (the message names the setting or the file)."""
+    try:
+        return build_model(cfg.model)
+    except WeightsError as error:
+        raise ConfigError(str(error)) from error  # the cause tells a failed download apart
 
 
 class Trainer:
@@ -398,8 +409,9 @@ class Trainer:
         tc = self.tc = cfg.train
         self.cfg, self.device, self.main = cfg, device, distributed.is_main()
         self.out_dir = Path(tc.out_dir)
+        self.folder = RunFolder(tc.out_dir)
         seed_iteration(tc.seed, 0)
-        model = model if model is not None else build_model(cfg.model)
+        model = model if model is not None else _build_model(cfg)
         model.to(device)
         self.train_set = train_set if train_set is not None else build_dataset(cfg.data, "train")
         self.val_set = val_set if val_set is not None else build_dataset(cfg.data, "val")
@@ -449,11 +461,10 @@ class Trainer:
         """Loads last.pt into the model, optimiser and schedule; returns its iteration.
 
         Raises:
-            CheckpointError: last.pt is missing or unreadable, lacks what a resume needs, or its optimiser state
-                does not fit the config.
-            WeightsError: its weights do not fit the model of the config (e.g. another number of classes).
+            CheckpointError: last.pt is missing or unreadable, lacks what a resume needs, or its weights or
+                optimiser state do not fit the config (e.g. another number of classes).
         """
-        path = self.out_dir / "last.pt"
+        path = self.folder.last
         state = load_checkpoint(path)
         missing = [key for key in ("optimizer", "scheduler", "iteration") if key not in state]
         if missing:
@@ -463,7 +474,10 @@ class Trainer:
         if saved_optimizer != self.tc.optimizer:  # another optimizer's state loads silently, then fails mid-step
             raise CheckpointError(f"{path}: trained with train.optimizer={saved_optimizer}, the config says "
                                   f"{self.tc.optimizer}; resume with the same optimizer")
-        load_state_dict_checked(model, state["model"], str(path), hint="the model of the config")
+        try:
+            load_state_dict_checked(model, state["model"], str(path), hint="the model of the config")
+        except WeightsError as error:
+            raise CheckpointError(str(error)) from None
         if "budget" in state:  # the schedule's planned length and the time already spent
             self.budget.load_state_dict(state["budget"])
         try:
@@ -476,7 +490,7 @@ class Trainer:
 
     def _best_ap(self) -> float:
         """The mask AP of the run's best.pt (-1 without one): a resumed run replaces it only by a better model."""
-        path = self.out_dir / "best.pt"
+        path = self.folder.best
         return float(load_checkpoint(path)["best_ap"]) if self.main and path.is_file() else -1.0
 
     def _state(self, iteration: int) -> dict:
@@ -491,7 +505,7 @@ class Trainer:
             state = self._state(iteration) | {"optimizer": self.optimizer.state_dict(),
                                               "scheduler": self.scheduler.state_dict(),
                                               "budget": self.budget.state_dict()}
-            save_checkpoint(state, self.out_dir / "last.pt")
+            save_checkpoint(state, self.folder.last)
         self.saved_at = iteration
 
     def evaluate(self, iteration: int) -> EvalResult | None:
@@ -507,7 +521,7 @@ class Trainer:
             self.logger.log({"iteration": iteration, "eval": result.metrics})
             if mask_ap(result) > self.best_ap:
                 self.best_ap = mask_ap(result)
-                save_checkpoint(self._state(iteration) | {"best_ap": self.best_ap}, self.out_dir / "best.pt")
+                save_checkpoint(self._state(iteration) | {"best_ap": self.best_ap}, self.folder.best)
         distributed.barrier()
         return result
 
@@ -607,7 +621,7 @@ class Trainer:
         if tc.max_minutes is not None:
             log.info(f"time budget {tc.max_minutes:g} min ({format_duration(self.budget.elapsed())} spent): the "
                      f"schedule's length is fitted to the measured speed")
-        log.info(f"log: {self.out_dir / 'log.txt'}" + (f", TensorBoard: {self.out_dir / 'tb'}" if tc.tensorboard else ""))
+        log.info(f"log: {self.folder.log}" + (f", TensorBoard: {self.folder.tensorboard}" if tc.tensorboard else ""))
 
     def run(self, stop: StopSignals) -> TrainResult:
         """Trains to the end of the schedule, the time budget or a stop signal; saves last.pt, then evaluates (not
