@@ -20,12 +20,13 @@ from torch import Tensor, nn
 from torchvision import models
 
 from maskrcnn.config import BoxHeadConfig, ModelConfig, RPNConfig, TransformConfig
+from maskrcnn.errors import UserError
 from maskrcnn.model.convert import CLASS_DEPENDENT_PREFIXES, from_torchvision_state_dict
 
 logger = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights cannot be read, fetched, or do not fit the model; the message names their source."""
 
 
