@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.ops import box_iou
 
 import maskrcnn
 from maskrcnn.cli import main
-from maskrcnn.config import config_from_dict, load_config
-from maskrcnn.export import OUTPUT_NAMES, OnnxPredictor, ProgramPredictor, export_model, export_program, load_predictor
+from maskrcnn.config import load_config
+from maskrcnn.engine.checkpoint import load_model
+from maskrcnn.export import OUTPUT_NAMES, OnnxPredictor, ProgramPredictor, export_program, load_predictor
 from maskrcnn.export.exporter import export_info, save_program
 from maskrcnn.model import MaskRCNN, build_model, from_torchvision
 
@@ -121,21 +121,16 @@ def assert_contract(predictor, images: list[torch.Tensor], detections_per_img: i
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_values):
-    """A tiny model trained 4 iterations by `maskrcnn train`, exported by `maskrcnn export` to .onnx and .pt2;
-    also what the export command printed."""
+def trained(tmp_path_factory, tiny_run):
+    """The session's tiny run (`tiny_run`, trained by `maskrcnn train`) exported by `maskrcnn export` to .onnx and
+    .pt2; also what the export command printed."""
     root = tmp_path_factory.mktemp("export")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_values))
-    assert main(["train", str(config), "--out", str(root / "run"), "--set", "train.max_iters=4"]) == 0
-    checkpoint = root / "run" / "last.pt"
+    checkpoint = tiny_run / "last.pt"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         for suffix in (".onnx", ".pt2"):
             assert main(["export", str(checkpoint), "--out", str(root / f"model{suffix}")]) == 0
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = build_model(config_from_dict(state["config"], []).model)
-    model.load_state_dict(state["model"])
+    model = load_model(checkpoint).model
     predictors = {runtime: load_predictor(root / f"model.{runtime}") for runtime in ("onnx", "pt2")}
     return root, checkpoint, model.eval(), printed.getvalue(), predictors
 

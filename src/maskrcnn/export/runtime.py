@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from maskrcnn.export.exporter import METADATA_KEY, PT2_EXTRA_FILE, SUFFIXES, ExportInfo
 from maskrcnn.export.adapter import OUTPUT_NAMES
+from maskrcnn.export.exporter import METADATA_KEY, PT2_EXTRA_FILE, SUFFIXES, ExportInfo
 from maskrcnn.model.box_head import Detections
 from maskrcnn.model.postprocess import detections_per_image
 
