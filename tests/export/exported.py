@@ -1,0 +1,96 @@
+"""What the export tests share: real photos in batches of one size, and the comparison of exported detections
+with the eager model's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from maskrcnn.export import OUTPUT_NAMES
+
+PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] / "shared/data/PennFudanPed"))
+PHOTO_SIZE = (240, 320)  # (H, W): one size per batch; Penn-Fudan photos are resized to it
+
+
+def photos() -> list[torch.Tensor]:
+    """3 real street photos f32[3, 240, 320] (Penn-Fudan when present, else generated smooth blobs)."""
+    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:3] if PENNFUDAN.is_dir() else []
+    if not files:
+        generator = torch.Generator().manual_seed(0)
+        blobs = torch.rand(3, 3, PHOTO_SIZE[0] // 20, PHOTO_SIZE[1] // 20, generator=generator)
+        return list(blobs.repeat_interleave(20, 2).repeat_interleave(20, 3))
+    images = []
+    for file in files:
+        image = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
+        images.append(torch.nn.functional.interpolate(image[None], size=PHOTO_SIZE, mode="bilinear")[0])
+    return images
+
+
+def batches(odd_size: tuple[int, int] = (200, 307)) -> dict[str, list[torch.Tensor]]:
+    """Batches of 1 and 3 images of one size, the blank image alone and among photos, and 2 photos of
+    `odd_size`: a size whose resized size floor(side * scale) differs between float64 (eager) and float32."""
+    images = photos()
+    blank = torch.zeros(3, *PHOTO_SIZE)
+    odd = [torch.nn.functional.interpolate(image[None], size=odd_size, mode="bilinear")[0] for image in images[1:]]
+    return {"photo": images[:1], "blank": [blank], "three": images, "two_and_blank": [images[0], blank, images[2]],
+            "odd": odd}
+
+
+def pair_detections(expected: dict, actual: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each expected detection, the actual one of the same label with the highest box IoU: (IoU f32[D_e],
+    index i64[D_e] into actual's rows)."""
+    same_label = expected["labels"][:, None] == actual["labels"][None, :]
+    return (box_iou(expected["boxes"], actual["boxes"]) * same_label).max(dim=1)
+
+
+def mask_ious(expected: dict, actual: dict, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU f32[D_e] of the pasted masks binarised at 0.5, expected row i against actual row pair[i], and the size
+    of their union i64[D_e] (0 where both are empty)."""
+    masks_e, masks_a = expected["masks"][:, 0] >= 0.5, actual["masks"][pair, 0] >= 0.5  # (D_e, H, W) each
+    union = (masks_e | masks_a).flatten(1).sum(1)
+    return (masks_e & masks_a).flatten(1).sum(1) / union.clamp(min=1), union
+
+
+def assert_same_detections(expected: list[dict], actual: list[dict]) -> None:
+    """Same number of detections per image and, for each expected one, an actual one of the same label with box
+    IoU >= 0.99, |score difference| <= 1e-3 and mask IoU >= 0.98 (masks pasted, binarised at 0.5).
+
+    Detections are paired by label and box IoU rather than by row: rows whose scores differ only by float rounding
+    may swap places in the score order.
+    """
+    assert len(actual) == len(expected)
+    for index, (e, a) in enumerate(zip(expected, actual)):
+        assert a["boxes"].shape[0] == e["boxes"].shape[0], f"image {index}: number of detections"
+        if e["boxes"].shape[0] == 0:
+            continue
+        iou, pair = pair_detections(e, a)  # (D,) each
+        assert pair.unique().numel() == pair.numel(), f"image {index}: two detections paired with one"
+        assert iou.min() >= 0.99, f"image {index}: box IoU {iou.min():.4f}"
+        assert (e["scores"] - a["scores"][pair]).abs().max() <= 1e-3, f"image {index}: scores"
+        mask_iou, union = mask_ious(e, a, pair)
+        assert mask_iou[union > 0].min() >= 0.98, f"image {index}: mask IoU {mask_iou[union > 0].min():.4f}"
+
+
+def assert_contract(predictor, images: list[torch.Tensor], detections_per_img: int, mask_size: int,
+                    num_classes: int) -> None:
+    """The graph's raw outputs: names, dtypes, shapes [B, D, ...], labels 1..K, zeros past num_detections."""
+    outputs = predictor.run(torch.stack(images))
+    B, D, M = len(images), detections_per_img, mask_size
+    shapes = {"boxes": (B, D, 4), "scores": (B, D), "labels": (B, D), "masks": (B, D, M, M), "num_detections": (B,)}
+    dtypes = {"boxes": torch.float32, "scores": torch.float32, "labels": torch.int64, "masks": torch.float32,
+              "num_detections": torch.int64}
+    assert tuple(outputs) == OUTPUT_NAMES
+    for name in OUTPUT_NAMES:
+        assert tuple(outputs[name].shape) == shapes[name] and outputs[name].dtype == dtypes[name], name
+    filled = torch.arange(D)[None, :] < outputs["num_detections"][:, None]  # (B, D)
+    for name in ("boxes", "scores", "labels", "masks"):
+        assert not outputs[name][~filled].any(), f"{name}: rows past num_detections are not zero"
+    labels = outputs["labels"][filled]
+    assert ((labels >= 1) & (labels <= num_classes)).all()
+    scores, masks = outputs["scores"][filled], outputs["masks"]
+    assert ((scores >= 0) & (scores <= 1)).all() and ((masks >= 0) & (masks <= 1)).all()
