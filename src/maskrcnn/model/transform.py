@@ -91,11 +91,13 @@ class ImageTransform(nn.Module):
         torch._check_with(ValueError, torch.sym_max(height, width) <= side, lambda: (
             f"ImageTransform: an image is {height}x{width} after resize, larger than fixed_canvas "
             f"{self.fixed_canvas} in either orientation; raise fixed_canvas or lower min_size/max_size"))
-        landscape = (height <= canvas_h) & (width <= canvas_w)
-        portrait = (height <= canvas_w) & (width <= canvas_h)
-        # sym_ite: a choice the exported graph makes at run time, for every image size
-        return (torch.sym_ite(landscape, canvas_h, torch.sym_ite(portrait, canvas_w, side)),
-                torch.sym_ite(landscape, canvas_w, torch.sym_ite(portrait, canvas_h, side)))
+        fits = (height <= canvas_h) & (width <= canvas_w)
+        turned = torch.sym_not(fits) & (height <= canvas_w) & (width <= canvas_h)
+        # sym_ite: a choice the exported graph makes at run time, for every image size. The square is (side, side),
+        # so one of its sides is always the canvas's longer one: each side is a choice between two numbers
+        if canvas_h >= canvas_w:
+            return torch.sym_ite(turned, canvas_w, canvas_h), torch.sym_ite(fits, canvas_w, canvas_h)
+        return torch.sym_ite(fits, canvas_h, canvas_w), torch.sym_ite(turned, canvas_h, canvas_w)
 
     def forward(self, images: Tensor | Sequence[Tensor],
                 targets: Sequence[dict] | None = None) -> tuple[ImageBatch, list[dict] | None]:
