@@ -97,9 +97,9 @@ def class_ap(scores: np.ndarray, is_tp: np.ndarray, num_gt: int) -> float:
     Args:
         scores: f[P] detection scores; is_tp: bool[P]; num_gt: objects of the class.
     Returns:
-        AP in [0, 1]; 0 when there is no object.
+        AP in [0, 1]; 0 when there is no object or no detection.
     """
-    if num_gt <= 0:
+    if num_gt <= 0 or len(scores) == 0:
         return 0.0
     order = np.argsort(-scores, kind="stable")
     true_positives = np.cumsum(is_tp[order])
@@ -345,7 +345,7 @@ def _summary(kinds: np.ndarray, classes: np.ndarray, scores: np.ndarray, fix_cla
 
 def worst_images(analysis: ErrorAnalysis, detections: list[dict], coco_gt: COCO, image_ids: list[int],
                  count: int) -> dict[str, list[int]]:
-    """The images with the most missed objects and those with the most confident false positives.
+    """The images with the most missed objects and those with the most confident false positives, among image_ids.
 
     Returns:
         {"missed": up to `count` image ids with at least one missed object, most first (ties: in the given order),
@@ -356,12 +356,12 @@ def worst_images(analysis: ErrorAnalysis, detections: list[dict], coco_gt: COCO,
         for ann in coco_gt.imgToAnns.get(image_id, []):
             if analysis.object_kinds.get(ann["id"]) == _OBJECT["missed"]:
                 missed_per_image[image_id] += 1
+    position = {image_id: i for i, image_id in enumerate(image_ids)}
     worst_fp: dict[int, float] = {}
     false_positive = (analysis.detection_kinds != _KIND["tp"]) & (analysis.detection_kinds != _KIND["ignored"])
     for det, is_fp in zip(detections, false_positive):
-        if is_fp:
+        if is_fp and det["image_id"] in position:
             worst_fp[det["image_id"]] = max(worst_fp.get(det["image_id"], 0.0), det["score"])
-    position = {image_id: i for i, image_id in enumerate(image_ids)}
     by_missed = sorted(missed_per_image, key=lambda i: (-missed_per_image[i], position[i]))
-    by_fp = sorted(worst_fp, key=lambda i: (-worst_fp[i], position.get(i, 0)))
+    by_fp = sorted(worst_fp, key=lambda i: (-worst_fp[i], position[i]))
     return {"missed": by_missed[:count], "false_positive": by_fp[:count]}
