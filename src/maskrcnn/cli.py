@@ -295,7 +295,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # What `evaluate` writes into its output folder: replaced only with --overwrite (the folder may be a training run's).
-EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "report.md", "report.html", "figures")
+EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "report.md", "report.html", "figures",
+                      "browse_val.html", "browse_val")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
