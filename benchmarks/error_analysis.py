@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import time
 
 import numpy as np
@@ -89,8 +90,8 @@ def generate(num_images: int, dets_per_image: int, seed: int = 0) -> tuple[COCO,
     return coco, detections
 
 
-def time_tidecv(coco: COCO, detections: list[dict]) -> None:
-    """tidecv's box analysis of the same set (its dAP are percentages; ours are fractions)."""
+def time_tidecv(coco: COCO, detections: list[dict]) -> float:
+    """tidecv's box analysis of the same set (its dAP are percentages; ours are fractions); returns its seconds."""
     from tidecv import TIDE
     from tidecv.data import Data
 
@@ -103,8 +104,10 @@ def time_tidecv(coco: COCO, detections: list[dict]) -> None:
     tide = TIDE()
     tide.evaluate(gt, preds, mode=TIDE.BOX)
     errors = tide.get_all_errors()
-    print(f"tidecv boxes: {time.perf_counter() - started:.1f} s; dAP (%): "
+    seconds = time.perf_counter() - started
+    print(f"tidecv boxes: {seconds:.1f} s; dAP (%): "
           + ", ".join(f"{name} {value:.2f}" for name, value in errors["main"]["preds"].items()))
+    return seconds
 
 
 def main() -> None:
@@ -120,7 +123,8 @@ def main() -> None:
     coco, detections = generate(args.images, args.dets)
     print(f"generated {args.images} images, {len(coco.anns)} objects, {len(detections)} detections "
           f"in {time.perf_counter() - started:.1f} s")
-    timings = {"images": args.images, "objects": len(coco.anns), "detections": len(detections)}
+    timings = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_before": os.getloadavg(),
+               "images": args.images, "objects": len(coco.anns), "detections": len(detections)}
     image_ids = sorted(coco.imgs)
     for iou_type in ("bbox", "segm"):
         started = time.perf_counter()
@@ -128,11 +132,13 @@ def main() -> None:
                            category_ids=list(range(1, NUM_CLASSES + 1)))
         seconds = time.perf_counter() - started
         timings[f"{iou_type}_seconds"] = round(seconds, 2)
+        timings[f"{iou_type}_dap"] = {name: round(value, 4) for name, value in analysis.summary["dap"].items()}
         print(f"analyse {iou_type}: {seconds:.1f} s; AP50 {analysis.summary['ap50']:.3f}, dAP: "
               + ", ".join(f"{name} {value:.3f}" for name, value in analysis.summary["dap"].items()))
     print(f"both: {timings['bbox_seconds'] + timings['segm_seconds']:.1f} s")
     if args.tidecv:
-        time_tidecv(coco, detections)
+        timings["tidecv_bbox_seconds"] = round(time_tidecv(coco, detections), 2)
+    timings["load_average_after"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as file:
             json.dump(timings, file, indent=2)
