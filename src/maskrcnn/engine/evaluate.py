@@ -502,8 +502,8 @@ def evaluate(
         load_image: the uint8 [3, H, W] image of the i-th evaluated image (data-set order), to picture the worst
             images; None: the worst images are looked for among the pictured ones only.
     Returns:
-        EvalResult with the metrics, PR curves, COCO results and pictures; None on the ranks other than 0 when
-        sharded.
+        EvalResult with the metrics, PR curves, COCO results, pictures and error analysis; None on the ranks other
+        than 0 when sharded.
 
     Progress goes to the `maskrcnn` logger: images done, images/s and the time left, every PROGRESS_SECONDS.
     """

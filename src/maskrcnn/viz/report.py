@@ -238,7 +238,7 @@ def error_sections(evaluation: EvalResult, fig_dir: Path, *, score_thresh: float
             picture = draw_errors(view, class_names=evaluation.class_names, iou_type="segm", score_thresh=score_thresh)
             gallery.figures.append((caption, save_png(picture, fig_dir / f"worst_{reason}_{rank}.png")))
     if not gallery.figures:
-        gallery.text.append("No missed object and no false positive.")
+        gallery.text.append("No missed object and no false positive among the images that could be pictured.")
     return [breakdown, by_size, confusion, gallery]
 
 
