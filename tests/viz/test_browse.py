@@ -18,7 +18,8 @@ from maskrcnn.viz.draw import class_colors
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM = next((path for path in map(shutil.which, BROWSERS) if path is not None), None)
-playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright: pip install playwright")
+playwright = pytest.importorskip("playwright.sync_api",
+                                 reason="the browser test needs Playwright: pip install playwright")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium to open the report in: install one, e.g. "
                                 "`sudo apt-get install chromium` (the test uses the system browser, not a download)")
 SIDE = 40  # the page enlarges the 40 px images to 384 px (scale 10)

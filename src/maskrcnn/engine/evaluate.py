@@ -411,8 +411,10 @@ def score_detections(coco_gt: COCO, detections: list[dict], *, image_ids: list[i
     return metrics, pr_curves
 
 
-def analyse_detections(coco_gt: COCO, detections: list[dict], *, image_ids: list[int], class_names: list[str],
-                       label_to_category_id: dict[int, int], iou_thresh: float) -> tuple[dict, dict[str, ErrorAnalysis]]:
+def analyse_detections(
+    coco_gt: COCO, detections: list[dict], *, image_ids: list[int], class_names: list[str],
+    label_to_category_id: dict[int, int], iou_thresh: float,
+) -> tuple[dict, dict[str, ErrorAnalysis]]:
     """The error analysis of boxes and masks. Returns the metrics it adds ({"errors": {"bbox" | "segm": summary with
     its "confusion"}, "object_sizes": {"small" | "medium" | "large": objects}}) and {"bbox" | "segm": ErrorAnalysis}."""
     category_ids = [label_to_category_id[k] for k in range(1, len(class_names) + 1)]

@@ -75,7 +75,8 @@ def write_browse_page(
     data = {
         "classes": list(class_names),
         "classColors": class_colors(len(class_names)),
-        "kinds": {kind: {"name": KIND_NAMES[kind], "color": KIND_COLORS[kind]} for kind in (*DETECTION_KINDS, "missed")},
+        "kinds": {kind: {"name": KIND_NAMES[kind], "color": KIND_COLORS[kind]}
+                  for kind in (*DETECTION_KINDS, "missed")},
         "scoreThresh": score_thresh,
         "minSide": MIN_SIDE,
         "images": images,

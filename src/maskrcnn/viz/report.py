@@ -35,7 +35,13 @@ from maskrcnn.viz.draw import (
     save_png,
     side_by_side,
 )
-from maskrcnn.viz.plots import plot_confusion, plot_error_breakdown, plot_loss_curves, plot_pr_curves, read_metrics_jsonl
+from maskrcnn.viz.plots import (
+    plot_confusion,
+    plot_error_breakdown,
+    plot_loss_curves,
+    plot_pr_curves,
+    read_metrics_jsonl,
+)
 
 log = logging.getLogger(__name__)
 MIN_PICTURE_SIDE = 384  # smaller images (e.g. the 128 px synthetic ones) are enlarged so that labels stay readable
@@ -219,7 +225,8 @@ def error_sections(evaluation: EvalResult, fig_dir: Path, *, score_thresh: float
         f"Detections scoring at least {errors['segm']['confusion']['score_thresh']:g} matched to the objects at "
         f"IoU 0.5 whatever their class: row = the object's class, column = the predicted one. The background row "
         f"counts detections on no object, the background column the objects no detection found."],
-        figures=[(f"{label} confusion matrix", plot_confusion(errors[kind]["confusion"], fig_dir / f"confusion_{kind}.png",
+        figures=[(f"{label} confusion matrix", plot_confusion(errors[kind]["confusion"],
+                                                               fig_dir / f"confusion_{kind}.png",
                                                                title=f"{label} at IoU 0.5"))
                  for kind, label in (("segm", "Masks"), ("bbox", "Boxes"))])
     gallery = Section("Worst images", text=[
