@@ -163,7 +163,7 @@ class EvalConfig:
     batch_size: int = 2  # images per inference batch
     iou_thresh: float = 0.5  # IoU of the original project's per-class AP (its mAP)
     max_images: int | None = None  # evaluate only the first N images; None: all
-    num_vis: int = 2  # images drawn per stage (RPN, BoxHead, MaskHead) in the report
+    num_vis: int = 24  # images pictured in the report's browsable page (the first 2 also in the stage pictures)
     vis_score_thresh: float = 0.5  # detections drawn in the report's pictures score at least this
     vis_proposals: int = 20  # top proposals drawn in the RPN picture
 

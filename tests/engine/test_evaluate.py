@@ -98,7 +98,7 @@ def test_perfect_predictions_give_ap_one(tmp_path, caplog):
     with caplog.at_level("INFO", logger="maskrcnn"):
         result = evaluate(model, batches, class_names=["a", "b"], device=torch.device("cpu"), out_dir=tmp_path)
     assert any(m.startswith("evaluate: 3 images in") for m in caplog.messages)  # progress, to the maskrcnn logger
-    assert "evaluate: scoring 5 detections on 3 images (COCOeval, per-class AP)" in caplog.messages
+    assert "evaluate: scoring 5 detections on 3 images (COCOeval, per-class AP, error analysis)" in caplog.messages
     for kind in ("bbox", "segm"):
         assert result.metrics[kind]["AP"] == pytest.approx(1.0)
         assert result.metrics[kind]["AP50"] == pytest.approx(1.0)

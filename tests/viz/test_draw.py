@@ -28,13 +28,14 @@ def test_class_colors_distinct_and_rgb():
 
 def test_draw_detections_filters_by_score_and_colours_masks():
     masks = torch.zeros(2, 1, 40, 50)
-    masks[0, 0, 5:15, 5:15] = 0.9
+    masks[0, 0, 5:35, 5:15] = 0.9  # reaches below its box and label
     masks[1, 0, 20:30, 30:40] = 0.9
     boxes = torch.tensor([[5.0, 5.0, 15.0, 15.0], [30.0, 20.0, 40.0, 30.0]])
     out = draw_detections(black(), boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.2]), class_names=["a", "b"],
                           masks=masks, score_thresh=0.5, alpha=1.0)
     assert out.dtype == torch.uint8 and out.shape == (3, 40, 50)
-    assert tuple(out[:, 10, 10].tolist()) == class_colors(2)[0]  # inside mask 0: its class colour (alpha 1)
+    assert tuple(out[:, 30, 10].tolist()) == class_colors(2)[0]  # inside mask 0: its class colour (alpha 1)
+    assert tuple(out[:, 9, 10].tolist()) in {(0, 0, 0), (255, 255, 255)}  # the label: white on black
     assert out[:, 25, 35].sum() == 0  # detection 1 scored 0.2: not drawn
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from maskrcnn.data import build_dataset
 from maskrcnn.engine.evaluate import evaluate, evaluate_dataset
 from maskrcnn.model import build_model
-from maskrcnn.viz.draw import PROPOSAL_COLOR
+from maskrcnn.viz.draw import KIND_COLORS, PROPOSAL_COLOR
 from maskrcnn.viz.report import ORIGINAL_BOX_MAP, ORIGINAL_CLASSES, build_report, enlarge, metrics_sections
 
 
@@ -30,8 +30,10 @@ def test_report_references_every_figure(tmp_path, tiny_config):
     md_path, html_path = build_report(tmp_path, config=cfg, evaluation=evaluation)
     md, html = md_path.read_text(), html_path.read_text()
     figures = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "figures").glob("*.png"))
-    expected = {"loss_rpn", "loss_box_head", "loss_mask_head", "loss_total", "pr_bbox", "pr_segm",
-                *(f"{stage}_{i}" for stage in ("rpn", "box_head", "mask_head") for i in range(2))}
+    expected = {"loss_rpn", "loss_box_head", "loss_mask_head", "loss_total", "pr_bbox", "pr_segm", "errors",
+                "confusion_segm", "confusion_bbox",
+                *(f"{stage}_{i}" for stage in ("rpn", "box_head", "mask_head") for i in range(2)),
+                *(f"worst_{reason}_{i}" for reason, ids in evaluation.worst.items() for i in range(len(ids)))}
     assert {f.removeprefix("figures/").removesuffix(".png") for f in figures} == expected
     md_refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     html_refs = re.findall(r"<img src='([^']+)'", html)
@@ -39,8 +41,12 @@ def test_report_references_every_figure(tmp_path, tiny_config):
     assert all((tmp_path / ref).is_file() for ref in md_refs)
     # The original README's order: RPN, BoxHead, MaskHead, precision-recall; then metrics and config.
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
-    assert headings[:5] == ["RPN", "BoxHead", "MaskHead", "Precision-recall", "Metrics"]
-    assert headings[-1] == "Config"
+    assert headings == ["Browse the images", "RPN", "BoxHead", "MaskHead", "Precision-recall", "Metrics", "Errors",
+                        "AP by object size", "Confusion matrix", "Worst images", "Total loss", "Config"]
+    assert "[the 2 pictured val images" in md and "<a href='browse_val.html'>" in html
+    assert (tmp_path / "browse_val.html").is_file()
+    pictured = sorted(f"{int(p.target['image_id'])}.png" for p in evaluation.pictures)
+    assert sorted(p.name for p in (tmp_path / "browse_val").iterdir()) == pictured and len(pictured) == 2
     assert "original project (BoxHead)" not in md + html  # shapes, not the original task: no 0.503 row
     assert "mAP@0.5 (original metric)" in md
     assert "synthetic_image_size" in md
@@ -111,3 +117,47 @@ def test_report_draws_what_evaluation_returned(tmp_path, tiny_config):
     rpn_picture = np.asarray(Image.open(tmp_path / "figures" / "rpn_0.png"))
     assert tuple(rpn_picture[0, right + 30]) == PROPOSAL_COLOR  # top edge of the proposal, 6 * (0..10)
     assert not rpn_picture[264, right + 264].any()  # the RPN picture shows no detections
+
+
+def test_error_tables_and_the_worst_images_marked(tmp_path, tiny_config):
+    """Two 64x64 images: image 1 has a found cat and a missed dog, image 2 a cat and a confident false positive
+    (a "cat" on nothing). The tables give the analysis' numbers; the gallery marks the missed dog (left) and the
+    background error (right) in their types' colours, enlarged 6x."""
+    cfg = tiny_config(tmp_path, "eval.num_vis=2")
+    def target(image_id, boxes, labels):
+        masks = torch.zeros(len(boxes), 64, 64, dtype=torch.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(boxes):
+            masks[i, y1:y2, x1:x2] = 1
+        return {"image_id": image_id, "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "labels": torch.tensor(labels), "masks": masks}
+
+    def output(t, scores):
+        return {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.tensor(scores),
+                "masks": t["masks"][:, None].float()}
+
+    targets = [target(1, [[4, 4, 20, 20], [40, 40, 60, 60]], [1, 2]), target(2, [[4, 4, 20, 20]], [1])]
+    outputs = [output(target(1, [[4, 4, 20, 20]], [1]), [0.9]),
+               output(target(2, [[4, 4, 20, 20], [40, 4, 60, 20]], [1, 1]), [0.9, 0.8])]
+
+    class Replay(torch.nn.Module):
+        def forward(self, images):
+            return outputs[: len(images)]
+
+    black = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    evaluation = evaluate(Replay(), [([black, black], targets)], class_names=["cat", "dog"],
+                          device=torch.device("cpu"), num_vis=2)
+    md_path, _ = build_report(tmp_path, config=cfg, evaluation=evaluation)
+    md = md_path.read_text()
+    # cat: 2 objects, matches at 0.9, 0.9, the false positive at 0.8: recall 1 at precision 1 -> AP 1; dog: one
+    # object, no detection -> AP 0. TIDE AP 0.5; dropping the background error changes nothing (it ranks last),
+    # removing the missed dog leaves the cat: AP 1.
+    assert "| background | 0.000 | 1 | 0.000 | 1 |" in md
+    assert "| missed | 0.500 | 1 | 0.500 | 1 |" in md
+    assert "| AP@0.5 before fixing | 0.500 |  | 0.500 |  |" in md
+    assert "| small | 3 |" in md and "| medium | 0 | n/a | n/a |" in md
+    assert evaluation.worst == {"missed": [1], "false_positive": [2]}
+    missed = np.asarray(Image.open(tmp_path / "figures" / "worst_missed_0.png"))
+    assert tuple(missed[6 * 50, 6 * 40 + 1]) == KIND_COLORS["missed"]  # the dog's left edge, ground-truth side
+    false_positive = np.asarray(Image.open(tmp_path / "figures" / "worst_false_positive_0.png"))
+    right = 384 + 4
+    assert tuple(false_positive[6 * 15, right + 6 * 60 - 1]) == KIND_COLORS["bkg"]  # right edge of the "cat"

@@ -14,7 +14,8 @@ from maskrcnn.errors import UserError
 # What a training run writes that a new run in the same folder would replace or truncate.
 TRAINING_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
 # What an evaluation writes (a training run ends with one): replaced only when asked.
-EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "report.md", "report.html", "figures")
+EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "report.md", "report.html", "figures",
+                      "browse_val.html", "browse_val")
 
 
 @dataclass(frozen=True)

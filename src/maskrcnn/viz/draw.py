@@ -17,6 +17,12 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 PROPOSAL_COLOR = (255, 215, 0)  # RPN proposals: one colour, they have no class
+# Labels are white text on black: readable on any photo, whatever the box's colour.
+LABEL_STYLE = {"fill_labels": True, "label_colors": (255, 255, 255), "label_background_colors": (0, 0, 0)}
+# What each detection or object turned out to be in the error analysis (`maskrcnn.engine.analysis`): green for a
+# match, a distinct colour for each error type.
+KIND_COLORS = {"tp": (0, 170, 60), "cls": (255, 140, 0), "loc": (240, 210, 0), "both": (170, 80, 230),
+               "dupe": (0, 190, 230), "bkg": (230, 30, 30), "ignored": (150, 150, 150), "missed": (255, 0, 200)}
 
 
 def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
@@ -88,7 +94,38 @@ def draw_detections(
     names = [class_names[int(label) - 1] for label in labels]
     if scores is not None:
         names = [f"{name} {score:.2f}" for name, score in zip(names, scores.detach().cpu()[keep].tolist())]
-    return draw_bounding_boxes(out, boxes, labels=names, colors=item_colors, width=width, **_font(image))
+    return draw_bounding_boxes(out, boxes, labels=names, colors=item_colors, width=width, **_font(image), **LABEL_STYLE)
+
+
+def draw_marked(
+    image: Tensor,
+    boxes: Tensor,
+    texts: list[str],
+    box_colors: list[tuple[int, int, int]],
+    *,
+    masks: Tensor | None = None,
+    mask_colors: list[tuple[int, int, int]] | None = None,
+    alpha: float = 0.45,
+    width: int = 2,
+) -> Tensor:
+    """Boxes in given colours (e.g. the error type's) with readable labels, over optional masks.
+
+    Args:
+        image: uint8 [3, H, W].
+        boxes: f32 [D, 4] xyxy; texts: D labels; box_colors: D RGB colours.
+        masks: bool [D, H, W] or None; mask_colors: D RGB colours (needed with masks).
+        alpha: mask opacity.
+        width: box line width.
+    Returns:
+        uint8 [3, H, W].
+    """
+    out = image.clone()
+    if masks is not None and masks.shape[0] > 0:
+        out = draw_segmentation_masks(out, masks.bool(), alpha=alpha, colors=mask_colors)
+    if boxes.shape[0] == 0:
+        return out
+    return draw_bounding_boxes(out, boxes.float(), labels=texts, colors=box_colors, width=width, **_font(image),
+                               **LABEL_STYLE)
 
 
 def draw_masks(

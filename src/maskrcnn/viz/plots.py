@@ -92,3 +92,68 @@ def plot_pr_curves(curves: dict[str, dict], path: str | Path, *, title: str) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_error_breakdown(errors: dict[str, dict], path: str | Path, *, names: dict[str, str]) -> Path:
+    """The AP each error type would add back if fixed (TIDE's dAP), boxes and masks side by side.
+
+    Args:
+        errors: {"bbox" | "segm": {"dap": {error type: dAP}, ...}} (metrics["errors"]).
+        path: PNG to write.
+        names: error type -> the name printed.
+    Returns:
+        path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    types = list(errors["bbox"]["dap"])
+    fig, ax = plt.subplots(figsize=(7.0, 3.6))
+    height = 0.38
+    for offset, (kind, label) in zip((-height / 2, height / 2), (("bbox", "boxes"), ("segm", "masks"))):
+        values = [errors[kind]["dap"][t] for t in types]
+        bars = ax.barh([i + offset for i in range(len(types))], values, height=height, label=label)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=8)
+    ax.set_yticks(range(len(types)), [names[t] for t in types])
+    ax.invert_yaxis()  # TIDE's order from the top
+    ax.set_xlabel("AP@0.5 added back if fixed (dAP)")
+    ax.set_xlim(0, max(0.05, 1.25 * max(max(errors[k]["dap"].values()) for k in ("bbox", "segm"))))
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: dict, path: str | Path, *, title: str) -> Path:
+    """A confusion matrix as a heat map with its counts; rows the ground truth, columns the predictions.
+
+    Args:
+        confusion: {"classes": K names + "background", "matrix": (K+1) x (K+1) counts}.
+        path: PNG to write.
+        title: figure title.
+    Returns:
+        path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classes, matrix = confusion["classes"], confusion["matrix"]
+    side = min(12.0, 2.5 + 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    if len(classes) <= 25:  # counts stay legible up to about this many classes
+        peak = max(max(row) for row in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if count > peak / 2 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,8 +1,10 @@
 """One report per run, `report.md` and `report.html` with PNG figures, in the order of the original project's
 README: RPN (loss curves, proposals), BoxHead (loss curves, detections), MaskHead (loss curve, masks),
-precision-recall curves; then the metrics (COCO AP next to the original per-class AP@0.5 and its mAP) and the
-config. Everything is drawn from what evaluation returned (`EvalResult`, its `pictures` included): no model runs
-here."""
+precision-recall curves; then the metrics (COCO AP next to the original per-class AP@0.5 and its mAP), why the
+model is wrong (TIDE's error types and what fixing each would add back, AP by object size, confusion matrices,
+the worst images with every error marked) and the config; and a browsable page of the pictured images
+(`viz/browse.py`). Everything is drawn from what evaluation returned (`EvalResult`, its `pictures` and `views`
+included): no model runs here."""
 
 from __future__ import annotations
 
@@ -12,20 +14,41 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
+from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from maskrcnn.config import Config, config_to_dict
-from maskrcnn.engine.evaluate import COCO_STAT_NAMES, EvalResult, Picture
+from maskrcnn.engine.analysis import ERROR_NAMES, ERROR_TYPES, SIZE_RANGES
+from maskrcnn.engine.evaluate import COCO_STAT_NAMES, EvalResult, ImageView, Picture
 from maskrcnn.fileio import write_text_atomic
-from maskrcnn.viz.draw import draw_detections, draw_masks, draw_proposals, save_png, side_by_side
-from maskrcnn.viz.plots import plot_loss_curves, plot_pr_curves, read_metrics_jsonl
+from maskrcnn.viz.browse import write_browse_page
+from maskrcnn.viz.draw import (
+    KIND_COLORS,
+    class_colors,
+    draw_detections,
+    draw_marked,
+    draw_masks,
+    draw_proposals,
+    save_png,
+    side_by_side,
+)
+from maskrcnn.viz.plots import (
+    plot_confusion,
+    plot_error_breakdown,
+    plot_loss_curves,
+    plot_pr_curves,
+    read_metrics_jsonl,
+)
 
 log = logging.getLogger(__name__)
 MIN_PICTURE_SIDE = 384  # smaller images (e.g. the 128 px synthetic ones) are enlarged so that labels stay readable
 ORIGINAL_BOX_MAP = 0.503  # the original project's BoxHead mAP (per-class AP at IoU 0.5, 3 classes; SEED.md)
 ORIGINAL_CLASSES = ["vehicles", "people", "animals"]  # its task; `maskrcnn data coco-subset` writes the same classes
 FIGURES_DIR = "figures"
+STAGE_PICTURES = 2  # the first pictured images are also drawn per stage (RPN, BoxHead, MaskHead)
 
 
 @dataclass
@@ -37,6 +60,7 @@ class Section:
     tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
     figures: list[tuple[str, Path]] = field(default_factory=list)
     code: str | None = None
+    links: list[tuple[str, Path]] = field(default_factory=list)
 
 
 def enlarge(image: Tensor, items: dict, factor: int) -> tuple[Tensor, dict]:
@@ -133,6 +157,98 @@ def metrics_sections(metrics: dict) -> list[Section]:
     return [Section("Metrics", text=text, tables=[(header, rows), (per_class_header, per_class_rows)])]
 
 
+def _masks(items: list[dict], height: int, width: int) -> Tensor:
+    """bool [N, H, W] from the items' COCO RLE "mask"."""
+    if not items:
+        return torch.zeros(0, height, width, dtype=torch.bool)
+    decoded = mask_utils.decode([item["mask"] for item in items])  # (H, W, N)
+    return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))).bool()  # (H, W, N) -> (N, H, W)
+
+
+def draw_errors(view: ImageView, *, class_names: list[str], iou_type: str, score_thresh: float) -> Tensor:
+    """Ground truth left (missed objects marked "missed"), predictions scoring at least score_thresh right; a
+    match or a found object in its class colour, an error in its type's colour with the type in its label.
+    Returns uint8 [3, H', W'] (small images enlarged as the stage pictures)."""
+    height, width = view.image.shape[-2:]
+    factor = max(1, math.ceil(MIN_PICTURE_SIDE / min(height, width)))
+    colors = class_colors(len(class_names))
+    detections = [d for d in view.detections if d["score"] >= score_thresh]
+    sides = []
+    for items in (view.objects, detections):
+        texts, box_colors = [], []
+        for item in items:
+            kind = item["kind"][iou_type]
+            text = class_names[item["label"] - 1] + (f" {item['score']:.2f}" if "score" in item else "")
+            fine = kind in ("tp", "near")  # a "near" object is blamed on the detection's error, marked there
+            texts.append(text if fine else f"{text} · {kind}")
+            box_colors.append(colors[item["label"] - 1] if fine else KIND_COLORS.get(kind, KIND_COLORS["ignored"]))
+        boxes = torch.tensor([item["box"] for item in items], dtype=torch.float32).reshape(-1, 4)
+        image, scaled = enlarge(view.image, {"boxes": boxes, "masks": _masks(items, height, width)}, factor)
+        sides.append(draw_marked(image, scaled["boxes"], texts, box_colors, masks=scaled["masks"],
+                                 mask_colors=[colors[item["label"] - 1] for item in items]))
+    return side_by_side(sides)
+
+
+def error_sections(evaluation: EvalResult, fig_dir: Path, *, score_thresh: float) -> list[Section]:
+    """Why the model is wrong: TIDE's error breakdown (table + bar chart), AP by object size, the confusion
+    matrices and the worst images with every error marked."""
+    metrics = evaluation.metrics
+    errors = metrics["errors"]
+    header = ["error type", "boxes dAP", "boxes count", "masks dAP", "masks count"]
+    rows = [[ERROR_NAMES[t], *(cell for kind in ("bbox", "segm") for cell in
+                               (format_metric(errors[kind]["dap"][t]), str(errors[kind]["counts"][t])))]
+            for t in ERROR_TYPES]
+    rows.append(["all false positives", format_metric(errors["bbox"]["dap_false_positives"]), "",
+                 format_metric(errors["segm"]["dap_false_positives"]), ""])
+    rows.append(["all false negatives", format_metric(errors["bbox"]["dap_false_negatives"]), "",
+                 format_metric(errors["segm"]["dap_false_negatives"]), ""])
+    rows.append(["AP@0.5 before fixing", format_metric(errors["bbox"]["ap50"]), "",
+                 format_metric(errors["segm"]["ap50"]), ""])
+    breakdown = Section("Errors", text=[
+        "Every false positive and missed object has one type (TIDE, Bolya et al. 2020, at IoU 0.5, background "
+        "below 0.1): classification (right place, wrong class), localisation (right class, IoU 0.1-0.5), both, "
+        "duplicate (an object already found), background (nothing there), missed (no detection near it). dAP is "
+        "the AP@0.5 that fixing every error of that type would add back; the last two rows fix all false "
+        "positives (scored below every match) or all false negatives at once. Counts are of all detections, "
+        "whatever their score."],
+        tables=[(header, rows)],
+        figures=[("AP added back by fixing each error type",
+                  plot_error_breakdown(errors, fig_dir / "errors.png", names=ERROR_NAMES))])
+    sizes = metrics["object_sizes"]
+    size_rows = [[name, str(sizes[name]), format_metric(metrics["bbox"][stat]), format_metric(metrics["segm"][stat])]
+                 for name, stat in zip(SIZE_RANGES, ("APs", "APm", "APl"))]
+    by_size = Section("AP by object size", text=[
+        "COCO AP (IoU 0.5:0.95) of the objects of each size: small below 32x32 pixels, medium up to 96x96, large "
+        "above; n/a where there is no object of that size."],
+        tables=[(["size", "objects", "box AP", "mask AP"], size_rows)])
+    confusion = Section("Confusion matrix", text=[
+        f"Detections scoring at least {errors['segm']['confusion']['score_thresh']:g} matched to the objects at "
+        f"IoU 0.5 whatever their class: row = the object's class, column = the predicted one. The background row "
+        f"counts detections on no object, the background column the objects no detection found."],
+        figures=[(f"{label} confusion matrix", plot_confusion(errors[kind]["confusion"],
+                                                               fig_dir / f"confusion_{kind}.png",
+                                                               title=f"{label} at IoU 0.5"))
+                 for kind, label in (("segm", "Masks"), ("bbox", "Boxes"))])
+    gallery = Section("Worst images", text=[
+        f"The images with the most missed objects, then those with the most confident false positives, by the "
+        f"mask analysis. Left: the ground truth, missed objects marked; right: the predictions scoring at least "
+        f"{score_thresh:g}, each box in the colour of its type (green a match) and its label naming the error."])
+    for reason, ids in evaluation.worst.items():
+        for rank, image_id in enumerate(ids):
+            view = evaluation.views[image_id]
+            if reason == "missed":
+                missed = sum(o["kind"]["segm"] == "missed" for o in view.objects)
+                caption = f"image {image_id}: {missed} missed object{'s' * (missed != 1)}"
+            else:
+                top = max(d["score"] for d in view.detections if d["kind"]["segm"] not in ("tp", "ignored"))
+                caption = f"image {image_id}: a false positive scoring {top:.2f}"
+            picture = draw_errors(view, class_names=evaluation.class_names, iou_type="segm", score_thresh=score_thresh)
+            gallery.figures.append((caption, save_png(picture, fig_dir / f"worst_{reason}_{rank}.png")))
+    if not gallery.figures:
+        gallery.text.append("No missed object and no false positive among the images that could be pictured.")
+    return [breakdown, by_size, confusion, gallery]
+
+
 def build_report(
     run_dir: str | Path,
     *,
@@ -140,6 +256,7 @@ def build_report(
     evaluation: EvalResult,
     metrics_jsonl: str | Path | None = None,
     title: str = "Mask R-CNN run",
+    image_set: str = "val",
 ) -> tuple[Path, Path]:
     """Writes every figure into run_dir/figures and the report as run_dir/report.md and run_dir/report.html.
 
@@ -149,6 +266,7 @@ def build_report(
         evaluation: the evaluation to report: metrics, PR curves and the pictured images with their outputs.
         metrics_jsonl: training log for the loss curves; None: run_dir/metrics.jsonl (no curves if absent).
         title: the report's heading.
+        image_set: the evaluated image set's name; its browsable page is run_dir/browse_<image_set>.html.
     Returns:
         (report.md path, report.html path).
     """
@@ -157,7 +275,7 @@ def build_report(
     log.info(f"report: drawing loss curves, stage pictures and precision-recall curves into {fig_dir}")
     metrics_path = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
     losses = plot_loss_curves(read_metrics_jsonl(metrics_path), fig_dir) if metrics_path.is_file() else {}
-    pictures = render_stage_pictures(evaluation.pictures, fig_dir, class_names=evaluation.class_names,
+    pictures = render_stage_pictures(evaluation.pictures[:STAGE_PICTURES], fig_dir, class_names=evaluation.class_names,
                                      score_thresh=config.eval.vis_score_thresh, top_proposals=config.eval.vis_proposals)
     pr = {
         kind: plot_pr_curves(evaluation.pr_curves[kind], fig_dir / f"pr_{kind}.png",
@@ -182,7 +300,14 @@ def build_report(
         Section("Precision-recall", text=["Per-class precision-recall curves, AP in the legend."],
                 figures=[("BoxHead precision-recall", pr["bbox"]), ("MaskHead precision-recall", pr["segm"])]),
         *metrics_sections(evaluation.metrics),
+        *error_sections(evaluation, fig_dir, score_thresh=config.eval.vis_score_thresh),
     ]
+    pictured = [evaluation.views[int(p.target["image_id"])] for p in evaluation.pictures]
+    browse = write_browse_page(run_dir / f"browse_{image_set}.html", pictured, class_names=evaluation.class_names,
+                               title=f"{title}: {image_set} images", score_thresh=config.eval.vis_score_thresh)
+    sections.insert(0, Section("Browse the images", links=[(
+        f"the {len(pictured)} pictured {image_set} images (eval.num_vis) with ground truth, predictions, masks, a "
+        f"score slider and filters by class and error type", browse)]))
     if "loss_total" in losses:
         sections.append(Section("Total loss", figures=[("Sum of all loss terms", losses["loss_total"])]))
     sections.append(Section("Config", code=yaml.safe_dump(config_to_dict(config), sort_keys=False)))
@@ -199,6 +324,8 @@ def to_markdown(title: str, sections: list[Section], run_dir: Path) -> str:
         lines += [f"## {section.title}", ""]
         for paragraph in section.text:
             lines += [paragraph, ""]
+        for text, path in section.links:
+            lines += [f"[{text}]({path.relative_to(run_dir).as_posix()})", ""]
         for header, rows in section.tables:
             lines.append("| " + " | ".join(header) + " |")
             lines.append("|" + "---|" * len(header))
@@ -224,6 +351,8 @@ def to_html(title: str, sections: list[Section], run_dir: Path) -> str:
     for section in sections:
         parts.append(f"<h2>{esc(section.title)}</h2>")
         parts += [f"<p>{esc(paragraph)}</p>" for paragraph in section.text]
+        parts += [f"<p><a href='{esc(path.relative_to(run_dir).as_posix())}'>{esc(text)}</a></p>"
+                  for text, path in section.links]
         for header, rows in section.tables:
             parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
