@@ -153,9 +153,9 @@ class LargeScaleJitter:
     window, padding with grey where the resized image is smaller. Instances with fewer than `min_pixels` mask pixels
     left are dropped and boxes become the extents of what is left of their masks.
 
-    torchvision's transforms.v2 `ScaleJitter` + `RandomCrop` move image, boxes and masks together (image
-    bilinear with antialiasing, masks nearest); the coin flips come from torch's global generator, which the data
-    loader seeds per sample.
+    torchvision's transforms.v2 `ScaleJitter` + `RandomCrop` move image and masks together (image bilinear with
+    antialiasing, masks nearest); the coin flips come from torch's global generator, which the data loader seeds per
+    sample.
 
     Args:
         canvas: (H, W) of every output image, pixels.
@@ -179,9 +179,9 @@ class LargeScaleJitter:
         ])
 
     def __call__(self, image: Tensor, target: dict) -> Sample:
-        height, width = image.shape[-2:]
-        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(height, width))
-        jittered, boxes, masks = self._jitter(tv_tensors.Image(image), boxes, tv_tensors.Mask(target["masks"]))
+        # The boxes do not go through the transform: a crop clamps a box to the window, which is not the extent of
+        # what the window leaves of a non-rectangular mask; they are recomputed from the masks instead.
+        jittered, masks = self._jitter(tv_tensors.Image(image), tv_tensors.Mask(target["masks"]))
         target = dict(target)
         target["masks"] = masks.as_subclass(Tensor)
         return jittered.as_subclass(Tensor), keep_visible_instances(target, self.min_pixels)
