@@ -124,6 +124,12 @@ class DataConfig:
     synthetic_num_classes: int = 3  # synthetic: number of shape classes
     synthetic_seed: int = 0  # synthetic: seed; validation images use a different stream
     flip_prob: float = 0.5  # probability of a horizontal flip of a training image
+    large_scale_jitter: bool = False  # training images resized by a random factor of jitter_scale_range, then cropped / padded to jitter_canvas (Ghiasi et al., CVPR 2021)
+    jitter_scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter: (low, high) resize factor, 1 = the image fits the canvas
+    jitter_canvas: tuple[int, int] = (1024, 1024)  # large-scale jitter: (H, W) of every training image; about the model's input size
+    copy_paste_prob: float = 0.0  # probability that a training image gets each instance of another training image pasted on with probability 1/2 (simple copy-paste); 0: off
+    colour_jitter: float = 0.0  # training images' brightness, contrast, saturation jitter (factor in [1 - x, 1 + x]) and hue jitter (x / 4); 0: off
+    min_instance_pixels: int = 16  # after a jitter crop or a paste, instances left with fewer mask pixels are dropped
     num_workers: int = 0  # DataLoader worker processes
     aspect_ratio_grouping: bool = True  # batch images of the same orientation together
 
@@ -256,6 +262,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.synthetic_image_size": _at_least(1),
     "data.synthetic_num_classes": _at_least(1),
     "data.flip_prob": _PROBABILITY,
+    "data.jitter_scale_range": _above(0.0),
+    "data.jitter_canvas": _at_least(1),
+    "data.copy_paste_prob": _PROBABILITY,
+    "data.colour_jitter": _PROBABILITY,
+    "data.min_instance_pixels": _at_least(1),
     "data.num_workers": _at_least(0),
     "train.lr": _above(0.0),
     "train.momentum": _between(0.0, 1.0, open_high=True),
@@ -306,6 +317,9 @@ def check_config(config: Config) -> Config:
     if transform.min_size is not None and transform.max_size is not None and transform.min_size > transform.max_size:
         raise ConfigError(f"model.transform.min_size ({transform.min_size}) is larger than model.transform.max_size "
                           f"({transform.max_size})")
+    low, high = config.data.jitter_scale_range
+    if low > high:
+        raise ConfigError(f"data.jitter_scale_range: low ({low}) is above high ({high})")
     for head in ("rpn", "box_head"):
         section = getattr(config.model, head)
         if section.bg_iou_thresh > section.fg_iou_thresh:

@@ -6,8 +6,10 @@ in 1..K, "masks": u8[N, H, W], "image_id": int}, and has `class_names` and `imag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from maskrcnn.config import Config, ConfigError, DataConfig
@@ -17,27 +19,53 @@ from maskrcnn.data.common import DatasetError
 from maskrcnn.data.loader import build_eval_loader, build_train_loader, collate
 from maskrcnn.data.pennfudan import PennFudanDataset, default_pennfudan_root, fetch_pennfudan
 from maskrcnn.data.synthetic import SyntheticShapes
-from maskrcnn.data.transforms import Compose, RandomHorizontalFlip, ResizeShortestEdge
+from maskrcnn.data.transforms import (
+    ColourJitter, Compose, CopyPaste, CopyPasteDataset, LargeScaleJitter, RandomHorizontalFlip, ResizeShortestEdge,
+)
 
 __all__ = [
-    "CIS680Dataset", "CocoDataset", "Compose", "DatasetError", "PennFudanDataset", "RandomHorizontalFlip",
-    "ResizeShortestEdge", "SyntheticShapes", "build_coco_subset", "build_dataset", "build_eval_loader",
-    "build_train_loader", "collate", "data_source", "dataset_categories", "describe_categories", "fetch_pennfudan",
-    "read_coco_index", "with_num_classes",
+    "CIS680Dataset", "CocoDataset", "ColourJitter", "Compose", "CopyPaste", "CopyPasteDataset", "DatasetError",
+    "LargeScaleJitter", "PennFudanDataset", "RandomHorizontalFlip", "ResizeShortestEdge", "SyntheticShapes",
+    "build_coco_subset", "build_dataset", "build_eval_loader", "build_train_loader", "collate", "data_source",
+    "dataset_categories", "describe_categories", "fetch_pennfudan", "read_coco_index", "train_transform",
+    "with_num_classes",
 ]
 
 
+def train_transform(cfg: DataConfig) -> Callable[[Tensor, dict], tuple[Tensor, dict]] | None:
+    """The per-sample training augmentations the config turns on, in order: horizontal flip, large-scale jitter,
+    colour jitter; None when none is on. A flip alone is the bare `RandomHorizontalFlip`, as before the others
+    existed, so that presets without them draw the same random numbers."""
+    steps: list[Callable[[Tensor, dict], tuple[Tensor, dict]]] = []
+    if cfg.flip_prob > 0:
+        steps.append(RandomHorizontalFlip(cfg.flip_prob))
+    if cfg.large_scale_jitter:
+        steps.append(LargeScaleJitter(cfg.jitter_canvas, cfg.jitter_scale_range, cfg.min_instance_pixels))
+    if cfg.colour_jitter > 0:
+        steps.append(ColourJitter(cfg.colour_jitter))
+    return None if not steps else steps[0] if len(steps) == 1 else Compose(steps)
+
+
 def build_dataset(cfg: DataConfig, split: str) -> Dataset:
-    """The data set `cfg.format` names, for split "train" (horizontal flips with `cfg.flip_prob`) or "val" (no
-    augmentation; COCO validation keeps images without annotations).
+    """The data set `cfg.format` names, for split "train" (the augmentations of `train_transform`, and copy-paste
+    between training images with `cfg.copy_paste_prob`) or "val" (no augmentation; COCO validation keeps images
+    without annotations).
 
     Raises:
         DatasetError: a path the format needs is not set in the config, or the data are bad.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    dataset = _build_format(cfg, split)
+    if split == "train" and cfg.copy_paste_prob > 0:
+        return CopyPasteDataset(dataset, CopyPaste(min_pixels=cfg.min_instance_pixels), prob=cfg.copy_paste_prob)
+    return dataset
+
+
+def _build_format(cfg: DataConfig, split: str) -> Dataset:
+    """The data set of `cfg.format` for `split`, with the per-sample transforms of that split."""
     train = split == "train"
-    transform = RandomHorizontalFlip(cfg.flip_prob) if train and cfg.flip_prob > 0 else None
+    transform = train_transform(cfg) if train else None
     if cfg.format == "synthetic":
         return SyntheticShapes(num_images=cfg.synthetic_train_size if train else cfg.synthetic_val_size,
                                image_size=cfg.synthetic_image_size, num_classes=cfg.synthetic_num_classes,
