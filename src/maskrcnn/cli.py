@@ -102,6 +102,11 @@ def _build_for_checkpoint(path: str, data_config: str | None, overrides: list[st
     return cfg, model, device, categories
 
 
+def _with_precision(overrides: list[str], precision: str | None) -> list[str]:
+    """The --set overrides, with --precision as model.precision when given."""
+    return overrides if precision is None else [*overrides, f"model.precision={precision}"]
+
+
 def _check_categories(checkpoint: str, categories: list[dict], data: str, data_categories: list[dict]) -> None:
     """A checkpoint's classes must be the data's (by name, in label order), or its labels would mean other things."""
     from maskrcnn.data import describe_categories
@@ -310,7 +315,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if existing is not None and not args.overwrite:
         raise CommandError(f"{existing} exists (from a training run or an earlier evaluation); pass "
                            f"--overwrite to replace it or choose another --out")
-    cfg, model, device, categories = _build_for_checkpoint(args.checkpoint, args.data_config, args.set)
+    cfg, model, device, categories = _build_for_checkpoint(args.checkpoint, args.data_config,
+                                                           _with_precision(args.set, args.precision))
     dataset = build_dataset(cfg.data, "val")
     _check_categories(args.checkpoint, categories, data_source(cfg.data, "val"), dataset_categories(dataset))
     with full_disk_as_error(out):
@@ -331,10 +337,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a folder")
     if Path(args.checkpoint).suffix in EXPORTED_SUFFIXES:  # an exported model knows its class names only
+        if args.precision is not None:
+            raise CommandError(f"--precision applies to checkpoints (.pt), not to {args.checkpoint}: an exported "
+                               f"graph runs in the precision it was exported in")
         detect, class_names = _exported_detector(args.checkpoint, args.set)
         categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
     else:
-        detect, categories = _checkpoint_detector(args.checkpoint, args.set)
+        detect, categories = _checkpoint_detector(args.checkpoint, _with_precision(args.set, args.precision))
     image_ids = {path: number for number, path in enumerate(paths, start=1)}
     if args.annotations is not None:
         categories, image_ids = _coco_ids(paths, args.annotations, args.checkpoint, categories)
@@ -495,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add_precision(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                       help="CPU inference precision (model.precision): bf16 needs AVX-512 BF16 or AMX; auto: the "
+                            "faster of the two, timed on the first images (default: the checkpoint's config)")
+
     def add_set(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
@@ -532,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR", help="output folder (default: eval_<name> next to the checkpoint)")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace the metrics and report already in the output folder")
+    add_precision(evaluate)
     add_set(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -547,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep detections scoring at least S (default: 0.5)")
     predict.add_argument("--annotations", metavar="JSON",
                          help="COCO json listing the images: predictions.json then uses its image and category ids")
+    add_precision(predict)
     add_set(predict)
     predict.set_defaults(func=cmd_predict)
 

@@ -16,6 +16,7 @@ from maskrcnn.model.box_head import BoxHead, Detections, proposal_rois
 from maskrcnn.model.mask_head import MaskHead
 from maskrcnn.model.poolers import image_index_rois
 from maskrcnn.model.postprocess import PASTE_MODES, detections_per_image, unpad
+from maskrcnn.model.precision import PrecisionChoice
 from maskrcnn.model.rpn import RPN
 from maskrcnn.model.transform import ImageTransform, sizes_tensor
 from maskrcnn.structures import ImageBatch, check_targets, pad_per_image
@@ -36,10 +37,12 @@ class MaskRCNN(nn.Module):
         box_head: `BoxHead`.
         mask_head: `MaskHead`.
         paste_mode: "exact" or "torchvision", see `postprocess.paste_masks`.
+        precision: CPU inference in "fp32", "bf16" (backbone and heads under bf16 autocast) or "auto" (the
+            faster, timed on the first calls), or a `PrecisionChoice`; see `precision.py`.
     """
 
     def __init__(self, *, transform: ImageTransform, backbone: nn.Module, rpn: RPN, box_head: BoxHead,
-                 mask_head: MaskHead, paste_mode: str = "exact") -> None:
+                 mask_head: MaskHead, paste_mode: str = "exact", precision: str | PrecisionChoice = "fp32") -> None:
         super().__init__()
         if paste_mode not in PASTE_MODES:
             raise ValueError(f"MaskRCNN: paste_mode must be one of {PASTE_MODES}, got {paste_mode!r}")
@@ -49,6 +52,7 @@ class MaskRCNN(nn.Module):
         self.box_head = box_head
         self.mask_head = mask_head
         self.paste_mode = paste_mode
+        self.precision = precision if isinstance(precision, PrecisionChoice) else PrecisionChoice(precision)
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None):
         """Losses (train mode) or detections (eval mode).
@@ -116,13 +120,14 @@ class MaskRCNN(nn.Module):
             raise RuntimeError("MaskRCNN: detection needs eval mode (the RPN, the transform and BatchNorm use their "
                                "test-time behaviour); call model.eval() first")
         batch, _ = self.transform(images)
-        features = self.backbone(batch.tensor)
-        proposals, proposal_scores, proposal_valid, _ = self.rpn(batch, features)
-        rois = proposal_rois(proposals, proposal_valid)  # (R, 5)
-        class_logits, box_deltas = self.box_head(features, rois)
-        detections = self.box_head.predict(class_logits.float(), box_deltas.float(), rois,
-                                           sizes_tensor(batch.image_sizes, rois.device), len(batch))
-        masks = self._mask_probabilities(features, detections, every_slot)
+        with self.precision.autocast(batch.tensor):  # bf16 or fp32; the heads' outputs are cast to fp32
+            features = self.backbone(batch.tensor)
+            proposals, proposal_scores, proposal_valid, _ = self.rpn(batch, features)
+            rois = proposal_rois(proposals, proposal_valid)  # (R, 5)
+            class_logits, box_deltas = self.box_head(features, rois)
+            detections = self.box_head.predict(class_logits.float(), box_deltas.float(), rois,
+                                               sizes_tensor(batch.image_sizes, rois.device), len(batch))
+            masks = self._mask_probabilities(features, detections, every_slot)
         detections = dataclasses.replace(detections, boxes=self.transform.boxes_to_original(detections.boxes, batch),
                                          masks=masks)
         return detections, batch, proposals, proposal_scores, proposal_valid
