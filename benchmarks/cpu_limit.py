@@ -64,11 +64,13 @@ def count_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def run_alternating(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Each path once untimed, then `repeats` rounds that time every path once, in turn; seconds per call."""
+def run_alternating(paths: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]], dict]:
+    """Each path once untimed, then `repeats` rounds that time every path once, in turn. Returns the seconds per
+    call and the untimed call's result of each path."""
+    outputs = {}
     for name, fn in paths.items():
         print(f"warm-up: {name}", flush=True)
-        fn()
+        outputs[name] = fn()
     times: dict[str, list[float]] = {name: [] for name in paths}
     for round_index in range(repeats):
         for name, fn in paths.items():
@@ -76,7 +78,7 @@ def run_alternating(paths: dict[str, Callable[[], object]], repeats: int) -> dic
             fn()
             times[name].append(time.perf_counter() - start)
         print(f"round {round_index}: " + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()), flush=True)
-    return times
+    return times, outputs
 
 
 def openvino_paths(onnx_path: Path, threads: int, batch: torch.Tensor, paste_mode: str) -> dict[str, Callable]:
@@ -142,8 +144,8 @@ def inference(args: argparse.Namespace) -> dict:
         print(f"openvino: {notes['openvino']}", flush=True)
 
     flops = {"torchvision": count_flops(paths["torchvision fp32"]), "ours": count_flops(paths["ours fp32"])}
-    times = run_alternating(paths, args.repeats)
-    detections = {name: len(fn()[0]["boxes"]) for name, fn in paths.items()}
+    times, outputs = run_alternating(paths, args.repeats)
+    detections = {name: len(output[0]["boxes"]) for name, output in outputs.items()}
     return {"flops": flops, "times": times, "detections": detections, "notes": notes}
 
 
@@ -169,7 +171,7 @@ def training(args: argparse.Namespace) -> dict:
 
     paths = {"torchvision fp32": step(tv, False), "ours fp32": step(ours, False), "ours bf16": step(ours, True)}
     flops = {"torchvision": count_flops(paths["torchvision fp32"]), "ours": count_flops(paths["ours fp32"])}
-    return {"flops": flops, "times": run_alternating(paths, args.repeats)}
+    return {"flops": flops, "times": run_alternating(paths, args.repeats)[0]}
 
 
 def table(section: dict, gemm: dict[str, float], reference: str) -> list[dict]:
