@@ -1,8 +1,9 @@
 """How close each CPU inference path and training step comes to the machine's matrix-multiply limit (issue 22).
 
 In one process and one run: the model's FLOPs (`torch.utils.flop_counter`: convolutions and matrix products,
-2 FLOPs per multiply-add), the measured fp32 and bf16 GEMM rates (2048 x 2048 matmul), and for each path its
-median time, its GFLOP/s and that rate as a fraction of the GEMM rate of its precision:
+2 FLOPs per multiply-add), the measured fp32 and bf16 GEMM rates (2048 x 2048 matmul, timed in the same rounds
+as the paths), and for each path its median time, its GFLOP/s and that rate as a fraction of the GEMM rate of its
+precision:
 
     inference, batch 1, 800 x 1088:  torchvision fp32, torchvision under torch.autocast bf16, ours fp32, ours bf16
         (model.precision), ONNX Runtime fp32 on our export (and its static int8 file when present), OpenVINO
@@ -45,16 +46,23 @@ from maskrcnn.model.precision import cpu_has_bf16  # noqa: E402
 GEMM_SIZE = 2048
 
 
-def gemm_rate(dtype: torch.dtype, repeats: int) -> float:
-    """GFLOP/s of a GEMM_SIZE square matmul in `dtype` on torch's threads (median of `repeats`)."""
-    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype), torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * GEMM_SIZE**3 / statistics.median(times) / 1e9
+GEMM_CALLS = 8  # matmuls per timed GEMM call: about a second in fp32, as long as the shortest path
+
+
+def gemm_paths() -> dict[str, Callable[[], object]]:
+    """GEMM_CALLS square GEMM_SIZE matmuls in fp32 and in bf16 on torch's threads: timed in the same rounds as the
+    model paths, so that the rate a path is compared with was measured under the same load."""
+    paths = {}
+    for name, dtype in (("gemm fp32", torch.float32), ("gemm bf16", torch.bfloat16)):
+        a, b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype), torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
+        paths[name] = lambda a=a, b=b: [a @ b for _ in range(GEMM_CALLS)]
+    return paths
+
+
+def gemm_rates(times: dict[str, list[float]]) -> dict[str, float]:
+    """GFLOP/s of fp32 and bf16 GEMM from the median times of the `gemm_paths` calls."""
+    flops = 2 * GEMM_SIZE**3 * GEMM_CALLS
+    return {precision: flops / statistics.median(times[f"gemm {precision}"]) / 1e9 for precision in ("fp32", "bf16")}
 
 
 def count_flops(fn: Callable[[], object]) -> float:
@@ -144,8 +152,8 @@ def inference(args: argparse.Namespace) -> dict:
         print(f"openvino: {notes['openvino']}", flush=True)
 
     flops = {"torchvision": count_flops(paths["torchvision fp32"]), "ours": count_flops(paths["ours fp32"])}
-    times, outputs = run_alternating(paths, args.repeats)
-    detections = {name: len(output[0]["boxes"]) for name, output in outputs.items()}
+    times, outputs = run_alternating(gemm_paths() | paths, args.repeats)
+    detections = {name: len(output[0]["boxes"]) for name, output in outputs.items() if not name.startswith("gemm")}
     return {"flops": flops, "times": times, "detections": detections, "notes": notes}
 
 
@@ -171,13 +179,17 @@ def training(args: argparse.Namespace) -> dict:
 
     paths = {"torchvision fp32": step(tv, False), "ours fp32": step(ours, False), "ours bf16": step(ours, True)}
     flops = {"torchvision": count_flops(paths["torchvision fp32"]), "ours": count_flops(paths["ours fp32"])}
-    return {"flops": flops, "times": run_alternating(paths, args.repeats)[0]}
+    return {"flops": flops, "times": run_alternating(gemm_paths() | paths, args.repeats)[0]}
 
 
-def table(section: dict, gemm: dict[str, float], reference: str) -> list[dict]:
-    """Rows {path, seconds, GFLOP/s, fraction of the GEMM rate of the path's precision, ratio to `reference`}."""
+def table(section: dict, reference: str) -> tuple[dict[str, float], list[dict]]:
+    """The section's GEMM rates, and rows {path, seconds, GFLOP/s, fraction of the GEMM rate of the path's
+    precision, ratio to `reference`}."""
+    gemm = gemm_rates(section["times"])
     rows = []
     for name, times in section["times"].items():
+        if name.startswith("gemm"):
+            continue
         seconds = statistics.median(times)
         flops = section["flops"]["torchvision" if name.startswith("torchvision") else "ours"]
         precision = "bf16" if "bf16" in name else "fp32"
@@ -186,11 +198,12 @@ def table(section: dict, gemm: dict[str, float], reference: str) -> list[dict]:
                      "gemm_fraction": rate / gemm[precision] if "int8" not in name else None,
                      f"vs {reference}": seconds / statistics.median(section["times"][reference]),
                      "runs": times})
-    return rows
+    return gemm, rows
 
 
-def print_table(title: str, rows: list[dict], reference: str) -> None:
-    print(f"\n{title}\n\n| path | median s | GFLOP | GFLOP/s | of the GEMM rate | vs {reference} |")
+def print_table(title: str, gemm: dict[str, float], rows: list[dict], reference: str) -> None:
+    print(f"\n{title}; GEMM {GEMM_SIZE}x{GEMM_SIZE} in the same rounds: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 "
+          f"{gemm['bf16']:.0f} GFLOP/s\n\n| path | median s | GFLOP | GFLOP/s | of the GEMM rate | vs {reference} |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         fraction = "-" if row["gemm_fraction"] is None else f"{row['gemm_fraction']:.0%}"
@@ -209,27 +222,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
-    gemm = {"fp32": gemm_rate(torch.float32, 5), "bf16": gemm_rate(torch.bfloat16, 5)}
-    print(f"GEMM {GEMM_SIZE}: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s", flush=True)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                         text=True).stdout.strip(),
                "cpu": torch.cpu.get_capabilities().get("cpu_name"), "cpu_has_bf16": cpu_has_bf16(),
-               "threads": args.threads, "torch": torch.__version__, "gemm_gflop_per_s": gemm}
+               "threads": args.threads, "torch": torch.__version__}
     infer = inference(args)
-    results["inference"] = {"rows": table(infer, gemm, "torchvision fp32"), "detections": infer["detections"],
+    gemm, rows = table(infer, "torchvision fp32")
+    results["inference"] = {"gemm_gflop_per_s": gemm, "rows": rows, "detections": infer["detections"],
                             "notes": infer["notes"]}
     if not args.skip_train:
-        results["training"] = {"rows": table(training(args), gemm, "torchvision fp32")}
+        gemm, rows = table(training(args), "torchvision fp32")
+        results["training"] = {"gemm_gflop_per_s": gemm, "rows": rows}
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     results["uptime"] = uptime
     print(f"\n{results['cpu']}, {args.threads} threads, torch {torch.__version__}, commit {results['commit']}, "
           f"{results['date']}; median of {args.repeats} alternating rounds\nuptime: {uptime[0]}\n        {uptime[1]}")
-    print(f"GEMM {GEMM_SIZE}x{GEMM_SIZE}: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s")
-    print_table("Inference, batch 1, 800 x 1088 (with the mask paste)", results["inference"]["rows"],
-                "torchvision fp32")
-    if "training" in results:
-        print_table("Training step, batch 2, 800 x 1088, SGD", results["training"]["rows"], "torchvision fp32")
+    for key, title in (("inference", "Inference, batch 1, 800 x 1088 (with the mask paste)"),
+                       ("training", "Training step, batch 2, 800 x 1088, SGD")):
+        if key in results:
+            print_table(title, results[key]["gemm_gflop_per_s"], results[key]["rows"], "torchvision fp32")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.out}")
