@@ -172,6 +172,22 @@ def test_errors_are_one_line(tmp_path, capsys, tiny_run, tiny_yaml):
     one_line_error(capsys, ["data", "pennfudan", str(tmp_path / "pf"), "--source", str(tmp_path)], "PNGImages")
 
 
+def test_precision_flag_of_evaluate_and_predict(tmp_path, capsys, tiny_run, monkeypatch):
+    from maskrcnn.model import precision
+
+    out = tiny_run
+    monkeypatch.setenv(precision.NO_BF16_ENV, "1")  # a CPU without bf16 units: bf16 is refused in one line
+    one_line_error(capsys, ["evaluate", str(out / "last.pt"), "--precision", "bf16", "--out", str(tmp_path / "ev")],
+                   "model.precision: bf16 needs a CPU with bf16 units")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    one_line_error(capsys, ["predict", str(tmp_path / "model.onnx"), str(tmp_path / "im.png"), "--out",
+                            str(tmp_path / "p"), "--precision", "fp32"], "--precision applies to checkpoints")
+    monkeypatch.delenv(precision.NO_BF16_ENV)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # any CPU: oneDNN emulates bf16 units
+    assert main(["evaluate", str(out / "last.pt"), "--precision", "bf16", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_images"] == 2
+
+
 def test_resume_with_a_config_that_does_not_fit_is_one_line_and_changes_nothing(tmp_path, capsys, tiny_yaml,
                                                                                  copy_run):
     config, out = tiny_yaml, copy_run()

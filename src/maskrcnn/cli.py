@@ -30,6 +30,11 @@ def _out_dir(cfg: Config, out: str | Path | None) -> Config:
     return cfg if out is None else check_config(replace(cfg, train=replace(cfg.train, out_dir=str(out))))
 
 
+def _with_precision(overrides: list[str], precision: str | None) -> list[str]:
+    """The --set overrides, with --precision as model.precision when given."""
+    return overrides if precision is None else [*overrides, f"model.precision={precision}"]
+
+
 def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> int:
     """Trains, evaluates, writes the report; prints where everything is. Returns the exit status: 0, or 128 + the
     signal's number when SIGINT / SIGTERM stopped the training (after saving last.pt)."""
@@ -97,7 +102,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = Path(args.checkpoint)
     out = Path(args.out or checkpoint.parent / f"eval_{checkpoint.stem}")
-    reported = evaluate_checkpoint(checkpoint, out, data_config=args.data_config, overrides=args.set,
+    reported = evaluate_checkpoint(checkpoint, out, data_config=args.data_config,
+                                   overrides=_with_precision(args.set, args.precision),
                                    overwrite=args.overwrite)
     print(_summary(reported.evaluation.metrics))
     print(f"metrics: {out / 'metrics.json'}\nreport: {reported.report_html}\n        {reported.report_md}")
@@ -117,10 +123,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.set:
             raise UserError(f"{args.checkpoint}: --set changes a config, and an exported model has none (its "
                             f"settings are part of the graph); export again with the changed config instead")
+        if args.precision is not None:
+            raise UserError(f"--precision applies to checkpoints (.pt), not to {args.checkpoint}: an exported "
+                            f"graph runs in the precision it was exported in")
         detect, class_names = predict.exported_detector(args.checkpoint)
         categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
     else:
-        loaded = load_model(args.checkpoint, overrides=args.set)
+        loaded = load_model(args.checkpoint, overrides=_with_precision(args.set, args.precision))
         detect, categories = predict.checkpoint_detector(loaded), loaded.categories
     image_ids = {path: number for number, path in enumerate(paths, start=1)}
     if args.annotations is not None:
@@ -203,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add_precision(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                       help="CPU inference precision (model.precision): bf16 needs AVX-512 BF16 or AMX; auto: the "
+                            "faster of the two, timed on the first images (default: the checkpoint's config)")
+
     def add_set(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
@@ -240,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR", help="output folder (default: eval_<name> next to the checkpoint)")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace the metrics and report already in the output folder")
+    add_precision(evaluate)
     add_set(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -255,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep detections scoring at least S (default: 0.5)")
     predict.add_argument("--annotations", metavar="JSON",
                          help="COCO json listing the images: predictions.json then uses its image and category ids")
+    add_precision(predict)
     add_set(predict)
     predict.set_defaults(func=cmd_predict)
 

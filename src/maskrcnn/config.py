@@ -100,6 +100,7 @@ class ModelConfig:
     weights: str = "none"  # whole-model weights: none | torchvision-coco | path to one of our checkpoints or state dicts
     roi_align_aligned: bool = True  # half-pixel-correct RoIAlign (Detectron2); False reproduces torchvision v1
     paste_mode: str = "exact"  # mask paste: exact (sub-pixel, bilinear) | torchvision (its integer-rounded paste)
+    precision: str = "fp32"  # CPU inference: fp32 | bf16 (backbone and heads; needs AVX-512 BF16 or AMX) | auto (the faster, timed on the first calls; fp32 without bf16 units)
     cpu_speedups: bool = True  # model/cpu_speedups.py: NHWC convs, measured weight-gradient layout, BatchNorm folded at eval, threaded RoIAlign; same weights, results equal up to float rounding
 
 
@@ -152,7 +153,8 @@ class TrainConfig:
     steps: tuple[int, ...] = ()  # step schedule: iterations at which the lr is multiplied by gamma
     gamma: float = 0.1  # step schedule decay factor
     clip_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clipping
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU, which trains in fp32)
+    amp: bool = True  # bf16 autocast on CUDA (on the CPU, train.precision decides)
+    precision: str = "fp32"  # CPU training: fp32 | bf16 (autocast, fp32 master weights; needs AVX-512 BF16 or AMX) | auto (the faster, timed on the first steps; fp32 without bf16 units)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | str | None = None  # CPU threads of torch: N; auto: the faster of one per core and 1, timed on the first steps (engine/threads.py); None: torch's default (one per core)
     seed: int = 0  # seed of every random generator
@@ -189,9 +191,11 @@ _CHOICES = {
     "model.backbone.depth": (18, 34, 50, 101),
     "model.backbone.norm": ("batch", "group"),
     "model.paste_mode": ("exact", "torchvision"),
+    "model.precision": ("auto", "fp32", "bf16"),
     "data.format": ("synthetic", "coco", "pennfudan", "cis680"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("step", "cosine"),
+    "train.precision": ("auto", "fp32", "bf16"),
 }
 
 

@@ -139,6 +139,23 @@ def test_cpu_roi_align_equals_torchvision_forward_and_backward(torch_threads, th
     assert torch.equal(got_grad, expected_grad)  # each thread computes whole channels, as the one call does
 
 
+def test_cpu_roi_align_under_bf16_autocast_pools_the_map_in_float32_on_the_threads(torch_threads, monkeypatch):
+    torch_threads(2)
+    torch.manual_seed(0)
+    feature = _nhwc(2, 4, 20, 24).bfloat16().requires_grad_()
+    rois = _rois(7)
+    threaded = []
+    monkeypatch.setattr(cpu_speedups._ThreadedRoIAlign, "apply",
+                        lambda *args, wrapped=cpu_speedups._ThreadedRoIAlign.apply: threaded.append(1) or wrapped(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cpu_roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    expected = roi_align(feature.detach().float(), rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    assert threaded == [1] and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    got.sum().backward()  # the gradient reaches the bf16 map through the cast
+    assert feature.grad.dtype == torch.bfloat16 and feature.grad.abs().sum() > 0
+
+
 def _pool_in_child(features, rois):
     torch.set_num_threads(2)
     return cpu_roi_align(features, rois, 3, spatial_scale=0.25, sampling_ratio=2, aligned=True)

@@ -35,6 +35,9 @@ def output_to_cpu(output: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op context on CPU, which runs in fp32."""
+def autocast(device: torch.device, enabled: bool, *, cpu_bf16: bool = False):
+    """bf16 autocast: on CUDA when `enabled` (train.amp), on the CPU when `cpu_bf16` (train.precision; the
+    model's inference has its own, model.precision); a no-op context otherwise."""
+    if device.type == "cpu":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")

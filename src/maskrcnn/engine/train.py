@@ -41,9 +41,14 @@ from maskrcnn.engine.threads import ThreadProbe
 from maskrcnn.errors import UserError
 from maskrcnn.fileio import full_disk_as_error, read_jsonl, remove_temp_files, write_text_atomic
 from maskrcnn.model import build_model
+from maskrcnn.model.precision import PrecisionChoice
 from maskrcnn.model.pretrained import WeightsError, load_state_dict_checked
 
 log = logging.getLogger(__name__)
+
+# train.precision auto: untimed, then timed steps of each precision, alternating (the thread probe's 5 untimed and 8
+# timed steps per candidate, and a median of 8 as robust)
+PRECISION_PROBE_STEPS = (3, 8)
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -424,6 +429,14 @@ class Trainer:
         self.start_iter = self._resume(model) if resume else 0
         probed = tc.num_threads == "auto" and device.type == "cpu"
         self.threads = ThreadProbe(self.start_iter, None if probed else (torch.get_num_threads(),))
+        # CPU steps in fp32 or bf16 (train.precision; auto times both on the first steps, alternating, so that
+        # the thread probe's candidates see both alike); CUDA steps follow train.amp
+        skip, probe = PRECISION_PROBE_STEPS
+        self.precision = PrecisionChoice(tc.precision if device.type == "cpu" else "fp32", key="train.precision",
+                                         skip_calls=skip, probe_calls=probe)
+        # the first iteration that runs as training goes on, after both probes: the budget measures from there
+        precision_probe = 0 if self.precision.chosen is not None else 2 * (skip + probe)
+        self.steady_iter = max(self.threads.steady_iter, self.start_iter + precision_probe)
         self.best_ap = self._best_ap() if resume else -1.0
         if self.main:  # only now: a failed check or resume leaves the run folder as it was
             prepare_run_folder(cfg)
@@ -536,7 +549,7 @@ class Trainer:
         images, targets = next(self.loader)
         images = images_to_model(images, self.device)
         targets = targets_to_device(targets, self.device)
-        with autocast(self.device, tc.amp):
+        with autocast(self.device, tc.amp, cpu_bf16=self.precision.bf16()):
             loss_dict = self.model(images, targets)
         loss_dict = {k: v.float() for k, v in loss_dict.items() if k.startswith("loss")}
         total = sum(loss_dict.values())
@@ -638,9 +651,11 @@ class Trainer:
                 self.threads.before(iteration)
                 started = time.perf_counter()
                 values = self.step(iteration)
-                self.threads.after(iteration, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self.threads.after(iteration, seconds)
+                self.precision.record(seconds)
                 iteration += 1
-                if iteration == self.threads.steady_iter:
+                if iteration == self.steady_iter:
                     self.budget.steady_from(iteration)
                 self.log(iteration, values)
                 if self.should_stop(stop) and iteration < self.budget.planned_iters:

@@ -32,7 +32,7 @@ from maskrcnn.model.transform import ImageTransform
 
 def build_model(cfg: ModelConfig) -> MaskRCNN:
     """Builds a Mask R-CNN from a `ModelConfig`, loads `cfg.weights` and, with `cfg.cpu_speedups`, applies
-    `cpu_speedups.optimize_for_cpu`.
+    `cpu_speedups.optimize_for_cpu`; its CPU inference runs in `cfg.precision` (`precision.py`).
 
     Args:
         cfg: the model section of the config.
@@ -41,6 +41,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     Raises:
         FileNotFoundError: `cfg.weights` names a file that does not exist.
         WeightsError: torchvision's weights cannot be downloaded (offline) or the weights do not fit.
+        PrecisionError: `cfg.precision` is bf16 and the CPU has no bf16 units.
     """
     if cfg.num_classes < 1:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
@@ -80,7 +81,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
                              aligned=cfg.roi_align_aligned),
         in_channels=channels, conv_channels=m.conv_channels, num_convs=m.num_convs, num_classes=cfg.num_classes)
     model = MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, box_head=box_head, mask_head=mask_head,
-                     paste_mode=cfg.paste_mode)
+                     paste_mode=cfg.paste_mode, precision=cfg.precision)
     if cfg.weights != "none":
         load_model_weights(model, cfg.weights)
     return optimize_for_cpu(model) if cfg.cpu_speedups else model

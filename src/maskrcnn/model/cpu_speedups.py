@@ -14,7 +14,8 @@ What it does, and why (measured on the project's 2-core VM, torch 2.14, fp32; se
   (1024 RoIs on a 2 x 256 x 200 x 272 map, forward + backward 1170 -> 694 ms on 2 threads), on NCHW copies of
   the NHWC maps made as 2-D transposes (3x faster than `contiguous()`).
 
-Each applies only where it can (CPU, float32, no autocast); elsewhere the plain torch / torchvision op runs.
+Each applies only where it can (CPU, float32, no autocast; RoIAlign and the folding also under bf16 autocast);
+elsewhere the plain torch / torchvision op runs.
 Private calls, each with its reason: `nn.Conv2d._conv_forward` (overridden: the one place where a conv's weight
 and bias meet its input), `torch.ops.aten.convolution_backward` (the input and weight gradients of a convolution
 as two separate calls), `torch.ops.torchvision.roi_align` / `_roi_align_backward` (the kernels without their
@@ -242,10 +243,11 @@ class _NCHWCopy(torch.autograd.Function):
 def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale: float = 1.0,
                   sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """`torchvision.ops.roi_align` (same signature, same values) on an NCHW copy of the map, split across torch's
-    threads on CPU in float32 (the RoIs in the forward, the channels in the backward).
+    threads on CPU in float32 (the RoIs in the forward, the channels in the backward); under CPU autocast the map
+    is cast to float32 first and the result stays float32 (torchvision's autocast casts it back to the map's dtype).
 
     Args:
-        input: f32[B, C, H, W] in any layout.
+        input: f32[B, C, H, W] (bf16 under autocast) in any layout.
         boxes: f32[R, 5] (image index, x1, y1, x2, y2).
     Returns:
         f32[R, C, S, S].
@@ -254,11 +256,14 @@ def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale:
         return torchvision_roi_align(input, boxes, output_size, spatial_scale=spatial_scale,
                                      sampling_ratio=sampling_ratio, aligned=aligned)
     input = nchw_copy(input)
+    if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # float32, as torchvision's autocast rule for roi_align has it, cast here: the threads below call the
+        # kernel directly, and autocast is per thread (bf16 maps: 1 thread and a cast back to bf16 otherwise)
+        input, boxes = input.float(), boxes.float()
     workers = torch.get_num_threads() if input.device.type == "cpu" else 1
     splittable = min(boxes.shape[0], input.shape[1]) >= workers  # RoIs in the forward, channels in the backward
-    # the threads call the kernels directly, so float32 only (under autocast the plain call casts)
-    if workers > 1 and splittable and input.dtype == boxes.dtype == torch.float32 \
-            and not torch.is_autocast_enabled("cpu"):
+    # the threads call the kernels directly, so float32 only
+    if workers > 1 and splittable and input.dtype == boxes.dtype == torch.float32:
         return _ThreadedRoIAlign.apply(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, workers)
     return torchvision_roi_align(input, boxes, output_size, spatial_scale=spatial_scale,
                                  sampling_ratio=sampling_ratio, aligned=aligned)

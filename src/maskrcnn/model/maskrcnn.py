@@ -16,6 +16,7 @@ from maskrcnn.model.box_head import BoxHead, Detections, proposal_rois
 from maskrcnn.model.mask_head import MaskHead
 from maskrcnn.model.poolers import image_index_rois
 from maskrcnn.model.postprocess import PASTE_MODES, detections_per_image, unpad
+from maskrcnn.model.precision import PrecisionChoice
 from maskrcnn.model.rpn import RPN
 from maskrcnn.model.transform import ImageTransform
 from maskrcnn.structures import ImageBatch, check_targets, pad_per_image
@@ -36,10 +37,12 @@ class MaskRCNN(nn.Module):
         box_head: `BoxHead`.
         mask_head: `MaskHead`.
         paste_mode: "exact" or "torchvision", see `postprocess.paste_masks`.
+        precision: CPU inference in "fp32", "bf16" (backbone and heads under bf16 autocast) or "auto" (the
+            faster, timed on the first calls), or a `PrecisionChoice`; see `precision.py`.
     """
 
     def __init__(self, *, transform: ImageTransform, backbone: nn.Module, rpn: RPN, box_head: BoxHead,
-                 mask_head: MaskHead, paste_mode: str = "exact") -> None:
+                 mask_head: MaskHead, paste_mode: str = "exact", precision: str | PrecisionChoice = "fp32") -> None:
         super().__init__()
         if paste_mode not in PASTE_MODES:
             raise ValueError(f"MaskRCNN: paste_mode must be one of {PASTE_MODES}, got {paste_mode!r}")
@@ -49,6 +52,7 @@ class MaskRCNN(nn.Module):
         self.box_head = box_head
         self.mask_head = mask_head
         self.paste_mode = paste_mode
+        self.precision = precision if isinstance(precision, PrecisionChoice) else PrecisionChoice(precision)
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None):
         """Losses (train mode) or detections (eval mode).
@@ -119,13 +123,14 @@ class MaskRCNN(nn.Module):
 
     def _detect(self, batch: ImageBatch) -> tuple[Detections, Tensor, Tensor, Tensor]:
         """`detect` of a prepared batch, plus the proposals (resized pixels, scores, valid) it came from."""
-        features = self.backbone(batch.tensor)
-        proposals, proposal_scores, proposal_valid, _ = self.rpn(batch, features)
-        # every proposal slot, padding included: fixed shapes, and the RPN fills all P of a real photo anyway
-        class_logits, box_deltas = self.box_head(features, proposal_rois(proposals))  # (B*P, K+1), (B*P, (K+1)*4)
-        detections = self.box_head.predict(class_logits.float(), box_deltas.float(), proposals, proposal_valid,
-                                           batch.image_sizes)
-        masks = self._mask_probabilities(features, detections)
+        with self.precision.autocast(batch.tensor):  # bf16 or fp32; the heads' outputs are cast to fp32
+            features = self.backbone(batch.tensor)
+            proposals, proposal_scores, proposal_valid, _ = self.rpn(batch, features)
+            # every proposal slot, padding included: fixed shapes, and the RPN fills all P of a real photo anyway
+            class_logits, box_deltas = self.box_head(features, proposal_rois(proposals))  # (B*P, K+1), (B*P, (K+1)*4)
+            detections = self.box_head.predict(class_logits.float(), box_deltas.float(), proposals, proposal_valid,
+                                               batch.image_sizes)
+            masks = self._mask_probabilities(features, detections)
         detections = dataclasses.replace(detections, boxes=self.transform.boxes_to_original(detections.boxes, batch),
                                          masks=masks)
         return detections, proposals, proposal_scores, proposal_valid
