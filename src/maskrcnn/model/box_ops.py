@@ -38,15 +38,23 @@ def nms_mask(boxes: Tensor, scores: Tensor, groups: Tensor, selectable: Tensor, 
         bool[B, N]: the selectable candidates that the NMS kept.
     """
     rows = torch.nonzero(selectable.flatten()).squeeze(1)  # (B*N,) -> (S,)
-    flat_boxes = boxes.flatten(0, 1)[rows]  # (B, N, 4) -> (S, 4)
     # groups moved apart by more than the largest coordinate: one nms is then a per-group nms (torchvision's
     # coordinate trick; its batched_nms loops over groups above 4000 boxes, a guard on S when exported). The cost
     # grows with S^2: callers with many candidates (the RPN) call it per level. The maximum over all candidates,
     # not the selected ones, is defined when S = 0
     offsets = groups.flatten()[rows].to(boxes.dtype) * (boxes.max() + 1)  # (S,)
-    kept = nms(flat_boxes + offsets[:, None], scores.flatten()[rows], iou_threshold)  # (S',) indices into rows
-    mask = torch.zeros_like(selectable.flatten())
-    return mask.index_put((rows[kept],), torch.ones_like(kept, dtype=torch.bool)).view_as(selectable)
+    flat_boxes = boxes.flatten(0, 1)[rows] + offsets[:, None]  # (B, N, 4) -> (S, 4), all coordinates >= 0
+    # two boxes at negative coordinates, apart from every other and scored below them, which NMS always keeps:
+    # torchvision's registration of nms for torch.export declares at least 2 kept boxes, and an exported graph
+    # asserts it (a level or an image keeping a single box would fail)
+    extra = torch.tensor([[-4.0, -4.0, -3.0, -3.0], [-2.0, -2.0, -1.0, -1.0]], dtype=boxes.dtype, device=boxes.device)
+    kept = nms(torch.cat([flat_boxes, extra]), torch.cat([scores.flatten()[rows], scores.new_tensor([-1.0, -2.0])]),
+               iou_threshold)  # (S' + 2,) indices into rows, then the two extra rows
+    end = selectable.numel()  # the extra boxes mark two rows past the grid, cut off below
+    rows = torch.cat([rows, torch.arange(end, end + 2, device=rows.device)])
+    # a scalar fill: a value tensor of the kept count would be checked against the index's size when exported
+    keep = torch.zeros(end + 2, dtype=torch.bool, device=selectable.device).index_fill(0, rows[kept], True)
+    return keep[:end].view_as(selectable)
 
 
 def top_per_image(boxes: Tensor, scores: Tensor, keep: Tensor, count: int,

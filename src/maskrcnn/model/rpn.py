@@ -172,32 +172,28 @@ class RPN(nn.Module):
         post_nms_top_n = self.post_nms_top_n_train if self.training else self.post_nms_top_n_test
         B, device = logits.shape[0], logits.device
 
-        top_idx_per_level, start = [], 0
+        image = torch.arange(B, device=device)[:, None]  # (B, 1)
+        boxes_per_level, scores_per_level, keep_per_level, start = [], [], [], 0
         for count in num_per_level:
             k = torch.sym_min(pre_nms_top_n, count)  # symbolic when the image size is (torch.export)
-            top_idx_per_level.append(logits[:, start:start + count].topk(k, dim=1).indices + start)  # (B, k)
+            top_idx = logits[:, start:start + count].topk(k, dim=1).indices + start  # (B, A_l) -> (B, k)
             start = start + count
-        top_idx = torch.cat(top_idx_per_level, dim=1)  # (B, K)
-
-        top_logits = torch.gather(logits, 1, top_idx)  # (B, K)
-        top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, K, 4)
-        boxes = self.box_coder.decode(top_deltas, anchors[top_idx])  # (B, K, 4)
-        boxes = clip_boxes(boxes, batch.image_sizes[:, None, :])  # to each image, not the canvas
-        scores = torch.sigmoid(top_logits)  # (B, K)
-
-        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        selectable = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
-        # NMS per image and level: one call per level, the images of a level as its groups (one call for all
-        # B * L groups would compare every candidate with the K of its image: about L times the work)
-        image = torch.arange(B, device=device)[:, None]  # (B, 1)
-        keep_per_level, start = [], 0
-        for level_idx in top_idx_per_level:
-            level = slice(start, start + level_idx.shape[1])
-            keep_per_level.append(nms_mask(boxes[:, level], scores[:, level], image.expand_as(level_idx),
-                                           selectable[:, level], self.nms_thresh))  # (B, k)
-            start = start + level_idx.shape[1]
-        keep = torch.cat(keep_per_level, dim=1)  # (B, K)
-        valid, proposals, proposal_scores = top_per_image(boxes, scores, keep, post_nms_top_n)  # (B, P)
+            scores = torch.sigmoid(torch.gather(logits, 1, top_idx))  # (B, k)
+            top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, k, 4)
+            boxes = self.box_coder.decode(top_deltas, anchors[top_idx])  # (B, k, 4)
+            boxes = clip_boxes(boxes, batch.image_sizes[:, None, :])  # to each image, not the canvas
+            widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+            selectable = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+            # NMS per image and level: one call per level with the images as groups (one call for all B * L
+            # groups would compare every candidate with the K of its image: about L times the work)
+            keep_per_level.append(nms_mask(boxes, scores, image + torch.zeros_like(top_idx), selectable,
+                                           self.nms_thresh))  # (B, k)
+            boxes_per_level.append(boxes)
+            scores_per_level.append(scores)
+        # (B, K) candidates of all levels -> the best P survivors of every image
+        valid, proposals, proposal_scores = top_per_image(
+            torch.cat(boxes_per_level, dim=1), torch.cat(scores_per_level, dim=1), torch.cat(keep_per_level, dim=1),
+            post_nms_top_n)  # (B, P)
         return proposals, proposal_scores, valid
 
 
