@@ -81,12 +81,15 @@ class SamePad(nn.Module):
 
     def __init__(self, kernel_size: int, stride: int) -> None:
         super().__init__()
+        if kernel_size < stride:
+            raise ValueError(f"SAME padding needs kernel_size >= stride, got {kernel_size} < {stride}")
         self.kernel_size, self.stride = kernel_size, stride
 
     def forward(self, x: Tensor) -> Tensor:
         """f32[B, C, H, W] -> f32[B, C, H + pad_h, W + pad_w]."""
-        pad_h, pad_w = (max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel_size - size, 0)
-                        for size in x.shape[-2:])
+        # (ceil(size / stride) - 1) * stride + kernel - size in integers only: a float ceil of a symbolic size
+        # costs torch.export minutes of symbolic simplification per convolution
+        pad_h, pad_w = (self.kernel_size - self.stride + (-size) % self.stride for size in x.shape[-2:])
         return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
