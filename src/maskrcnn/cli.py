@@ -146,32 +146,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from maskrcnn.engine.checkpoint import load_model, load_torchvision_model
-    from maskrcnn.engine.deploy import check_export_target, export_for_runtime
+    from maskrcnn.engine.deploy import check_export_targets, export_for_runtime
     from maskrcnn.engine.predict import calibration_images
     from maskrcnn.export import contract
     from maskrcnn.export.exporter import DEFAULT_OPSET
 
     opset = args.opset or DEFAULT_OPSET
-    out = Path(args.out)
-    check_export_target(out, int8=args.int8 is not None)
+    outs = [Path(out) for out in args.out]
+    check_export_targets(outs, int8=args.int8 is not None)
     calibration = calibration_images(args.int8) if args.int8 is not None else None
     if args.torchvision:
         model, class_names = load_torchvision_model(args.checkpoint), None
     else:
         loaded = load_model(args.checkpoint, overrides=args.set)
         model, class_names = loaded.model, [c["name"] for c in loaded.categories]
-    info, convolutions = export_for_runtime(model, out, class_names=class_names, opset=opset, calibration=calibration)
-    if calibration is not None:
-        kind = (f"ONNX (opset {opset}) with the backbone and FPN in static int8 ({convolutions} convolutions, "
-                f"calibrated on {len(calibration)} images of {args.int8}), run it with ONNX Runtime on the CPU")
-    elif out.suffix == ".onnx":
-        kind = f"ONNX (opset {opset}), run it with ONNX Runtime"
-    else:
-        kind = "torch.export ExportedProgram, load it with torch.export.load"
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {kind}")
+    info, convolutions = export_for_runtime(model, outs, class_names=class_names, opset=opset,
+                                            calibration=calibration)
+    for out in outs:
+        if calibration is not None:
+            kind = (f"ONNX (opset {opset}) with the backbone and FPN in static int8 ({convolutions} convolutions, "
+                    f"calibrated on {len(calibration)} images of {args.int8}), run it with ONNX Runtime on the CPU")
+        elif out.suffix == ".onnx":
+            kind = f"ONNX (opset {opset}), run it with ONNX Runtime"
+        else:
+            kind = "torch.export ExportedProgram, load it with torch.export.load"
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {kind}")
     print(contract(info))
     print(f"classes: {', '.join(info.class_names)}")
-    print(f"run it: maskrcnn predict {out} IMAGES... --out DIR")
+    print(f"run it: maskrcnn predict {outs[0]} IMAGES... --out DIR")
     return 0
 
 
@@ -282,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="a .pt file written by `maskrcnn train` (or, with --torchvision, a torchvision "
                              "maskrcnn_resnet50_fpn state dict)")
-    export.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.pt2")
+    export.add_argument("--out", required=True, nargs="+", metavar="FILE",
+                        help="model.onnx and/or model.pt2: one export, written in each file's format")
     export.add_argument("--torchvision", action="store_true",
                         help="CHECKPOINT is a torchvision maskrcnn_resnet50_fpn state dict (converted on the way)")
     export.add_argument("--opset", type=_opset, metavar="N", help="ONNX opset, >= 16 (default: 18)")

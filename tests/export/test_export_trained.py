@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from exported import assert_contract, assert_same_detections, batches, mask_ious
 from PIL import Image
 
 from maskrcnn.cli import main
+from maskrcnn.engine import deploy
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.export import OnnxPredictor, ProgramPredictor, load_predictor
 
@@ -22,14 +24,13 @@ pytest.importorskip("onnxruntime", reason="the optional extra maskrcnn[export] i
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_run):
-    """The session's tiny run (`tiny_run`, trained by `maskrcnn train`) exported by `maskrcnn export` to .onnx and
-    .pt2; also what the export command printed."""
+    """The session's tiny run (`tiny_run`, trained by `maskrcnn train`) exported by one `maskrcnn export` to .onnx
+    and .pt2; also what the export command printed."""
     root = tmp_path_factory.mktemp("export")
     checkpoint = tiny_run / "last.pt"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        for suffix in (".onnx", ".pt2"):
-            assert main(["export", str(checkpoint), "--out", str(root / f"model{suffix}")]) == 0
+        assert main(["export", str(checkpoint), "--out", str(root / "model.onnx"), str(root / "model.pt2")]) == 0
     model = load_model(checkpoint).model
     predictors = {runtime: load_predictor(root / f"model.{runtime}") for runtime in ("onnx", "pt2")}
     return root, checkpoint, model.eval(), printed.getvalue(), predictors
@@ -81,6 +82,8 @@ def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
     root, checkpoint, _, _, _ = trained
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "model.zip")]) == 2
     assert "model.zip" in capsys.readouterr().err
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")]) == 2
+    assert "named twice" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
     not_onnx = tmp_path / "broken.onnx"
     not_onnx.write_text("not a model")
     image = tmp_path / "im.png"
@@ -92,8 +95,9 @@ def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
     assert "export again" in capsys.readouterr().err
 
 
-def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(trained, tmp_path):
-    """`maskrcnn export --int8 DIR`: the 28 backbone + FPN convolutions (ResNet-18: stem, 16 block convs, 3
+def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(trained, tmp_path, monkeypatch):
+    """`maskrcnn export --int8 DIR` quantises the fp32 ONNX export of the checkpoint (here the one `trained` wrote
+    already: the export itself is not done again) and writes it: the 28 backbone + FPN convolutions (ResNet-18: stem, 16 block convs, 3
     downsamples; FPN: 4 lateral + 4 output) get int8 weights, the RPN and mask head convolutions keep fp32 ones, and
     on every image the int8 graph keeps at least 6 of the fp32 graph's 10 detections (same label, box IoU >= 0.9),
     with |score difference| <= 0.01 and mask IoU >= 0.9. Not all 10: this 4-iteration model scores every detection
@@ -106,6 +110,11 @@ def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(tra
     for index, photo in enumerate(photos()):
         pixels = (photo * 255).round().byte().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
         Image.fromarray(pixels).save(calibration / f"{index}.png")
+    def exported_already(model, path, *, class_names, opset):
+        shutil.copy(root / "model.onnx", path)
+        return predictors["onnx"].info
+
+    monkeypatch.setattr(deploy, "export_model", exported_already)
     out = tmp_path / "int8.onnx"
     assert main(["export", str(checkpoint), "--out", str(out), "--int8", str(calibration)]) == 0
 

@@ -8,6 +8,7 @@ carry the few facts a predictor needs besides the graph (class names, mask paste
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,16 +90,21 @@ def export_program(model: MaskRCNN) -> torch.export.ExportedProgram:
         return torch.export.export(graph, (example,), dynamic_shapes={"images": dims})
 
 
-def export_model(model: MaskRCNN, path: str | Path, *, class_names: list[str] | None = None,
-                 opset: int = DEFAULT_OPSET) -> ExportInfo:
-    """Exports `model` to `path`: ONNX when it ends in .onnx, an ExportedProgram when it ends in .pt2.
+def export_model(model: MaskRCNN, paths: str | Path | Sequence[str | Path], *,
+                 class_names: list[str] | None = None, opset: int = DEFAULT_OPSET) -> ExportInfo:
+    """Exports `model` to each of `paths` from one trace: ONNX where a path ends in .onnx, an ExportedProgram where
+    it ends in .pt2.
 
     Returns:
         the ExportInfo stored with the graph.
     """
-    _check_target(path, opset)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    for path in paths:
+        _check_target(path, opset)
     info = export_info(model, class_names)
-    save_program(export_program(model), info, path, opset=opset)
+    program = export_program(model)
+    for path in paths:
+        save_program(program, info, path, opset=opset)
     return info
 
 

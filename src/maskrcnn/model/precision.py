@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from maskrcnn.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -34,7 +36,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 NO_BF16_ENV = "MASKRCNN_NO_CPU_BF16"
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     """bf16 asked for on a CPU without bf16 units, or an unknown precision; the message names the setting."""
 
 

@@ -201,4 +201,5 @@ def _flatten(x: Tensor, B: int, values: int) -> Tensor:
     """Head output f32[B, Ak*values, Hi, Wi] -> f32[B, Hi*Wi*Ak, values], the anchors' location-major order."""
     _, channels, height, width = x.shape
     x = x.view(B, channels // values, values, height, width)  # (B, Ak, values, Hi, Wi)
-    return x.permute(0, 3, 4, 1, 2).reshape(B, -1, values)  # (B, Hi, Wi, Ak, values) -> (B, Hi*Wi*Ak, values)
+    # flatten, not reshape(B, -1, values): inferring -1 divides symbolic sizes, which costs torch.export a minute
+    return x.permute(0, 3, 4, 1, 2).flatten(1, 3)  # (B, Hi, Wi, Ak, values) -> (B, Hi*Wi*Ak, values)
