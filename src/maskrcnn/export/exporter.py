@@ -8,6 +8,7 @@ carry the few facts a predictor needs besides the graph (class names, mask paste
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,19 +99,26 @@ def export_model(model: MaskRCNN, paths: str | Path | Sequence[str | Path], *,
     Returns:
         the ExportInfo stored with the graph.
     """
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
     for path in paths:
         _check_target(path, opset)
     info = export_info(model, class_names)
     program = export_program(model)
-    for path in paths:
+    # .pt2 first: the ONNX translation decomposes the program, and a program is translated only once (a second
+    # translation fails in torch.export's unbacked sizes), so further .onnx files are copies of the first
+    pt2, onnx = [p for p in paths if p.suffix == ".pt2"], [p for p in paths if p.suffix == ".onnx"]
+    for path in pt2 + onnx[:1]:
         save_program(program, info, path, opset=opset)
+    for path in onnx[1:]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(onnx[0], path)
     return info
 
 
 def save_program(program: torch.export.ExportedProgram, info: ExportInfo, path: str | Path, *,
                  opset: int = DEFAULT_OPSET) -> None:
-    """Writes an `export_program` result with its ExportInfo: .pt2 as is, .onnx translated to ONNX."""
+    """Writes an `export_program` result with its ExportInfo: .pt2 as is, .onnx translated to ONNX (once per
+    program: the translation decomposes it, and torch.export fails on a second one)."""
     path = Path(path)
     _check_target(path, opset)
     path.parent.mkdir(parents=True, exist_ok=True)

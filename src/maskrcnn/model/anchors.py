@@ -91,5 +91,6 @@ class AnchorGenerator:
         shifts_x = torch.arange(width, dtype=torch.float32) * stride_x
         shifts_y = torch.arange(height, dtype=torch.float32) * stride_y
         shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")  # (Hi, Wi) each
-        shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=-1).reshape(-1, 1, 4)  # (Hi*Wi, 1, 4)
-        return (shifts + cell[None]).reshape(-1, 4)  # (Hi*Wi, A, 4) -> (Hi*Wi*A, 4)
+        # flatten, not reshape(-1, ...): inferring -1 divides symbolic sizes, slow to trace for torch.export
+        shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=-1).flatten(0, 1)[:, None]  # (Hi*Wi, 1, 4)
+        return (shifts + cell[None]).flatten(0, 1)  # (Hi*Wi, A, 4) -> (Hi*Wi*A, 4)

@@ -110,17 +110,18 @@ class RPN(nn.Module):
             tuple(batch.tensor.shape[-2:]), [tuple(f.shape[-2:]) for f in feature_list], batch.tensor.device)
         B = batch.tensor.shape[0]
         # float32 for box arithmetic and losses also when the head ran under bf16 autocast
-        logits = torch.cat([_flatten(x, B, 1) for x in logits_per_level], dim=1).squeeze(-1).float()  # (B, A)
-        deltas = torch.cat([_flatten(x, B, 4) for x in deltas_per_level], dim=1).float()  # (B, A, 4)
-        anchors = torch.cat(anchors_per_level)  # (A, 4)
+        logits_per_level = [_flatten(x, B, 1).squeeze(-1).float() for x in logits_per_level]  # L x (B, A_l)
+        deltas_per_level = [_flatten(x, B, 4).float() for x in deltas_per_level]  # L x (B, A_l, 4)
 
         proposals, scores, valid = self._select_proposals(
-            logits.detach(), deltas.detach(), anchors, [a.shape[0] for a in anchors_per_level], batch)
+            [x.detach() for x in logits_per_level], [x.detach() for x in deltas_per_level], anchors_per_level, batch)
 
         losses: dict[str, Tensor] = {}
         if self.training:
+            anchors = torch.cat(anchors_per_level)  # (A, 4)
             positive, negative, box_targets = self._assign_targets(anchors, gt_boxes, gt_valid)
-            losses = self._losses(logits, deltas, positive, negative, box_targets)
+            losses = self._losses(torch.cat(logits_per_level, dim=1), torch.cat(deltas_per_level, dim=1),
+                                  positive, negative, box_targets)
         return proposals, scores, valid, losses
 
     @torch.no_grad()
@@ -159,26 +160,28 @@ class RPN(nn.Module):
         loss_box = torch.where(positive, box_loss, 0.0).sum() / num_sampled
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
 
-    def _select_proposals(self, logits: Tensor, deltas: Tensor, anchors: Tensor, num_per_level: list[int],
-                          batch: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
+    def _select_proposals(self, logits_per_level: list[Tensor], deltas_per_level: list[Tensor],
+                          anchors_per_level: list[Tensor], batch: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k per level, decode, clip, filter, NMS per image and level, top P per image.
 
+        Levels stay separate tensors rather than slices of one: slicing at symbolic offsets costs torch.export
+        seconds of symbolic simplification per level.
+
         Args:
-            logits: f32[B, A]; deltas: f32[B, A, 4]; anchors: f32[A, 4]; num_per_level: L counts A_l.
+            logits_per_level: L x f32[B, A_l]; deltas_per_level: L x f32[B, A_l, 4]; anchors_per_level: L x f32[A_l, 4].
         Returns:
             proposals f32[B, P, 4], scores f32[B, P], valid bool[B, P].
         """
         pre_nms_top_n = self.pre_nms_top_n_train if self.training else self.pre_nms_top_n_test
         post_nms_top_n = self.post_nms_top_n_train if self.training else self.post_nms_top_n_test
-        B, device = logits.shape[0], logits.device
+        B, device = logits_per_level[0].shape[0], logits_per_level[0].device
 
         image = torch.arange(B, device=device)[:, None]  # (B, 1)
-        boxes_per_level, scores_per_level, keep_per_level, start = [], [], [], 0
-        for count in num_per_level:
-            k = torch.sym_min(pre_nms_top_n, count)  # symbolic when the image size is (torch.export)
-            top_idx = logits[:, start:start + count].topk(k, dim=1).indices + start  # (B, A_l) -> (B, k)
-            start = start + count
-            scores = torch.sigmoid(torch.gather(logits, 1, top_idx))  # (B, k)
+        boxes_per_level, scores_per_level, keep_per_level = [], [], []
+        for logits, deltas, anchors in zip(logits_per_level, deltas_per_level, anchors_per_level):
+            k = torch.sym_min(pre_nms_top_n, anchors.shape[0])  # symbolic when the image size is (torch.export)
+            top_logits, top_idx = logits.topk(k, dim=1)  # (B, A_l) -> (B, k)
+            scores = torch.sigmoid(top_logits)  # (B, k)
             top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, k, 4)
             boxes = self.box_coder.decode(top_deltas, anchors[top_idx])  # (B, k, 4)
             boxes = clip_boxes(boxes, batch.image_sizes[:, None, :])  # to each image, not the canvas
