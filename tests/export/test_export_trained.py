@@ -97,12 +97,13 @@ def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
 
 def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(trained, tmp_path, monkeypatch):
     """`maskrcnn export --int8 DIR` quantises the fp32 ONNX export of the checkpoint (here the one `trained` wrote
-    already: the export itself is not done again) and writes it: the 28 backbone + FPN convolutions (ResNet-18: stem, 16 block convs, 3
-    downsamples; FPN: 4 lateral + 4 output) get int8 weights, the RPN and mask head convolutions keep fp32 ones, and
-    on every image the int8 graph keeps at least 6 of the fp32 graph's 10 detections (same label, box IoU >= 0.9),
-    with |score difference| <= 0.01 and mask IoU >= 0.9. Not all 10: this 4-iteration model scores every detection
-    0.33 +- 0.003, and int8 reorders such near-ties, so one or two detections at the end of the list change
-    (8 of 10 kept at worst on the generated and the Penn-Fudan batches, with AVX-512 VNNI)."""
+    already: the export itself is not done again) and writes it: the 28 backbone + FPN convolutions (ResNet-18:
+    stem, 16 block convs, 3 downsamples; FPN: 4 lateral + 4 output) get int8 weights, the RPN and mask head
+    convolutions keep fp32 ones, and on every image the int8 graph keeps at least 6 of the fp32 graph's 10
+    detections (same label, box IoU >= 0.9), with |score difference| <= 0.01 and mask IoU >= 0.9. Not all 10:
+    this 4-iteration model scores every detection 0.33 +- 0.003, and int8 reorders such near-ties, so one or two
+    detections at the end of the list change (8 of 10 kept at worst on the generated and the Penn-Fudan batches,
+    with AVX-512 VNNI)."""
     onnx = pytest.importorskip("onnx")
     root, checkpoint, _, _, predictors = trained
     calibration = tmp_path / "calibration"
