@@ -111,13 +111,15 @@ def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(tra
     for index, photo in enumerate(photos()):
         pixels = (photo * 255).round().byte().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
         Image.fromarray(pixels).save(calibration / f"{index}.png")
+
     def exported_already(model, path, *, class_names, opset):
         shutil.copy(root / "model.onnx", path)
         return predictors["onnx"].info
 
     monkeypatch.setattr(deploy, "export_model", exported_already)
-    out = tmp_path / "int8.onnx"
-    assert main(["export", str(checkpoint), "--out", str(out), "--int8", str(calibration)]) == 0
+    out, copy = tmp_path / "int8.onnx", tmp_path / "copy" / "int8.onnx"
+    assert main(["export", str(checkpoint), "--out", str(out), str(copy), "--int8", str(calibration)]) == 0
+    assert copy.read_bytes() == out.read_bytes()  # two names, one quantised model
 
     graph = onnx.load(str(out)).graph
     producer = {output: node for node in graph.node for output in node.output}

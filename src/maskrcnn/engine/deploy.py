@@ -4,6 +4,7 @@ torch.export program, through `maskrcnn.export`.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +53,9 @@ def export_for_runtime(model: torch.nn.Module, outs: Sequence[str | Path], *, cl
             info = export_model(model.cpu(), fp32, class_names=class_names, opset=opset)
             for out in outs:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                convolutions = quantize_backbone(fp32, out, calibration)
+            convolutions = quantize_backbone(fp32, outs[0], calibration)
+            for out in outs[1:]:  # the same int8 model: calibrated once, copied
+                shutil.copyfile(outs[0], out)
             return info, convolutions
     except ImportError as error:
         raise UserError(f"ONNX export needs the optional packages of `pip install maskrcnn[export]` ({error})") \
