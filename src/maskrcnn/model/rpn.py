@@ -177,16 +177,24 @@ class RPN(nn.Module):
         B, device = logits_per_level[0].shape[0], logits_per_level[0].device
 
         image = torch.arange(B, device=device)[:, None]  # (B, 1)
+        # k = pre_nms_top_n columns of -inf after every level's logits: topk's k is then static whatever A_l is
+        # (a level with fewer anchors keeps its padding columns, marked not selectable), so every shape after it is
+        # static; min(k, A_l) would carry a symbolic Min through the rest of the exported graph, which costs
+        # torch.export, its ONNX translation and loading a .pt2 a minute each of symbolic simplification
+        k = pre_nms_top_n
+        padding = logits_per_level[0].new_full((B, k), float("-inf"))  # (B, k)
         boxes_per_level, scores_per_level, keep_per_level = [], [], []
         for logits, deltas, anchors in zip(logits_per_level, deltas_per_level, anchors_per_level):
-            k = torch.sym_min(pre_nms_top_n, anchors.shape[0])  # symbolic when the image size is (torch.export)
-            top_logits, top_idx = logits.topk(k, dim=1)  # (B, A_l) -> (B, k)
+            top_logits, top_idx = torch.cat([logits, padding], dim=1).topk(k, dim=1)  # (B, A_l + k) -> (B, k)
+            is_anchor = top_idx < anchors.shape[0]  # (B, k), False for padding columns
+            top_idx = torch.where(is_anchor, top_idx, 0)
             scores = torch.sigmoid(top_logits)  # (B, k)
             top_deltas = torch.gather(deltas, 1, top_idx[:, :, None].expand(-1, -1, 4))  # (B, k, 4)
             boxes = self.box_coder.decode(top_deltas, anchors[top_idx])  # (B, k, 4)
             boxes = clip_boxes(boxes, batch.image_sizes[:, None, :])  # to each image, not the canvas
             widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-            selectable = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+            selectable = is_anchor & (widths >= self.min_size) & (heights >= self.min_size) & (
+                scores >= self.score_thresh)
             # NMS per image and level: one call per level with the images as groups (one call for all B * L
             # groups would compare every candidate with the K of its image: about L times the work)
             keep_per_level.append(nms_mask(boxes, scores, image + torch.zeros_like(top_idx), selectable,
