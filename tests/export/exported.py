@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from maskrcnn.export import OUTPUT_NAMES
+from maskrcnn.model import MaskRCNN
 
 PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] / "shared/data/PennFudanPed"))
 PHOTO_SIZE = (240, 320)  # (H, W): one size per batch; Penn-Fudan photos are resized to it
@@ -94,3 +95,14 @@ def assert_contract(predictor, images: list[torch.Tensor], detections_per_img: i
     assert ((labels >= 1) & (labels <= num_classes)).all()
     scores, masks = outputs["scores"][filled], outputs["masks"]
     assert ((scores >= 0) & (scores <= 1)).all() and ((masks >= 0) & (masks <= 1)).all()
+
+
+def spread_scores(model: MaskRCNN, seed: int, class_std: float) -> MaskRCNN:
+    """Random-init RPN and class weights whose scores spread apart (at their default init the scores are all about
+    1/2 and 1/(K+1): the order of near-ties would test float rounding, not the graph; too spread, sigmoid and
+    softmax saturate at exactly 1.0, ties again). `class_std` depends on the scale of the box head's features."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.rpn.head.cls_logits.weight.normal_(std=0.1)
+        model.box_head.cls_score.weight.normal_(std=class_std)
+    return model.eval()
