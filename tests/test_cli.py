@@ -181,7 +181,7 @@ def test_precision_flag_of_evaluate_and_predict(tmp_path, capsys, tiny_run, monk
                    "model.precision: bf16 needs a CPU with bf16 units")
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "im.png")
     one_line_error(capsys, ["predict", str(tmp_path / "model.onnx"), str(tmp_path / "im.png"), "--out",
-                            str(tmp_path / "p"), "--precision", "fp32"], "--precision applies to checkpoints")
+                            str(tmp_path / "p"), "--precision", "fp32"], "runs in the precision it was exported in")
     monkeypatch.delenv(precision.NO_BF16_ENV)
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # any CPU: oneDNN emulates bf16 units
     assert main(["evaluate", str(out / "last.pt"), "--precision", "bf16", "--out", str(tmp_path / "ev")]) == 0

@@ -123,12 +123,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.set:
             raise UserError(f"{args.checkpoint}: --set changes a config, and an exported model has none (its "
                             f"settings are part of the graph); export again with the changed config instead")
-        if args.precision is not None:
-            raise UserError(f"--precision applies to checkpoints (.pt), not to {args.checkpoint}: an exported "
-                            f"graph runs in the precision it was exported in")
-        detect, class_names = predict.exported_detector(args.checkpoint)
+        detect, class_names = predict.exported_detector(args.checkpoint, runtime=args.runtime,
+                                                        precision=args.precision)
         categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
     else:
+        if args.runtime is not None:
+            raise UserError(f"--runtime applies to exported models (.onnx), not to {args.checkpoint}")
         loaded = load_model(args.checkpoint, overrides=_with_precision(args.set, args.precision))
         detect, categories = predict.checkpoint_detector(loaded), loaded.categories
     image_ids = {path: number for number, path in enumerate(paths, start=1)}
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep detections scoring at least S (default: 0.5)")
     predict.add_argument("--annotations", metavar="JSON",
                          help="COCO json listing the images: predictions.json then uses its image and category ids")
+    predict.add_argument("--runtime", metavar="NAME",
+                         help="runtime of an .onnx file: onnxruntime (default) or openvino (`pip install "
+                              "maskrcnn[openvino]`; it also takes --precision fp32 or bf16)")
     add_precision(predict)
     add_set(predict)
     predict.set_defaults(func=cmd_predict)

@@ -11,13 +11,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from exported import assert_contract, assert_same_detections, batches, mask_ious, pair_detections, photos
+from exported import assert_contract, assert_most_detections_kept, assert_same_detections, batches, photos
 from PIL import Image
 
 from maskrcnn.cli import main
 from maskrcnn.engine import deploy
 from maskrcnn.engine.checkpoint import load_model
-from maskrcnn.export import OnnxPredictor, ProgramPredictor, load_predictor
+from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, ProgramPredictor, load_predictor
+from maskrcnn.model import precision
 
 pytest.importorskip("onnxruntime", reason="the optional extra maskrcnn[export] is not installed")
 
@@ -65,17 +66,22 @@ def test_predict_runs_the_onnx_file_like_the_checkpoint(trained, tmp_path, capsy
     folder.mkdir()
     for index, image in enumerate(photos()[:2]):
         Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"p{index}.png")
-    for source, out in ((checkpoint, "eager"), (root / "model.onnx", "onnx")):
-        assert main(["predict", str(source), str(folder), "--out", str(tmp_path / out), "--score-thresh", "0"]) == 0
-    overlays = sorted(p.name for p in (tmp_path / "onnx").glob("*.png"))
-    assert len(overlays) == 2 and overlays == sorted(p.name for p in (tmp_path / "eager").glob("*.png"))
+    runs = {"eager": [str(checkpoint)], "onnx": [str(root / "model.onnx")],
+            "openvino": [str(root / "model.onnx"), "--runtime", "openvino"]}
+    for out, source in runs.items():
+        assert main(["predict", source[0], str(folder), *source[1:], "--out", str(tmp_path / out),
+                     "--score-thresh", "0"]) == 0
     eager = json.loads((tmp_path / "eager" / "predictions.json").read_text())
-    onnx = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
-    assert len(onnx) == len(eager) > 0
     key = lambda p: (p["image_id"], p["category_id"], round(p["score"], 2))  # noqa: E731
-    for e, o in zip(sorted(eager, key=key), sorted(onnx, key=key)):
-        assert (e["image_id"], e["category_id"], e["file_name"]) == (o["image_id"], o["category_id"], o["file_name"])
-        assert abs(e["score"] - o["score"]) <= 1e-3 and np.allclose(e["bbox"], o["bbox"], atol=0.05)
+    for runtime in ("onnx", "openvino"):
+        overlays = sorted(p.name for p in (tmp_path / runtime).glob("*.png"))
+        assert len(overlays) == 2 and overlays == sorted(p.name for p in (tmp_path / "eager").glob("*.png"))
+        exported = json.loads((tmp_path / runtime / "predictions.json").read_text())
+        assert len(exported) == len(eager) > 0
+        for e, o in zip(sorted(eager, key=key), sorted(exported, key=key)):
+            assert (e["image_id"], e["category_id"], e["file_name"]) == (o["image_id"], o["category_id"],
+                                                                         o["file_name"])
+            assert abs(e["score"] - o["score"]) <= 1e-3 and np.allclose(e["bbox"], o["bbox"], atol=0.05), runtime
 
 
 def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
@@ -93,6 +99,48 @@ def test_predict_and_export_errors_name_the_file(trained, tmp_path, capsys):
     assert main(["predict", str(root / "model.onnx"), str(image), "--out", str(tmp_path / "p"),
                  "--set", "model.box_head.score_thresh=0.9"]) == 2
     assert "export again" in capsys.readouterr().err
+    for source, flags, error in ((checkpoint, ["--runtime", "openvino"], "applies to exported models"),
+                                 (root / "model.pt2", ["--runtime", "openvino"], "runs only in PyTorch"),
+                                 (root / "model.onnx", ["--runtime", "tensorrt"], "onnxruntime, openvino"),
+                                 (root / "model.onnx", ["--precision", "bf16"], "offered by --runtime openvino"),
+                                 (root / "model.onnx", ["--runtime", "openvino", "--precision", "auto"],
+                                  "fp32 or bf16")):
+        assert main(["predict", str(source), str(image), "--out", str(tmp_path / "p"), *flags]) == 2
+        assert error in capsys.readouterr().err, flags
+    assert not (tmp_path / "p").exists()
+
+
+def test_openvino_runs_the_onnx_file_like_the_eager_model(trained):
+    """Every batch but the "odd" one: OpenVINO's CPU plugin computes in float32 what the graph computes in float64
+    (the resized image size), so for about 1 in 10 image sizes its resize is one pixel off the eager model's."""
+    pytest.importorskip("openvino", reason="the optional extra maskrcnn[openvino] is not installed")
+    root, _, model, _, predictors = trained
+    predictor = OpenVinoPredictor(root / "model.onnx")
+    assert predictor.info == predictors["onnx"].info
+    for name, images in batches().items():
+        if name == "odd":
+            continue
+        with torch.no_grad():
+            expected = model(images)
+        assert_same_detections(expected, predictor(images))
+        assert_contract(predictor, images, 10, 28, 2)
+
+
+def test_openvino_bf16_keeps_the_detections_and_is_refused_without_bf16_units(trained, monkeypatch):
+    """OpenVINO's bf16 hint against its fp32 run: on every image at least 6 of the 10 detections kept, as int8
+    (this 4-iteration model scores every detection 0.33 +- 0.003, and bf16 reorders such near-ties), with mask IoU
+    >= 0.7 (its mask probabilities lie near the 0.5 threshold, where bf16 flips pixels: 0.75 seen on one
+    detection). On a trained model bf16 keeps the AP: benchmarks/runtime_accuracy.py."""
+    pytest.importorskip("openvino", reason="the optional extra maskrcnn[openvino] is not installed")
+    root = trained[0]
+    if precision.cpu_has_bf16():
+        fp32, bf16 = OpenVinoPredictor(root / "model.onnx"), OpenVinoPredictor(root / "model.onnx", precision="bf16")
+        for name, images in batches().items():
+            assert_most_detections_kept(fp32(images), bf16(images), 10, 6, score_diff=0.01, min_mask_iou=0.7,
+                                        where=name)
+    monkeypatch.setenv(precision.NO_BF16_ENV, "1")
+    with pytest.raises(precision.PrecisionError, match="no bf16 units"):
+        OpenVinoPredictor(root / "model.onnx", precision="bf16")
 
 
 def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(trained, tmp_path, monkeypatch):
@@ -134,14 +182,8 @@ def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(tra
     quantised = OnnxPredictor(out)
     assert quantised.info == predictors["onnx"].info
     for name, images in batches().items():
-        for index, (e, a) in enumerate(zip(predictors["onnx"](images), quantised(images))):
-            assert a["boxes"].shape[0] == e["boxes"].shape[0] == 10, f"{name}, image {index}: number of detections"
-            iou, pair = pair_detections(e, a)  # (10,) each
-            kept = iou >= 0.9
-            assert kept.sum() >= 6, f"{name}, image {index}: {int(kept.sum())} of 10 detections kept"
-            assert (e["scores"][kept] - a["scores"][pair[kept]]).abs().max() <= 0.01, f"{name}, image {index}"
-            mask_iou = mask_ious(e, a, pair)[0][kept]
-            assert mask_iou.min() >= 0.9, f"{name}, image {index}: mask IoU {mask_iou.min():.3f}"
+        assert_most_detections_kept(predictors["onnx"](images), quantised(images), 10, 6, score_diff=0.01,
+                                    min_mask_iou=0.9, where=name)
 
 
 def test_int8_export_errors_name_the_option(trained, tmp_path, capsys):

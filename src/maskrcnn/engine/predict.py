@@ -84,19 +84,24 @@ def checkpoint_detector(loaded: LoadedModel) -> Detector:
     return detect
 
 
-def exported_detector(path: str | Path) -> tuple[Detector, list[str]]:
+def exported_detector(path: str | Path, *, runtime: str | None = None,
+                      precision: str | None = None) -> tuple[Detector, list[str]]:
     """A `Detector` running a .onnx or .pt2 file written by `maskrcnn export`, and its class names.
 
+    Args:
+        runtime, precision: as `export.load_predictor` takes them (OpenVINO for an .onnx file, in fp32 or bf16).
     Raises:
-        UserError: the file is missing or not an exported model, or the runtime's packages are not installed.
+        UserError: the file is missing or not an exported model, the runtime or precision does not apply to it, or
+            the runtime's packages are not installed.
     """
     from maskrcnn.export import load_predictor
 
     try:
-        predictor = load_predictor(path)
+        predictor = load_predictor(path, runtime=runtime, precision=precision)
     except ImportError as error:
+        extra = "openvino" if runtime == "openvino" else "export"
         raise UserError(f"{path}: running an exported model needs the optional packages of "
-                        f"`pip install maskrcnn[export]` ({error})") from None
+                        f"`pip install maskrcnn[{extra}]` ({error})") from None
     except (ValueError, FileNotFoundError) as error:  # the file is not what `maskrcnn export` writes
         raise UserError(str(error)) from None
 

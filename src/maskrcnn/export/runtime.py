@@ -1,4 +1,4 @@
-"""Running an exported model: ONNX Runtime for `.onnx` files, the ExportedProgram for `.pt2` files.
+"""Running an exported model: ONNX Runtime (or OpenVINO) for `.onnx` files, the ExportedProgram for `.pt2` files.
 
 A predictor takes images like the eager model (a list of f32[3, H, W] in 0..1) and returns the eager model's
 per-image dicts: the graph's padded outputs cut to `num_detections`, and its box-relative masks pasted into the
@@ -19,6 +19,10 @@ from maskrcnn.export.adapter import OUTPUT_NAMES
 from maskrcnn.export.exporter import METADATA_KEY, PT2_EXTRA_FILE, SUFFIXES, ExportInfo
 from maskrcnn.model.box_head import Detections
 from maskrcnn.model.postprocess import detections_per_image
+from maskrcnn.model.precision import PrecisionError, cpu_has_bf16
+
+# runtimes of an .onnx file: the first is the default
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
 
 
 def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], paste_mode: str) -> list[dict]:
@@ -105,6 +109,52 @@ class OnnxPredictor(Predictor):
         return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, values)}
 
 
+class OpenVinoPredictor(Predictor):
+    """An exported `.onnx` model in OpenVINO on the CPU (the optional extra `maskrcnn[openvino]`).
+
+    Why a second ONNX runtime: on the project's AMD EPYC (AVX-512 BF16) OpenVINO ran our ResNet-50 export faster
+    than ONNX Runtime, and its bf16 mode uses the CPU's bf16 units (benchmarks/cpu_limit.py, RESULTS.md).
+    One difference from the eager model: OpenVINO's CPU plugin runs the graph's float64 arithmetic in float32, and
+    the graph computes the resized image size in float64 (`exporter._resize_sizes_in_double`), so for about 1 in
+    10 image sizes OpenVINO resizes the image one pixel shorter or longer than the eager model does.
+
+    Args:
+        path: the .onnx file written by `maskrcnn export`.
+        precision: "fp32", or "bf16" (OpenVINO's bf16 inference precision hint: convolutions and matrix multiplies
+            in bf16; needs AVX-512 BF16 or AMX, refused with a PrecisionError on a CPU without them).
+        threads: inference threads; None: OpenVINO's default (one per core).
+    """
+
+    def __init__(self, path: str | Path, *, precision: str = "fp32", threads: int | None = None) -> None:
+        import openvino
+
+        if precision not in ("fp32", "bf16"):
+            raise PrecisionError(f"--precision {precision}: OpenVINO runs an exported model in fp32 or bf16")
+        if precision == "bf16" and not cpu_has_bf16():
+            raise PrecisionError("--precision bf16: this CPU has no bf16 units (AVX-512 BF16 or AMX); use fp32")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {path}")
+        core = openvino.Core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as error:  # OpenVINO raises its own exception types for unreadable / invalid files
+            raise ValueError(f"{path}: not a loadable ONNX model ({error})") from None
+        # OpenVINO keeps an ONNX file's metadata_props under the "framework" runtime-info section
+        if not model.has_rt_info(["framework", METADATA_KEY]):
+            raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; it was not written by `maskrcnn export`")
+        self.info = ExportInfo.from_json(model.get_rt_info(["framework", METADATA_KEY]).astype(str), str(path))
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.precision = precision
+        self.compiled = core.compile_model(model, "CPU", config)
+
+    def run(self, images: Tensor) -> dict[str, Tensor]:
+        result = self.compiled([images.float().contiguous().numpy()])
+        return {name: torch.from_numpy(result[name]) for name in OUTPUT_NAMES}
+
+
 class ProgramPredictor(Predictor):
     """An ExportedProgram of `export_program`, run by PyTorch (on `device`); `load` reads a `.pt2` file."""
 
@@ -135,12 +185,24 @@ class ProgramPredictor(Predictor):
         return {name: value.cpu() for name, value in zip(OUTPUT_NAMES, values)}
 
 
-def load_predictor(path: str | Path) -> Predictor:
-    """The predictor of an exported file, chosen by its suffix (.onnx: ONNX Runtime, .pt2: ExportedProgram)."""
+def load_predictor(path: str | Path, *, runtime: str | None = None, precision: str | None = None) -> Predictor:
+    """The predictor of an exported file, chosen by its suffix (.onnx: ONNX Runtime, or OpenVINO when `runtime` is
+    "openvino"; .pt2: ExportedProgram).
+
+    Args:
+        runtime: one of ONNX_RUNTIMES for an .onnx file; None: the first.
+        precision: OpenVINO's "fp32" (None) or "bf16"; the other runtimes run the graph as exported and refuse it.
+    """
     path = Path(path)
-    if path.suffix == ".onnx":
-        return OnnxPredictor(path)
-    if path.suffix == ".pt2":
-        return ProgramPredictor.load(path)
-    raise ValueError(f"{path}: not an exported model (suffix {path.suffix!r}, expected one of {SUFFIXES})")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: not an exported model (suffix {path.suffix!r}, expected one of {SUFFIXES})")
+    if runtime is not None and (path.suffix != ".onnx" or runtime not in ONNX_RUNTIMES):
+        raise ValueError(f"--runtime {runtime}: {path} runs only in "
+                         f"{'one of ' + ', '.join(ONNX_RUNTIMES) if path.suffix == '.onnx' else 'PyTorch'}")
+    if runtime == "openvino":
+        return OpenVinoPredictor(path, precision=precision or "fp32")
+    if precision is not None:
+        raise PrecisionError(f"--precision {precision}: {path} runs in the precision it was exported in (fp32); "
+                             f"bf16 is offered by --runtime openvino")
+    return OnnxPredictor(path) if path.suffix == ".onnx" else ProgramPredictor.load(path)
 
