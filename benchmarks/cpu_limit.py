@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_torchvision import load_batch  # noqa: E402  (the benchmarks folder is not a package)
 from export_onnxruntime import images, torchvision_model  # noqa: E402
 
-from maskrcnn.export import OnnxPredictor, export_model, unpad_detections  # noqa: E402
+from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, export_model  # noqa: E402
 from maskrcnn.model import from_torchvision  # noqa: E402
 from maskrcnn.model.precision import cpu_has_bf16  # noqa: E402
 
@@ -89,28 +89,17 @@ def run_alternating(paths: dict[str, Callable[[], object]], repeats: int) -> tup
     return times, outputs
 
 
-def openvino_paths(onnx_path: Path, threads: int, batch: torch.Tensor, paste_mode: str) -> dict[str, Callable]:
-    """OpenVINO on the ONNX file, fp32 and (on a CPU with bf16 units) its bf16 inference hint; {} when the
-    package is missing, or {name: error text} as a str when it cannot compile the graph."""
+def openvino_paths(onnx_path: Path, threads: int, image: list[torch.Tensor]) -> dict[str, Callable]:
+    """OpenVINO on the ONNX file (`maskrcnn predict --runtime openvino`), fp32 and, on a CPU with bf16 units, its
+    bf16 inference hint; {} when the package is missing."""
     try:
-        import openvino
+        import openvino  # noqa: F401
     except ImportError:
         return {}
-    core = openvino.Core()
-    model = core.read_model(str(onnx_path))
-    hints = {"openvino fp32": "f32"} | ({"openvino bf16 hint": "bf16"} if cpu_has_bf16() else {})
-    paths = {}
-    for name, hint in hints.items():
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                     "INFERENCE_PRECISION_HINT": hint})
-
-        def run(compiled=compiled):
-            result = compiled([batch.numpy()])
-            outputs = {output.get_any_name(): torch.from_numpy(value) for output, value in result.items()}
-            return unpad_detections(outputs, tuple(batch.shape[-2:]), paste_mode)
-
-        paths[name] = run
-    return paths
+    precisions = {"openvino fp32": "fp32"} | ({"openvino bf16 hint": "bf16"} if cpu_has_bf16() else {})
+    predictors = {name: OpenVinoPredictor(onnx_path, precision=precision, threads=threads)
+                  for name, precision in precisions.items()}
+    return {name: (lambda predictor=predictor: predictor(image)) for name, predictor in predictors.items()}
 
 
 def inference(args: argparse.Namespace) -> dict:
@@ -118,7 +107,6 @@ def inference(args: argparse.Namespace) -> dict:
     ours_fp32 = from_torchvision(tv)
     ours_bf16 = from_torchvision(tv, precision="bf16")
     image = images(1)
-    batch = torch.stack(image)
 
     def tv_call(bf16: bool) -> Callable[[], object]:
         def call():
@@ -146,7 +134,7 @@ def inference(args: argparse.Namespace) -> dict:
         paths["onnxruntime int8 static"] = lambda: static_predictor(image)
     notes = {}
     try:
-        paths |= openvino_paths(onnx_path, args.threads, batch, predictor.info.paste_mode)
+        paths |= openvino_paths(onnx_path, args.threads, image)
     except Exception as error:  # OpenVINO's own exception types: an op it cannot read or compile
         notes["openvino"] = " ".join(str(error).split())[:300]
         print(f"openvino: {notes['openvino']}", flush=True)

@@ -72,7 +72,7 @@ def main() -> None:
     for name, model in candidates.items():
         start = time.perf_counter()
         result = evaluate_dataset(model, dataset, batch_size=1, device=torch.device("cpu"),
-                                  class_names=[c["name"] for c in fp32.categories], iou_thresh=cfg.eval.iou_thresh)
+                                  iou_thresh=cfg.eval.iou_thresh)
         seconds = (time.perf_counter() - start) / len(dataset)
         metrics = result.metrics
         row = {"box_AP": metrics["bbox"]["AP"], "mask_AP": metrics["segm"]["AP"],
