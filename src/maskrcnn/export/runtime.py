@@ -126,12 +126,12 @@ class OpenVinoPredictor(Predictor):
     """
 
     def __init__(self, path: str | Path, *, precision: str = "fp32", threads: int | None = None) -> None:
-        import openvino
-
         if precision not in ("fp32", "bf16"):
             raise PrecisionError(f"--precision {precision}: OpenVINO runs an exported model in fp32 or bf16")
         if precision == "bf16" and not cpu_has_bf16():
             raise PrecisionError("--precision bf16: this CPU has no bf16 units (AVX-512 BF16 or AMX); use fp32")
+        import openvino
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {path}")
