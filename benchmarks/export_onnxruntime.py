@@ -148,7 +148,7 @@ def timings(args: argparse.Namespace) -> dict:
     return results
 
 
-class _PredictorModule(nn.Module):
+class PredictorModule(nn.Module):
     """A predictor behind the nn.Module interface `engine.evaluate` calls (eval(), __call__)."""
 
     def __init__(self, predictor) -> None:
@@ -175,13 +175,13 @@ def int8_accuracy(args: argparse.Namespace) -> dict:
         stale.unlink(missing_ok=True)  # the quantised files are made only when missing: never another checkpoint's
     export_model(model, onnx_path, class_names=class_names)
     dataset = build_dataset(cfg.data, "val")
-    candidates = {"eager": model, "onnxruntime fp32": _PredictorModule(OnnxPredictor(onnx_path)),
-                  "onnxruntime int8": _PredictorModule(OnnxPredictor(quantized(onnx_path)))}
+    candidates = {"eager": model, "onnxruntime fp32": PredictorModule(OnnxPredictor(onnx_path)),
+                  "onnxruntime int8": PredictorModule(OnnxPredictor(quantized(onnx_path)))}
     if args.int8_static:
         train = build_dataset(replace(cfg.data, flip_prob=0.0), "train")  # no random flips: the same calibration
         calibration = images_to_model([train[index][0] for index in range(min(args.calibration_images, len(train)))],
                                       torch.device("cpu"))
-        candidates["onnxruntime int8 static"] = _PredictorModule(OnnxPredictor(static_quantized(onnx_path,
+        candidates["onnxruntime int8 static"] = PredictorModule(OnnxPredictor(static_quantized(onnx_path,
                                                                                                  calibration)))
     out = {"checkpoint": str(args.demo_checkpoint), "num_images": len(dataset)}
     for name, candidate in candidates.items():

@@ -15,28 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from maskrcnn.data import build_dataset
-from maskrcnn.engine.checkpoint import load_model
-from maskrcnn.engine.evaluate import evaluate_dataset
-from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, export_model
-from maskrcnn.model.precision import cpu_has_bf16
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_onnxruntime import PredictorModule  # noqa: E402  (the benchmarks folder is not a package)
 
-
-class PredictorModule(nn.Module):
-    """A predictor behind the nn.Module interface `evaluate` calls (eval(), __call__)."""
-
-    def __init__(self, predictor) -> None:
-        super().__init__()
-        self.predictor = predictor
-
-    def forward(self, images):
-        return self.predictor(images)
+from maskrcnn.data import build_dataset  # noqa: E402
+from maskrcnn.engine.checkpoint import load_model  # noqa: E402
+from maskrcnn.engine.evaluate import evaluate_dataset  # noqa: E402
+from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, export_model  # noqa: E402
+from maskrcnn.model.precision import cpu_has_bf16  # noqa: E402
 
 
 def main() -> None:
