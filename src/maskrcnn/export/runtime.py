@@ -147,7 +147,6 @@ class OpenVinoPredictor(Predictor):
         config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.precision = precision
         self.compiled = core.compile_model(model, "CPU", config)
 
     def run(self, images: Tensor) -> dict[str, Tensor]:
