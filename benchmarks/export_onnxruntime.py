@@ -182,7 +182,7 @@ def int8_accuracy(args: argparse.Namespace) -> dict:
         calibration = images_to_model([train[index][0] for index in range(min(args.calibration_images, len(train)))],
                                       torch.device("cpu"))
         candidates["onnxruntime int8 static"] = PredictorModule(OnnxPredictor(static_quantized(onnx_path,
-                                                                                                 calibration)))
+                                                                                                calibration)))
     out = {"checkpoint": str(args.demo_checkpoint), "num_images": len(dataset)}
     for name, candidate in candidates.items():
         loader = build_eval_loader(dataset, batch_size=cfg.eval.batch_size)

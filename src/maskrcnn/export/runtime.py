@@ -43,6 +43,13 @@ def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], pa
     return detections_per_image(detections, [tuple(image_size)] * B, paste_mode)
 
 
+def onnx_export_info(metadata: str | None, path: Path) -> ExportInfo:
+    """The ExportInfo of an .onnx file from its METADATA_KEY metadata as read by a runtime (None: it has none)."""
+    if metadata is None:
+        raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; it was not written by `maskrcnn export`")
+    return ExportInfo.from_json(metadata, str(path))
+
+
 class Predictor:
     """Common part of the ONNX Runtime and ExportedProgram predictors; `run` is what differs."""
 
@@ -99,10 +106,7 @@ class OnnxPredictor(Predictor):
             self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as error:  # ONNX Runtime raises its own exception types for unreadable / invalid files
             raise ValueError(f"{path}: not a loadable ONNX model ({error})") from None
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if METADATA_KEY not in metadata:
-            raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; it was not written by `maskrcnn export`")
-        self.info = ExportInfo.from_json(metadata[METADATA_KEY], str(path))
+        self.info = onnx_export_info(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)
 
     def run(self, images: Tensor) -> dict[str, Tensor]:
         values = self.session.run(list(OUTPUT_NAMES), {"images": images.float().contiguous().numpy()})
@@ -141,9 +145,8 @@ class OpenVinoPredictor(Predictor):
         except Exception as error:  # OpenVINO raises its own exception types for unreadable / invalid files
             raise ValueError(f"{path}: not a loadable ONNX model ({error})") from None
         # OpenVINO keeps an ONNX file's metadata_props under the "framework" runtime-info section
-        if not model.has_rt_info(["framework", METADATA_KEY]):
-            raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; it was not written by `maskrcnn export`")
-        self.info = ExportInfo.from_json(model.get_rt_info(["framework", METADATA_KEY]).astype(str), str(path))
+        key = ["framework", METADATA_KEY]
+        self.info = onnx_export_info(model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None, path)
         config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
@@ -195,9 +198,10 @@ def load_predictor(path: str | Path, *, runtime: str | None = None, precision: s
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"{path}: not an exported model (suffix {path.suffix!r}, expected one of {SUFFIXES})")
-    if runtime is not None and (path.suffix != ".onnx" or runtime not in ONNX_RUNTIMES):
-        raise ValueError(f"--runtime {runtime}: {path} runs only in "
-                         f"{'one of ' + ', '.join(ONNX_RUNTIMES) if path.suffix == '.onnx' else 'PyTorch'}")
+    if runtime is not None and path.suffix == ".pt2":
+        raise ValueError(f"--runtime {runtime}: {path} runs only in PyTorch")
+    if runtime not in (None, *ONNX_RUNTIMES):
+        raise ValueError(f"--runtime {runtime}: {path} runs only in one of {', '.join(ONNX_RUNTIMES)}")
     if runtime == "openvino":
         return OpenVinoPredictor(path, precision=precision or "fp32")
     if precision is not None:
