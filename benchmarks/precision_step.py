@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from maskrcnn.cli import config_file
-from maskrcnn.config import load_config
+from maskrcnn.config import config_path, load_config
 from maskrcnn.data import build_dataset, build_train_loader
 from maskrcnn.engine.common import autocast, images_to_model, targets_to_device
 from maskrcnn.engine.train import build_optimizer
@@ -35,7 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps in all, both precisions")
     parser.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not the wall time")
     args = parser.parse_args()
-    cfg = load_config(config_file(args.config), args.set)
+    cfg = load_config(config_path(args.config), args.set)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cpu")

@@ -240,6 +240,31 @@ def test_batchnorm_folding_keeps_the_outputs():
             torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_training_runs_only_the_trained_depthwise_convs_in_fp32():
+    # trainable_layers 3: strides 8..32 train (stages 2..6), the stride-2 and -4 stages (0, 1) are frozen
+    backbone = build_backbone(name="efficientnet_lite0", norm="frozen", trainable_layers=3, out_channels=16)
+    output_dtypes: dict[str, torch.dtype] = {}  # a conv's output dtype is the one it computed in
+    for name, module in backbone.body.named_modules():
+        if name.endswith("depthwise.conv"):
+            module.register_forward_hook(lambda m, args, out, name=name: output_dtypes.__setitem__(name, out.dtype))
+    x = torch.rand(1, 3, 64, 64)
+
+    def dtypes_by_stage() -> dict[int, set[torch.dtype]]:
+        stages: dict[int, set[torch.dtype]] = {}
+        for name, dtype in output_dtypes.items():
+            stages.setdefault(int(name.split(".")[1]), set()).add(dtype)
+        return stages
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sum(value.float().sum() for value in backbone(x).values()).backward()
+        assert dtypes_by_stage() == {0: {torch.bfloat16}, 1: {torch.bfloat16}, **{s: {torch.float32} for s in range(2, 7)}}
+        with torch.no_grad():  # inference: every depthwise conv in bf16
+            backbone(x)
+        assert dtypes_by_stage() == {s: {torch.bfloat16} for s in range(7)}
+    backbone(x)  # fp32 without autocast
+    assert dtypes_by_stage() == {s: {torch.float32} for s in range(7)}
+
+
 def test_mask_rcnn_with_lite_trunk_trains_and_infers():
     cfg = config_from_dict({"model": {
         "num_classes": 2, "backbone": {"name": "efficientnet_lite0", "fpn_channels": 16},

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -125,7 +126,16 @@ class MBConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """f32[B, C, H, W] -> f32[B, C', H / s, W / s]."""
-        out = self.project(self.depthwise(self.expand(x)))
+        hidden = self.expand(x)
+        if hidden.requires_grad and torch.is_autocast_enabled("cpu"):
+            # oneDNN's bf16 depthwise backward is slower than its fp32 one: in fp32 a bf16 training step of the
+            # pennfudan-lite model takes 0.76x the CPU time of an fp32 step, in bf16 1.0x (benchmarks/RESULTS.md).
+            # Inference (no backward) is fastest all in bf16.
+            with torch.autocast("cpu", enabled=False):
+                hidden = self.depthwise(hidden.float())
+        else:
+            hidden = self.depthwise(hidden)
+        out = self.project(hidden)
         return out + x if self.residual else out
 
 
