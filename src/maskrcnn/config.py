@@ -99,6 +99,7 @@ class ModelConfig:
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # RoI masks
     weights: str = "none"  # whole-model weights: none | torchvision-coco | path to one of our checkpoints or state dicts
     roi_align_aligned: bool = True  # half-pixel-correct RoIAlign (Detectron2); False reproduces torchvision v1
+    roi_canonical_size: float = 224.0  # RoIs of this side (sqrt of the area, px) are pooled from p4, twice it from p5, half from p3 (FPN eq. 1); for images of about 800 px
     paste_mode: str = "exact"  # mask paste: exact (sub-pixel, bilinear) | torchvision (its integer-rounded paste)
     precision: str = "fp32"  # CPU inference: fp32 | bf16 (backbone and heads; needs AVX-512 BF16 or AMX) | auto (the faster, timed on the first calls; fp32 without bf16 units)
     cpu_speedups: bool = True  # model/cpu_speedups.py: NHWC convs, measured weight-gradient layout, BatchNorm folded at eval, threaded RoIAlign; same weights, results equal up to float rounding
@@ -224,6 +225,7 @@ _FRACTION = _between(0.0, 1.0, open_low=True)  # 0 would sample or keep nothing
 # tuple applies to each element; a None value (where the field allows None) or a word (auto) is not checked here.
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.num_classes": _at_least(1),
+    "model.roi_canonical_size": _above(0.0),
     "model.backbone.trainable_layers": _between(0, 5),
     "model.backbone.fpn_channels": _at_least(1),
     "model.transform.min_size": _at_least(1),

@@ -16,6 +16,14 @@ def test_level_assignment_by_hand():
     assert pooler.assign_levels(boxes).tolist() == [0, 0, 1, 2, 2, 3, 3]
 
 
+def test_doubling_the_canonical_size_pools_every_roi_one_level_finer():
+    pooler = LevelRoIAlign(output_size=7, sampling_ratio=2, aligned=True, canonical_size=448)
+    sides = torch.tensor([10.0, 223.0, 224.0, 447.0, 448.0, 895.0, 896.0, 4000.0])
+    boxes = torch.stack([torch.zeros(8), torch.zeros(8), sides, sides], dim=1)
+    # k = floor(4 + log2(side / 448)): 224 px RoIs now come from p3, 448 px ones from p4
+    assert pooler.assign_levels(boxes).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
 def test_pooler_matches_torchvision_multiscale_roi_align_forward_and_backward():
     torch.manual_seed(0)
     features = {name: feature.requires_grad_() for name, feature in _features(canvas=(256, 320)).items()}

@@ -68,7 +68,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     b = cfg.box_head
     box_head = BoxHead(
         pooler=LevelRoIAlign(output_size=b.pooler_size, sampling_ratio=b.sampling_ratio,
-                             aligned=cfg.roi_align_aligned),
+                             aligned=cfg.roi_align_aligned, canonical_size=cfg.roi_canonical_size),
         in_channels=channels, representation_size=b.representation_size, num_classes=cfg.num_classes,
         matcher=Matcher(high_threshold=b.fg_iou_thresh, low_threshold=b.bg_iou_thresh,
                         allow_low_quality_matches=False),
@@ -78,7 +78,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     m = cfg.mask_head
     mask_head = MaskHead(
         pooler=LevelRoIAlign(output_size=m.pooler_size, sampling_ratio=m.sampling_ratio,
-                             aligned=cfg.roi_align_aligned),
+                             aligned=cfg.roi_align_aligned, canonical_size=cfg.roi_canonical_size),
         in_channels=channels, conv_channels=m.conv_channels, num_convs=m.num_convs, num_classes=cfg.num_classes)
     model = MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, box_head=box_head, mask_head=mask_head,
                      paste_mode=cfg.paste_mode, precision=cfg.precision)

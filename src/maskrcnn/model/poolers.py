@@ -22,7 +22,7 @@ def image_index_rois(image_index: Tensor, boxes: Tensor) -> Tensor:
 
 class LevelRoIAlign(nn.Module):
     """RoIAlign over FPN levels, each RoI pooled from the level that matches its size (FPN paper, eq. 1):
-    k = floor(k0 + log2(sqrt(w * h) / 224)), clamped to the available levels, with k0 = 4.
+    k = floor(k0 + log2(sqrt(w * h) / canonical_size)), clamped to the available levels, with k0 = 4.
 
     Same level rule and epsilon as torchvision's `MultiScaleRoIAlign`, but with a configurable `aligned`
     (half-pixel-correct sampling, Detectron2) and one host sync for all levels (the level counts).
@@ -32,25 +32,29 @@ class LevelRoIAlign(nn.Module):
         output_size: S, pooled height and width.
         sampling_ratio: sampling points per bin side (<= 0: adaptive, as roi_align).
         aligned: shift box coordinates by -0.5 px (True) or not (False, torchvision v1).
+        canonical_size: side (square root of the area, canvas pixels) of the RoIs pooled from p4; 224 (the FPN
+            paper's and torchvision's) for images of about 800 px; doubling it pools every RoI one level finer.
         roi_align: the kernel of one level, with `torchvision.ops.roi_align`'s signature (the default); the CPU
             speed layer (`cpu_speedups.optimize_for_cpu`) puts a threaded one here.
     """
 
     def __init__(self, *, featmap_names: Sequence[str] = ("p2", "p3", "p4", "p5"), output_size: int,
-                 sampling_ratio: int, aligned: bool, roi_align: RoIAlignFn = torchvision_roi_align) -> None:
+                 sampling_ratio: int, aligned: bool, canonical_size: float = 224.0,
+                 roi_align: RoIAlignFn = torchvision_roi_align) -> None:
         super().__init__()
         self.featmap_names = tuple(featmap_names)
         self.levels = [int(name.lstrip("p")) for name in self.featmap_names]
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.canonical_size = canonical_size
         self.roi_align = roi_align
 
     def assign_levels(self, boxes: Tensor) -> Tensor:
-        """i64[R]: index into `featmap_names` of the level of every box f32[R, 4] (canonical 224 px at level 4)."""
+        """i64[R]: index into `featmap_names` of the level of every box f32[R, 4] (`canonical_size` at level 4)."""
         sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-        # the 1e-6 keeps boxes of exactly 224 * 2**n on the upper level, as torchvision's LevelMapper
-        level = torch.floor(4 + torch.log2(sizes / 224) + torch.tensor(1e-6, dtype=sizes.dtype))
+        # the 1e-6 keeps boxes of exactly canonical_size * 2**n on the upper level, as torchvision's LevelMapper
+        level = torch.floor(4 + torch.log2(sizes / self.canonical_size) + torch.tensor(1e-6, dtype=sizes.dtype))
         level = level.clamp(min=self.levels[0], max=self.levels[-1])
         return level.to(torch.int64) - self.levels[0]
 
