@@ -257,7 +257,8 @@ def test_bf16_training_runs_only_the_trained_depthwise_convs_in_fp32():
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sum(value.float().sum() for value in backbone(x).values()).backward()
-        assert dtypes_by_stage() == {0: {torch.bfloat16}, 1: {torch.bfloat16}, **{s: {torch.float32} for s in range(2, 7)}}
+        trained_in_fp32 = {s: {torch.float32} for s in range(2, 7)}
+        assert dtypes_by_stage() == {0: {torch.bfloat16}, 1: {torch.bfloat16}, **trained_in_fp32}
         with torch.no_grad():  # inference: every depthwise conv in bf16
             backbone(x)
         assert dtypes_by_stage() == {s: {torch.bfloat16} for s in range(7)}

@@ -128,9 +128,9 @@ class MBConv(nn.Module):
         """f32[B, C, H, W] -> f32[B, C', H / s, W / s]."""
         hidden = self.expand(x)
         if hidden.requires_grad and torch.is_autocast_enabled("cpu"):
-            # oneDNN's bf16 depthwise backward is slower than its fp32 one: in fp32 a bf16 training step of the
-            # pennfudan-lite model takes 0.76x the CPU time of an fp32 step, in bf16 1.0x (benchmarks/RESULTS.md).
-            # Inference (no backward) is fastest all in bf16.
+            # oneDNN's bf16 depthwise backward is slower than its fp32 one: with these convs in fp32 a bf16 training
+            # step of the pennfudan-lite model takes 0.67x the CPU time of an fp32 step, with them in bf16 0.99x
+            # (benchmarks/RESULTS.md). Frozen stages and inference (no backward) are fastest all in bf16.
             with torch.autocast("cpu", enabled=False):
                 hidden = self.depthwise(hidden.float())
         else:
