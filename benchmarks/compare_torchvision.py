@@ -124,7 +124,10 @@ def measure(name: str, device: torch.device, modes: list[str], num_classes: int,
             dtypes: list[str], warmup: int, iters: int, without: list[str]) -> list[dict]:
     """Times one model ("torchvision" or "ours", the same seeded weights) in every mode, batch size and dtype."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # each at its own default for images of one size: ours tunes (what `maskrcnn train` does with a fixed canvas;
+        # its mask head rounds the RoI count for it), torchvision does not (the default, as its users run it: with
+        # benchmark on, its mask head's RoI count, new at nearly every step, is tuned again each time)
+        torch.backends.cudnn.benchmark = name == "ours"
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
     if name == "ours":

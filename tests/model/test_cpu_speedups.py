@@ -6,6 +6,7 @@ import multiprocessing
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import roi_align
 
 from maskrcnn.config import BackboneConfig, BoxHeadConfig, MaskHeadConfig, ModelConfig, TransformConfig
@@ -253,6 +254,35 @@ def test_weights_changed_after_an_eval_are_used_by_the_next_eval(plain_and_fast)
         for model in (plain, fast):
             model.load_state_dict(changed)
         _assert_same_detections(fast(images), plain.eval()(images))
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the name of every aten op run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a device other than the CPU, as a GPU is
+def test_off_the_cpu_eval_runs_the_norm_and_the_plain_roi_align(device):
+    torch.manual_seed(0)
+    model = optimize_for_cpu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), threaded_roi_align=False)
+    model.eval().to(device)
+    feature = torch.randn(2, 4, 20, 24).contiguous(memory_format=torch.channels_last).to(device)
+    with torch.no_grad(), _AtenOps() as ops:
+        model(torch.randn(1, 3, 8, 8).to(device))
+        cpu_roi_align(feature, _rois(3).to(device), 5, spatial_scale=0.25, sampling_ratio=2)
+    norms = [name for name in ops.names if "batch_norm" in name]
+    copies = ops.names.count("copy_")  # the NCHW copy of the NHWC map, one per image
+    if device == "cpu":
+        assert norms == [] and copies == 2  # folded into the conv; 2 images
+    else:
+        assert len(norms) == 1 and copies == 0
 
 
 def test_build_model_applies_the_speed_layer_when_configured():

@@ -33,6 +33,29 @@ def test_forward_selects_the_class_channel():
     assert logits[:, 0, 0].tolist() == [20.0, 10.0, 30.0]
 
 
+def test_under_cudnn_benchmark_the_convs_see_64_rois_and_the_results_are_unchanged(monkeypatch):
+    head = _head()
+    features = {f"p{k}": torch.randn(2, 4, 64 // 2**k, 64 // 2**k, requires_grad=True) for k in (2, 3, 4, 5)}
+    rois = torch.tensor([[0.0, 0.0, 0.0, 20.0, 20.0], [1.0, 5.0, 5.0, 60.0, 40.0], [1.0, 1.0, 1.0, 9.0, 9.0]])
+    labels = torch.tensor([2, 1, 3])
+    seen = []
+    head.convs[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+
+    def run(benchmark):
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", benchmark)
+        logits = head(features, rois, labels)
+        gradients = torch.autograd.grad(logits.square().sum(), [*features.values(), head.convs[0].weight])
+        return logits, gradients
+
+    plain, plain_gradients = run(False)
+    padded, padded_gradients = run(True)
+    assert seen == [3, 64]  # 3 RoIs, then 61 zero rows after them
+    assert padded.shape == (3, 28, 28)
+    torch.testing.assert_close(padded, plain)
+    for padded_gradient, plain_gradient in zip(padded_gradients, plain_gradients):
+        torch.testing.assert_close(padded_gradient, plain_gradient)
+
+
 def test_targets_are_the_matched_mask_cropped_to_the_box():
     head = _head(aligned=True)
     masks_image0 = torch.ones(2, 60, 50, dtype=torch.uint8)  # two GT of image 0: full masks, never the match

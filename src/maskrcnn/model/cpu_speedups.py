@@ -126,12 +126,19 @@ class SpeedConv2d(nn.Conv2d):
 
     # the private hook of nn.Conv2d where weight, bias and input meet; overriding it keeps forward() as torch's
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.folded_norm is not None and not self.training:
+        if self.folded_norm is not None and _folds(self, input):
             weight, bias = _fold(weight, bias, self.folded_norm)
         elif self.measured_weight_grad and _nhwc_float32_training_on_cpu(input, weight) and self.groups == 1 \
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple):
             return _MeasuredWeightGradConv.apply(input, weight, bias, self.stride, self.padding, self.dilation)
         return super()._conv_forward(input, weight, bias)
+
+
+def _folds(module: nn.Module, input: Tensor) -> bool:
+    """Whether the folding applies: eval mode on the CPU. On a GPU the fold's nine small ops per convolution at every
+    call are launches where the norm is one kernel, and GPU inference waits on the host (batch 8 on an H200: 86 ms
+    per call, 48 ms of it in kernels; benchmarks/RESULTS.md)."""
+    return not module.training and input.device.type == "cpu"
 
 
 def _nhwc_float32_training_on_cpu(input: Tensor, weight: Tensor) -> bool:
@@ -152,14 +159,14 @@ class _FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """FrozenBatchNorm2d whose eval-mode work the convolution before it does (`SpeedConv2d`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) if self.training else x
+        return x if _folds(self, x) else super().forward(x)
 
 
 class _FoldedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose eval-mode work the convolution before it does (`SpeedConv2d`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) if self.training else x
+        return x if _folds(self, x) else super().forward(x)
 
 
 # norms that fold: affine with running statistics (BatchNorm2d's defaults; optimize_for_cpu checks nothing else)
@@ -245,6 +252,7 @@ def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale:
     """`torchvision.ops.roi_align` (same signature, same values) on an NCHW copy of the map, split across torch's
     threads on CPU in float32 (the RoIs in the forward, the channels in the backward); under CPU autocast the map
     is cast to float32 first and the result stays float32 (torchvision's autocast casts it back to the map's dtype).
+    Off the CPU, torchvision's op as it is.
 
     Args:
         input: f32[B, C, H, W] (bf16 under autocast) in any layout.
@@ -252,15 +260,16 @@ def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale:
     Returns:
         f32[R, C, S, S].
     """
-    if torch.compiler.is_compiling():  # traced for export: the plain op, which the exporters know
+    # traced for export: the plain op, which the exporters know; on a GPU: the plain op, one kernel
+    if torch.compiler.is_compiling() or input.device.type != "cpu":
         return torchvision_roi_align(input, boxes, output_size, spatial_scale=spatial_scale,
                                      sampling_ratio=sampling_ratio, aligned=aligned)
     input = nchw_copy(input)
-    if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu"):
         # float32, as torchvision's autocast rule for roi_align has it, cast here: the threads below call the
         # kernel directly, and autocast is per thread (bf16 maps: 1 thread and a cast back to bf16 otherwise)
         input, boxes = input.float(), boxes.float()
-    workers = torch.get_num_threads() if input.device.type == "cpu" else 1
+    workers = torch.get_num_threads()
     splittable = min(boxes.shape[0], input.shape[1]) >= workers  # RoIs in the forward, channels in the backward
     # the threads call the kernels directly, so float32 only
     if workers > 1 and splittable and input.dtype == boxes.dtype == torch.float32:

@@ -16,6 +16,11 @@ from torchvision.ops import roi_align
 
 from maskrcnn.model.poolers import LevelRoIAlign, image_index_rois
 
+# Under cudnn.benchmark the RoI count is rounded up to a multiple of this: the count changes every training step,
+# and cudnn tunes its convolutions again for every new shape (about half a second per new count in a profile of
+# batch-8 training on an H200); rounded, it sees at most a few shapes per batch size
+ROI_COUNT_MULTIPLE = 64
+
 
 class MaskHead(nn.Module):
     """Predicts a 28x28 mask per RoI and class; only the channel of the RoI's class is used (sec. 3: the
@@ -65,11 +70,14 @@ class MaskHead(nn.Module):
             f32[R, M, M] logits of the channel `labels`.
         """
         x = self.pooler(features, rois)  # (R, C, S, S)
+        count = x.shape[0]
+        if torch.backends.cudnn.benchmark:  # zero rows, cut off again below
+            x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, -count % ROI_COUNT_MULTIPLE))  # (R, C, S, S) -> (R', C, S, S)
         for conv in self.convs:
             x = F.relu(conv(x))
-        x = F.relu(self.deconv(x))  # (R, C, S, S) -> (R, C, M, M)
-        logits = self.logits(x)  # (R, K+1, M, M)
-        return logits[torch.arange(logits.shape[0], device=logits.device), labels]  # (R, M, M)
+        x = F.relu(self.deconv(x))  # (R', C, S, S) -> (R', C, M, M)
+        logits = self.logits(x)[:count]  # (R, K+1, M, M)
+        return logits[torch.arange(count, device=logits.device), labels]  # (R, M, M)
 
     @torch.no_grad()
     def targets(self, rois: Tensor, matched_gt: Tensor, gt_valid: Tensor, masks_per_image: Sequence[Tensor],
