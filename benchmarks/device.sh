@@ -41,8 +41,8 @@ run)
     profile() { python3 benchmarks/gpu_profile.py --device cuda "$@" --json "$out/gpu_profile_cuda.json"; }
     case "$what" in
     compare | accuracy | profile) "$what" "${@:3}" 2>&1 | tee "$out/$what.log" ;;
-    # One call within the device's 10 minutes: the comparison, ours alone on Penn-Fudan (torchvision's 200 s figure
-    # is the issue's), then the profile; each runs even when one before it failed.
+    # One call within the device's 10 minutes: the comparison, ours alone on Penn-Fudan (torchvision's 200 s run on
+    # an H200 is in RESULTS.md), then the profile; each runs even when one before it failed.
     all)
         status=0
         compare 2>&1 | tee "$out/compare.log" || status=1
