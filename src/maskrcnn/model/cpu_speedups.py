@@ -136,8 +136,8 @@ class SpeedConv2d(nn.Conv2d):
 
 def _folds(module: nn.Module, input: Tensor) -> bool:
     """Whether the folding applies: eval mode on the CPU. On a GPU the fold's nine small ops per convolution at every
-    call are launches where the norm is one kernel, and GPU inference waits on the host (batch 8 on an H200: 86 ms
-    per call, 48 ms of it in kernels; benchmarks/RESULTS.md)."""
+    call are launches where the norm is one kernel, and GPU inference waits on the host (batch 8 on an H200: 48 ms
+    of kernels in a 106 ms profiled call; benchmarks/RESULTS.md)."""
     return not module.training and input.device.type == "cpu"
 
 
