@@ -32,7 +32,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from maskrcnn.model import from_torchvision
 from maskrcnn.model.cpu_speedups import optimize_for_cpu
 
-SPEEDUPS = ("channels_last", "measured_weight_grad", "fold_batchnorm", "threaded_roi_align")
+SPEEDUPS = ("channels_last", "measured_weight_grad", "fold_batchnorm", "nhwc_roi_align")
 
 HEIGHT, WIDTH = 800, 1088  # the original project's canvas; the transform keeps this size at min 800 / max 1333
 

@@ -102,7 +102,7 @@ class ModelConfig:
     roi_canonical_size: float = 224.0  # RoIs of this side (sqrt of the area, px) are pooled from p4, twice it from p5, half from p3 (FPN eq. 1); for images of about 800 px
     paste_mode: str = "exact"  # mask paste: exact (sub-pixel, bilinear) | torchvision (its integer-rounded paste)
     precision: str = "fp32"  # CPU inference: fp32 | bf16 (backbone and heads; needs AVX-512 BF16 or AMX) | auto (the faster, timed on the first calls; fp32 without bf16 units)
-    cpu_speedups: bool = True  # model/cpu_speedups.py: NHWC convs, measured weight-gradient layout, BatchNorm folded at eval, threaded RoIAlign; same weights, results equal up to float rounding
+    cpu_speedups: bool = True  # model/cpu_speedups.py: NHWC convs, measured weight-gradient layout, BatchNorm folded at eval, RoIAlign read from NHWC maps; same weights, results equal up to float rounding
 
 
 # ------------------------------------------------------------------------------------------------ data

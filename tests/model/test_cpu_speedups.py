@@ -1,7 +1,6 @@
 import copy
 import dataclasses
 import itertools
-import multiprocessing
 
 import pytest
 import torch
@@ -71,7 +70,7 @@ def test_conv_gradients_equal_conv2d_whichever_layout_is_chosen(monkeypatch, lay
     torch.manual_seed(0)
     reference = nn.Conv2d(6, 8, 3, stride=stride, padding=1, bias=bias).double()
     holder = nn.Sequential(nn.Conv2d(6, 8, 3, stride=stride, padding=1, bias=bias))
-    optimize_for_cpu(holder, threaded_roi_align=False)
+    optimize_for_cpu(holder, nhwc_roi_align=False)
     conv = holder[0]
     conv.load_state_dict(reference.state_dict())
     forced = _Forced(layout)
@@ -92,7 +91,7 @@ def test_conv_gradients_equal_conv2d_whichever_layout_is_chosen(monkeypatch, lay
 
 def test_convs_outside_cpu_float32_training_take_no_measured_path(monkeypatch):
     holder = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1))
-    optimize_for_cpu(holder, threaded_roi_align=False)
+    optimize_for_cpu(holder, nhwc_roi_align=False)
     forced = _Forced("nchw")
     monkeypatch.setattr(cpu_speedups, "weight_grad_layout", forced)
     x = _nhwc(1, 4, 8, 8)
@@ -120,57 +119,72 @@ def test_nchw_copy_keeps_values_and_passes_the_gradient_through():
 
 
 def _rois(count: int, images: int = 2) -> torch.Tensor:
-    xy = torch.rand(count, 2) * 60
+    """RoIs on a 20 x 24 map at spatial scale 0.25, some reaching past its edges (and some past -1 pixel)."""
+    xy = torch.rand(count, 2) * 90 - 15
     return torch.cat([torch.randint(0, images, (count, 1)).float(), xy, xy + torch.rand(count, 2) * 30 + 1], dim=1)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_roi_align_hand_worked_values():
+    feature = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    whole = torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]])
+    # aligned: one sample per bin at the centre of each pixel, so the 2 x 2 output is the map itself
+    assert torch.equal(cpu_roi_align(feature, whole, 2, sampling_ratio=1, aligned=True), feature)
+    # one bin, one sample at the map's centre (0.5, 0.5): the mean of the four pixels
+    assert torch.equal(cpu_roi_align(feature, whole, 1, sampling_ratio=1, aligned=True), torch.full((1, 1, 1, 1), 1.5))
+    # not aligned: the sample falls at (1, 1), the last pixel on both axes, whose value it takes
+    assert torch.equal(cpu_roi_align(feature, whole, 1, sampling_ratio=1, aligned=False), torch.full((1, 1, 1, 1), 3.0))
+    # four samples in one bin: (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75) average to (0.5, 0.5)
+    assert torch.allclose(cpu_roi_align(feature, whole, 1, sampling_ratio=2, aligned=True), torch.tensor(1.5))
+    # a box more than one pixel outside the map samples nothing
+    far = torch.tensor([[0.0, 10.0, 10.0, 12.0, 12.0]])
+    assert torch.equal(cpu_roi_align(feature, far, 1, sampling_ratio=1, aligned=True), torch.zeros(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_roi_align_equals_torchvision_forward_and_backward(torch_threads, threads, dtype):
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_cpu_roi_align_equals_torchvision_forward_and_backward(torch_threads, threads, dtype, aligned, layout):
     torch_threads(threads)
     torch.manual_seed(0)
-    feature = _nhwc(2, 4, 20, 24).to(dtype).requires_grad_()
-    rois = _rois(7).to(dtype)
-    grad = torch.randn(7, 4, 5, 5, dtype=dtype)
-    expected = roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    feature = _nhwc(2, 4, 20, 24).to(dtype)
+    feature = (feature if layout == "nhwc" else feature.contiguous()).requires_grad_()
+    rois = _rois(40).to(dtype)
+    grad = torch.randn(40, 4, 5, 5, dtype=dtype)
+    expected = roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=aligned)
     (expected_grad,) = torch.autograd.grad(expected, feature, grad)
-    got = cpu_roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    got = cpu_roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=aligned)
     (got_grad,) = torch.autograd.grad(got, feature, grad)
-    assert torch.equal(got, expected)
-    assert torch.equal(got_grad, expected_grad)  # each thread computes whole channels, as the one call does
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert expected.abs().sum() > 0 and (expected == 0).any()  # samples inside, and RoIs outside the map
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]  # the same sums in another order
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=tolerance, atol=tolerance)
 
 
-def test_cpu_roi_align_under_bf16_autocast_pools_the_map_in_float32_on_the_threads(torch_threads, monkeypatch):
+def test_cpu_roi_align_with_adaptive_sampling_or_no_rois_is_torchvisions():
+    torch.manual_seed(0)
+    feature = _nhwc(2, 4, 20, 24)
+    rois = _rois(7)
+    for sampling_ratio in (0, -1):  # a sample count per RoI: torchvision's op itself
+        assert torch.equal(cpu_roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=sampling_ratio),
+                           roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=sampling_ratio))
+    assert cpu_roi_align(feature, rois[:0], 5, spatial_scale=0.25, sampling_ratio=2).shape == (0, 4, 5, 5)
+
+
+def test_cpu_roi_align_under_bf16_autocast_pools_the_bf16_map_as_it_is(torch_threads):
     torch_threads(2)
     torch.manual_seed(0)
     feature = _nhwc(2, 4, 20, 24).bfloat16().requires_grad_()
     rois = _rois(7)
-    threaded = []
-    monkeypatch.setattr(cpu_speedups._ThreadedRoIAlign, "apply",
-                        lambda *args, wrapped=cpu_speedups._ThreadedRoIAlign.apply: threaded.append(1) or wrapped(*args))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), _AtenOps() as ops:
         got = cpu_roi_align(feature, rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
     expected = roi_align(feature.detach().float(), rois, 5, spatial_scale=0.25, sampling_ratio=2, aligned=True)
-    assert threaded == [1] and got.dtype == torch.float32
-    assert torch.equal(got, expected)
-    got.sum().backward()  # the gradient reaches the bf16 map through the cast
+    assert got.dtype == torch.bfloat16 and "roi_align" not in ops.names
+    # bf16 weights and a bf16 result: within bf16's rounding (8 bits) of the float32 pooling of the same map
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    got.float().sum().backward()  # the gradient reaches the bf16 map
     assert feature.grad.dtype == torch.bfloat16 and feature.grad.abs().sum() > 0
-
-
-def _pool_in_child(features, rois):
-    torch.set_num_threads(2)
-    return cpu_roi_align(features, rois, 3, spatial_scale=0.25, sampling_ratio=2, aligned=True)
-
-
-def test_threaded_roi_align_works_in_a_forked_child_after_use_in_the_parent(torch_threads):
-    """A forked child inherits the thread pool object but not its threads: it must get a pool of its own."""
-    features = torch.randn(1, 4, 16, 16)
-    rois = torch.tensor([[0.0, 2, 2, 30, 30], [0.0, 4, 4, 20, 28]])
-    torch_threads(2)
-    expected = cpu_roi_align(features, rois, 3, spatial_scale=0.25, sampling_ratio=2, aligned=True)
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        got = pool.apply_async(_pool_in_child, (features, rois)).get(timeout=60)
-    assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------------------------ whole model
@@ -271,18 +285,18 @@ class _AtenOps(TorchDispatchMode):
 @pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a device other than the CPU, as a GPU is
 def test_off_the_cpu_eval_runs_the_norm_and_the_plain_roi_align(device):
     torch.manual_seed(0)
-    model = optimize_for_cpu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), threaded_roi_align=False)
+    model = optimize_for_cpu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nhwc_roi_align=False)
     model.eval().to(device)
     feature = torch.randn(2, 4, 20, 24).contiguous(memory_format=torch.channels_last).to(device)
     with torch.no_grad(), _AtenOps() as ops:
         model(torch.randn(1, 3, 8, 8).to(device))
         cpu_roi_align(feature, _rois(3).to(device), 5, spatial_scale=0.25, sampling_ratio=2)
     norms = [name for name in ops.names if "batch_norm" in name]
-    copies = ops.names.count("copy_")  # the NCHW copy of the NHWC map, one per image
-    if device == "cpu":
-        assert norms == [] and copies == 2  # folded into the conv; 2 images
+    bags = [name for name in ops.names if "embedding_bag" in name]
+    if device == "cpu":  # the norm folded into the conv; the map pooled as a table of rows
+        assert norms == [] and "roi_align" not in ops.names and len(bags) == 1
     else:
-        assert len(norms) == 1 and copies == 0
+        assert len(norms) == 1 and "roi_align" in ops.names and bags == []
 
 
 def test_build_model_applies_the_speed_layer_when_configured():

@@ -233,7 +233,7 @@ def test_batchnorm_folding_keeps_the_outputs():
         x = torch.rand(1, 3, 64, 64)
         expected = backbone(x)
         norms = [m for m in backbone.body.modules() if isinstance(m, FrozenBatchNorm2d)]
-        optimize_for_cpu(backbone, threaded_roi_align=False)
+        optimize_for_cpu(backbone, nhwc_roi_align=False)
         # every norm of the trunk is folded into the plain conv before it (the strided ones too, after SamePad)
         assert all(type(m).__name__ == "_FoldedFrozenBatchNorm2d" for m in norms)
         for name, value in backbone(x).items():

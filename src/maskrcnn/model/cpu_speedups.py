@@ -10,28 +10,24 @@ What it does, and why (measured on the project's 2-core VM, torch 2.14, fp32; se
   is slow for some shapes (stride 2, 128 ch at 200 x 272: 49 ms against 18 + 8 ms for the copies) and not others.
 - BatchNorm folded into the convolution before it in eval mode, recomputed from the current weights at every call
   (no cache: weights changed by training or load_state_dict are always used).
-- RoIAlign split across threads: torchvision's CPU kernels use one thread whatever torch's thread count
-  (1024 RoIs on a 2 x 256 x 200 x 272 map, forward + backward 1170 -> 694 ms on 2 threads), on NCHW copies of
-  the NHWC maps made as 2-D transposes (3x faster than `contiguous()`).
+- RoIAlign read from the NHWC maps as a weighted sum of map rows (`F.embedding_bag`), on torch's threads and in
+  the map's dtype: torchvision's CPU kernels use one thread whatever torch's thread count and read one NCHW plane
+  per channel (700 RoIs on a 2 x 256 x 200 x 272 map, forward + backward: 720 -> 107 ms on 2 threads).
 
 Each applies only where it can (CPU, float32, no autocast; RoIAlign and the folding also under bf16 autocast);
 elsewhere the plain torch / torchvision op runs.
 Private calls, each with its reason: `nn.Conv2d._conv_forward` (overridden: the one place where a conv's weight
 and bias meet its input), `torch.ops.aten.convolution_backward` (the input and weight gradients of a convolution
-as two separate calls), `torch.ops.torchvision.roi_align` / `_roi_align_backward` (the kernels without their
-autograd wrapper, so that threads can run them on parts of the RoIs / channels).
+as two separate calls).
 
 Shape letters: B images, C channels, H, W height and width, R RoIs, S pooled size.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -45,16 +41,16 @@ T = TypeVar("T")
 
 
 def optimize_for_cpu(model: nn.Module, *, channels_last: bool = True, measured_weight_grad: bool = True,
-                     fold_batchnorm: bool = True, threaded_roi_align: bool = True) -> nn.Module:
+                     fold_batchnorm: bool = True, nhwc_roi_align: bool = True) -> nn.Module:
     """Applies the speed layer to `model` in place and returns it; the state dict is unchanged.
 
     Args:
-        model: a MaskRCNN (any module without `threaded_roi_align`), in any mode, on any device (the tricks
+        model: a MaskRCNN (any module without `nhwc_roi_align`), in any mode, on any device (the tricks
             check the device at every call).
         channels_last: NHWC memory layout for every 4-D weight, hence for the activations of the convolutions.
         measured_weight_grad: 3x3 convolutions take their weight gradient from NHWC or NCHW, whichever is faster.
         fold_batchnorm: in eval mode, BatchNorm after a convolution is folded into that convolution's weights.
-        threaded_roi_align: the poolers of both heads run RoIAlign on torch's CPU threads.
+        nhwc_roi_align: the poolers of both heads run `cpu_roi_align` (NHWC maps as they are, torch's threads).
     Returns:
         the same model object.
     """
@@ -72,7 +68,7 @@ def optimize_for_cpu(model: nn.Module, *, channels_last: bool = True, measured_w
                 norm.__class__ = _FOLDED_NORMS[type(norm)]
                 # a plain attribute, not a submodule: the norm stays registered (and saved) where it is
                 object.__setattr__(conv, "folded_norm", norm)
-    if threaded_roi_align:
+    if nhwc_roi_align:
         model.box_head.pooler.roi_align = cpu_roi_align
         model.mask_head.pooler.roi_align = cpu_roi_align
     return model
@@ -249,77 +245,74 @@ class _NCHWCopy(torch.autograd.Function):
 
 def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale: float = 1.0,
                   sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """`torchvision.ops.roi_align` (same signature, same values) on an NCHW copy of the map, split across torch's
-    threads on CPU in float32 (the RoIs in the forward, the channels in the backward); under CPU autocast the map
-    is cast to float32 first and the result stays float32 (torchvision's autocast casts it back to the map's dtype).
-    Off the CPU, torchvision's op as it is.
+    """`torchvision.ops.roi_align` (same signature, same values up to float rounding) that reads the map in its
+    NHWC layout, on torch's threads, in the map's dtype.
+
+    RoIAlign is linear in the map: every output bin is the mean of sampling_ratio**2 bilinear samples, each a
+    weighted sum of 4 pixels, so a bin is a weighted sum of 4 * sampling_ratio**2 rows of C channels of the map seen
+    as a (B*H*W, C) table, which is what `F.embedding_bag(mode="sum")` computes; its backward scatters the same
+    rows. torchvision's CPU kernel instead runs on one thread and reads one NCHW plane per channel per sample (700
+    RoIs on a 2 x 256 x 200 x 272 map, forward / backward: 265 / 455 ms for torchvision's kernels split across 2
+    threads on an NCHW copy, 41 / 66 ms here; benchmarks/RESULTS.md). Under bf16 autocast the map stays bf16
+    (torchvision's autocast rule would pool a float32 copy of it) and so does the result.
+    Off the CPU, when traced for export, or with adaptive sampling (sampling_ratio <= 0: a count per RoI):
+    torchvision's op as it is.
 
     Args:
-        input: f32[B, C, H, W] (bf16 under autocast) in any layout.
+        input: f32[B, C, H, W] (bf16 under autocast; any float dtype), NHWC or not (NCHW is copied to NHWC once).
         boxes: f32[R, 5] (image index, x1, y1, x2, y2).
     Returns:
-        f32[R, C, S, S].
+        [R, C, S, S] in input's dtype, NHWC (channels_last) strides.
     """
-    # traced for export: the plain op, which the exporters know; on a GPU: the plain op, one kernel
-    if torch.compiler.is_compiling() or input.device.type != "cpu":
+    if torch.compiler.is_compiling() or input.device.type != "cpu" or sampling_ratio <= 0:
         return torchvision_roi_align(input, boxes, output_size, spatial_scale=spatial_scale,
                                      sampling_ratio=sampling_ratio, aligned=aligned)
-    input = nchw_copy(input)
-    if torch.is_autocast_enabled("cpu"):
-        # float32, as torchvision's autocast rule for roi_align has it, cast here: the threads below call the
-        # kernel directly, and autocast is per thread (bf16 maps: 1 thread and a cast back to bf16 otherwise)
-        input, boxes = input.float(), boxes.float()
-    workers = torch.get_num_threads()
-    splittable = min(boxes.shape[0], input.shape[1]) >= workers  # RoIs in the forward, channels in the backward
-    # the threads call the kernels directly, so float32 only
-    if workers > 1 and splittable and input.dtype == boxes.dtype == torch.float32:
-        return _ThreadedRoIAlign.apply(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, workers)
-    return torchvision_roi_align(input, boxes, output_size, spatial_scale=spatial_scale,
-                                 sampling_ratio=sampling_ratio, aligned=aligned)
+    batch, channels, height, width = input.shape
+    rois = boxes.shape[0]
+    with torch.no_grad():  # the sample weights depend on the boxes only, which get no gradient, as in torchvision
+        # coordinates in float32 at least (torchvision's autocast rule pools bf16 maps in float32)
+        corners = boxes[:, 1:].to(torch.promote_types(input.dtype, torch.float32)) * spatial_scale
+        if aligned:
+            corners = corners - 0.5
+        sizes = corners[:, 2:] - corners[:, :2]  # (R, 2) width, height in map pixels
+        if not aligned:
+            sizes = sizes.clamp(min=1.0)  # torchvision v1 pools at least a 1 x 1 pixel box
+        rows, row_weights = _bilinear_taps(corners[:, 1], sizes[:, 1], output_size, sampling_ratio, height)
+        columns, column_weights = _bilinear_taps(corners[:, 0], sizes[:, 0], output_size, sampling_ratio, width)
+        image = boxes[:, 0].to(torch.int64)
+        # dims (R, bin row, bin column, sample row, sample column, row tap, column tap): one bag per bin
+        index = ((image[:, None, None, None, None, None, None] * height + rows[:, :, None, :, None, :, None]) * width
+                 + columns[:, None, :, None, :, None, :])
+        weight = (row_weights[:, :, None, :, None, :, None] * column_weights[:, None, :, None, :, None, :]
+                  / sampling_ratio**2)  # the mean over the bin's samples
+        bag = (rois * output_size * output_size, 4 * sampling_ratio**2)  # (bins, taps per bin)
+    table = input.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view of an NHWC map
+    pooled = F.embedding_bag(index.reshape(bag), table, per_sample_weights=weight.reshape(bag).to(table.dtype),
+                             mode="sum")  # (R * S * S, C)
+    return pooled.view(rois, output_size, output_size, channels).permute(0, 3, 1, 2)
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A thread pool of `workers` threads for this process."""
-    # keyed by process id too: a forked child inherits the pool object but not its threads, and would wait forever
-    return _process_executor(workers, os.getpid())
+def _bilinear_taps(start: Tensor, size: Tensor, bins: int, sampling_ratio: int, length: int) -> tuple[Tensor, Tensor]:
+    """The two pixels and their weights of every sample along one axis, by torchvision's RoIAlign rules.
 
-
-@functools.cache
-def _process_executor(workers: int, pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
-
-
-class _ThreadedRoIAlign(torch.autograd.Function):
-    """torchvision's roi_align kernels on `workers` threads. Each thread's backward writes the gradient of its own
-    channels, so none is summed and forward and gradient equal one roi_align call exactly (700 RoIs on a
-    2 x 256 x 200 x 272 map, backward alone: 448 ms in one call, 216 ms split by channels)."""
-
-    @staticmethod
-    def forward(ctx, feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int,
-                aligned: bool, workers: int) -> Tensor:
-        """f32[B, C, H, W] NCHW map, f32[R, 5] RoIs -> f32[R, C, S, S]."""
-        ctx.save_for_backward(rois)
-        ctx.settings = (output_size, spatial_scale, sampling_ratio, aligned, workers, tuple(feature.shape))
-
-        def pool(chunk: Tensor) -> Tensor:
-            with torch.no_grad():  # grad mode is per thread: the workers must not record a graph of their own
-                # the kernel without its autograd wrapper: this Function is the wrapper
-                return torch.ops.torchvision.roi_align(feature, chunk, spatial_scale, output_size, output_size,
-                                                       sampling_ratio, aligned)
-
-        return torch.cat(list(_executor(workers).map(pool, rois.tensor_split(workers))))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (rois,) = ctx.saved_tensors
-        output_size, spatial_scale, sampling_ratio, aligned, workers, (B, C, H, W) = ctx.settings
-
-        def scatter(grad_channels: Tensor) -> Tensor:
-            """f32[R, Cw, S, S] gradient of some channels -> f32[B, Cw, H, W]."""
-            # torchvision's backward kernel, called on a slice of the channels (its public op has no such entry)
-            return torch.ops.torchvision._roi_align_backward(grad_channels.contiguous(), rois, spatial_scale,
-                                                             output_size, output_size, B, grad_channels.shape[1],
-                                                             H, W, sampling_ratio, aligned)
-
-        grads = list(_executor(workers).map(scatter, grad.tensor_split(workers, dim=1)))
-        return torch.cat(grads, dim=1), None, None, None, None, None, None
+    Args:
+        start, size: f32[R] box start and extent in map pixels along the axis.
+        bins: S bins per side; sampling_ratio: s samples per bin side; length: map size along the axis.
+    Returns:
+        pixel indices i64[R, S, s, 2] (lower, upper) and their weights f32[R, S, s, 2], zero for a sample more
+        than one pixel outside the map.
+    """
+    bin_size = (size / bins)[:, None, None]
+    bin_index = torch.arange(bins, dtype=start.dtype)[:, None]
+    sample = torch.arange(sampling_ratio, dtype=start.dtype) + 0.5
+    # in torchvision's order of operations, so that the coordinates round alike
+    coord = start[:, None, None] + bin_index * bin_size + sample * bin_size / sampling_ratio  # (R, S, s)
+    inside = (coord >= -1.0) & (coord <= length)
+    coord = coord.clamp(min=0)
+    lower = coord.floor().clamp(max=length - 1)
+    coord = torch.where(lower >= length - 1, lower, coord)  # at the last pixel both taps are that pixel
+    fraction = coord - lower
+    lower = lower.to(torch.int64)
+    upper = (lower + 1).clamp(max=length - 1)
+    weights = torch.stack([1 - fraction, fraction], dim=-1) * inside[..., None]
+    return torch.stack([lower, upper], dim=-1), weights

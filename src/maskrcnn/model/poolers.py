@@ -35,7 +35,7 @@ class LevelRoIAlign(nn.Module):
         canonical_size: side (square root of the area, canvas pixels) of the RoIs pooled from p4; 224 (the FPN
             paper's and torchvision's) for images of about 800 px; doubling it pools every RoI one level finer.
         roi_align: the kernel of one level, with `torchvision.ops.roi_align`'s signature (the default); the CPU
-            speed layer (`cpu_speedups.optimize_for_cpu`) puts a threaded one here.
+            speed layer (`cpu_speedups.optimize_for_cpu`) puts one that reads NHWC maps here.
     """
 
     def __init__(self, *, featmap_names: Sequence[str] = ("p2", "p3", "p4", "p5"), output_size: int,
