@@ -15,6 +15,10 @@ weights, 100 detections per image reach the mask head and the paste (benchmarks/
 the same weights through `from_torchvision`. Every time includes the mask paste into the image.
 The machine is shared: the paths alternate inside each round (a load change slows all of them alike), each
 figure is the median over the rounds, and `uptime` is recorded before and after.
+The PyTorch inference paths are timed first, before any ONNX Runtime session exists in the process: once one
+has run, torchvision fp32 took 3.5-3.85 s per call instead of 3.2-3.4 s (2026-12-04, cause not found; not the
+thread affinity), which flattered every ratio to it. The runtimes then get rounds of their own, with torchvision
+fp32 again as their reference.
 
     python benchmarks/cpu_limit.py --out benchmarks/cpu_limit.json          # then paste the table into RESULTS.md
     python benchmarks/cpu_limit.py --repeats 2 --skip-train                 # inference only
@@ -120,30 +124,34 @@ def inference(args: argparse.Namespace) -> dict:
                 return model(image)
         return call
 
-    paths = {"torchvision fp32": tv_call(False), "torchvision autocast bf16": tv_call(True),
-             "ours fp32": ours_call(ours_fp32), "ours bf16": ours_call(ours_bf16)}
+    torch_paths = {"torchvision fp32": tv_call(False), "torchvision autocast bf16": tv_call(True),
+                   "ours fp32": ours_call(ours_fp32), "ours bf16": ours_call(ours_bf16)}
+    times, outputs = run_alternating(gemm_paths() | torch_paths, args.repeats)
+    # counted after the rounds: a first call of ours also runs the speed layer's measured choices (both layouts)
+    flops = {"torchvision": count_flops(torch_paths["torchvision fp32"]), "ours": count_flops(torch_paths["ours fp32"])}
+
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         print(f"exporting {onnx_path}", flush=True)
         export_model(from_torchvision(torchvision_model()), onnx_path)
     predictor = OnnxPredictor(onnx_path, threads=args.threads, optimization="all")
-    paths["onnxruntime fp32"] = lambda: predictor(image)
+    runtime_paths = {"torchvision fp32": torch_paths["torchvision fp32"],
+                     "onnxruntime fp32": lambda: predictor(image)}
     static = onnx_path.with_name(onnx_path.stem + "_int8_static.onnx")
     if static.is_file():  # written by benchmarks/export_onnxruntime.py --int8-static
         static_predictor = OnnxPredictor(static, threads=args.threads, optimization="all")
-        paths["onnxruntime int8 static"] = lambda: static_predictor(image)
+        runtime_paths["onnxruntime int8 static"] = lambda: static_predictor(image)
     notes = {}
     try:
-        paths |= openvino_paths(onnx_path, args.threads, image)
+        runtime_paths |= openvino_paths(onnx_path, args.threads, image)
     except Exception as error:  # OpenVINO's own exception types: an op it cannot read or compile
         notes["openvino"] = " ".join(str(error).split())[:300]
         print(f"openvino: {notes['openvino']}", flush=True)
-
-    times, outputs = run_alternating(gemm_paths() | paths, args.repeats)
-    # counted after the rounds: a first call of ours also runs the speed layer's measured choices (both layouts)
-    flops = {"torchvision": count_flops(paths["torchvision fp32"]), "ours": count_flops(paths["ours fp32"])}
-    detections = {name: len(output[0]["boxes"]) for name, output in outputs.items() if not name.startswith("gemm")}
-    return {"flops": flops, "times": times, "detections": detections, "notes": notes}
+    runtime_times, runtime_outputs = run_alternating(gemm_paths() | runtime_paths, args.repeats)
+    detections = {name: len(output[0]["boxes"]) for name, output in (outputs | runtime_outputs).items()
+                  if not name.startswith("gemm")}
+    return {"torch": {"flops": flops, "times": times}, "runtimes": {"flops": flops, "times": runtime_times},
+            "detections": detections, "notes": notes}
 
 
 def training(args: argparse.Namespace) -> dict:
@@ -219,9 +227,10 @@ def main() -> None:
                "cpu": torch.cpu.get_capabilities().get("cpu_name"), "cpu_has_bf16": cpu_has_bf16(),
                "threads": args.threads, "torch": torch.__version__}
     infer = inference(args)
-    gemm, rows = table(infer, "torchvision fp32")
-    results["inference"] = {"gemm_gflop_per_s": gemm, "rows": rows, "detections": infer["detections"],
-                            "notes": infer["notes"]}
+    for key, section in (("inference", "torch"), ("inference_runtimes", "runtimes")):
+        gemm, rows = table(infer[section], "torchvision fp32")
+        results[key] = {"gemm_gflop_per_s": gemm, "rows": rows}
+    results["inference"] |= {"detections": infer["detections"], "notes": infer["notes"]}
     if not args.skip_train:
         gemm, rows = table(training(args), "torchvision fp32")
         results["training"] = {"gemm_gflop_per_s": gemm, "rows": rows}
@@ -230,6 +239,7 @@ def main() -> None:
     print(f"\n{results['cpu']}, {args.threads} threads, torch {torch.__version__}, commit {results['commit']}, "
           f"{results['date']}; median of {args.repeats} alternating rounds\nuptime: {uptime[0]}\n        {uptime[1]}")
     for key, title in (("inference", "Inference, batch 1, 800 x 1088 (with the mask paste)"),
+                       ("inference_runtimes", "Inference in the ONNX runtimes, rounds of their own"),
                        ("training", "Training step, batch 2, 800 x 1088, SGD")):
         if key in results:
             print_table(title, results[key]["gemm_gflop_per_s"], results[key]["rows"], "torchvision fp32")

@@ -5,8 +5,9 @@ Why: fp32 inference already runs at about the CPU's fp32 matrix-multiply rate (i
 ResNet-50 Mask R-CNN at 800x1088 in 3.36 s, 140 GFLOP/s measured), while a CPU with bf16 units (AVX-512 BF16,
 AMX) multiplies bf16 matrices 2.6x faster (366 GFLOP/s on the project's AMD EPYC). bf16 runs the convolutions and
 linear layers (backbone, FPN, RPN head, box and mask heads) through `torch.autocast`, which keeps the weights in
-fp32 and casts them per call; box decoding, NMS, scores and the mask paste stay fp32 (`rpn.py`, `box_head.py`,
-`maskrcnn.py` and `postprocess.py` cast back before them).
+fp32 and casts them per call; the CPU speed layer's RoIAlign pools the bf16 maps in bf16 (`cpu_speedups.py`); box
+decoding, NMS, scores and the mask paste stay fp32 (`rpn.py`, `box_head.py`, `maskrcnn.py` and `postprocess.py`
+cast back before them).
 
 Why measured: whether bf16 wins depends on the model and the CPU: a small model at small images spends its time
 in casts and non-matrix work, where bf16 buys nothing. So `auto` alternates the two precisions over its first
