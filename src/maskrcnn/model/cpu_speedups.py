@@ -12,7 +12,8 @@ What it does, and why (measured on the project's 2-core VM, torch 2.14, fp32; se
   (no cache: weights changed by training or load_state_dict are always used).
 - RoIAlign read from the NHWC maps as a weighted sum of map rows (`F.embedding_bag`), on torch's threads and in
   the map's dtype: torchvision's CPU kernels use one thread whatever torch's thread count and read one NCHW plane
-  per channel (700 RoIs on a 2 x 256 x 200 x 272 map, forward + backward: 720 -> 107 ms on 2 threads).
+  per channel (700 RoIs on a 2 x 256 x 200 x 272 map, 2 threads, forward / backward: torchvision 290 / 696 ms,
+  here 27 / 66 ms; `benchmarks/roi_align_cpu.py`).
 
 Each applies only where it can (CPU, float32, no autocast; RoIAlign and the folding also under bf16 autocast);
 elsewhere the plain torch / torchvision op runs.
@@ -252,8 +253,8 @@ def cpu_roi_align(input: Tensor, boxes: Tensor, output_size: int, spatial_scale:
     weighted sum of 4 pixels, so a bin is a weighted sum of 4 * sampling_ratio**2 rows of C channels of the map seen
     as a (B*H*W, C) table, which is what `F.embedding_bag(mode="sum")` computes; its backward scatters the same
     rows. torchvision's CPU kernel instead runs on one thread and reads one NCHW plane per channel per sample (700
-    RoIs on a 2 x 256 x 200 x 272 map, forward / backward: 265 / 455 ms for torchvision's kernels split across 2
-    threads on an NCHW copy, 41 / 66 ms here; benchmarks/RESULTS.md). Under bf16 autocast at inference the map
+    RoIs on a 2 x 256 x 200 x 272 map, 2 threads, forward / backward: 290 / 696 ms, here 27 / 66 ms, 13 ms forward
+    in bf16; `benchmarks/roi_align_cpu.py`). Under bf16 autocast at inference the map
     stays bf16 (torchvision's autocast rule would pool a float32 copy of it) and so does the result; a bf16 map that
     needs a gradient is pooled in float32.
     Off the CPU, when traced for export, or with adaptive sampling (sampling_ratio <= 0: a count per RoI):
