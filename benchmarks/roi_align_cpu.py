@@ -59,7 +59,7 @@ def main() -> None:
     boxes = rois(args.rois)
     nchw = torch.randn(2, CHANNELS, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(1))
     nhwc = nchw.contiguous(memory_format=torch.channels_last)
-    settings = dict(output_size=POOLED, spatial_scale=1 / STRIDE, sampling_ratio=2, aligned=True)
+    settings = {"output_size": POOLED, "spatial_scale": 1 / STRIDE, "sampling_ratio": 2, "aligned": True}
     paths = {  # name: (pool, map, with a backward)
         "torchvision NCHW": (lambda x: roi_align(x, boxes, **settings), nchw, True),
         "torchvision NHWC": (lambda x: roi_align(x, boxes, **settings), nhwc, True),

@@ -9,8 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import roi_align
 
 from maskrcnn.config import BackboneConfig, BoxHeadConfig, MaskHeadConfig, ModelConfig, TransformConfig
-from maskrcnn.model import build_model
-from maskrcnn.model import cpu_speedups
+from maskrcnn.model import build_model, cpu_speedups
 from maskrcnn.model.cpu_speedups import MeasuredChoice, SpeedConv2d, cpu_roi_align, nchw_copy, optimize_for_cpu
 
 
