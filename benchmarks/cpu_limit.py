@@ -16,8 +16,8 @@ the same weights through `from_torchvision`. Every time includes the mask paste 
 The machine is shared: the paths alternate inside each round (a load change slows all of them alike), each
 figure is the median over the rounds, and `uptime` is recorded before and after.
 The PyTorch inference paths are timed first, before any ONNX Runtime session exists in the process: once one
-has run, torchvision fp32 took 3.5-3.85 s per call instead of 3.2-3.4 s (2026-12-04, cause not found; not the
-thread affinity), which flattered every ratio to it. The runtimes then get rounds of their own, with torchvision
+has run, torchvision fp32 took 3.5-4.2 s per call instead of 3.2-3.4 s (2026-12-04, cause not found; not the
+threads' affinity), which flattered every ratio to it. The runtimes then get rounds of their own, with torchvision
 fp32 again as their reference.
 
     python benchmarks/cpu_limit.py --out benchmarks/cpu_limit.json          # then paste the table into RESULTS.md
