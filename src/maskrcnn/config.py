@@ -87,6 +87,7 @@ class MaskHeadConfig:
     sampling_ratio: int = 2  # RoIAlign sampling points per bin side
     conv_channels: int = 256  # channels of the four 3x3 convs
     num_convs: int = 4  # number of 3x3 convs before the deconv
+    loss_weight: float = 1.0  # factor of the mask loss in the total training loss (the paper: 1)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.mask_head.sampling_ratio": _at_least(0),
     "model.mask_head.conv_channels": _at_least(1),
     "model.mask_head.num_convs": _at_least(0),
+    "model.mask_head.loss_weight": _above(0.0),
     "data.num_val": _at_least(0),
     "data.val_fraction": _between(0.0, 1.0, open_high=True),
     "data.synthetic_train_size": _at_least(1),

@@ -83,10 +83,19 @@ def test_targets_binarised_and_partially_outside():
 
 def test_loss_by_hand_and_empty():
     logits = torch.zeros(2, 28, 28, requires_grad=True)
-    loss = MaskHead.loss(logits, torch.ones(2, 28, 28))
+    loss = _head().loss(logits, torch.ones(2, 28, 28))
     assert loss.item() == pytest.approx(math.log(2))
-    empty = MaskHead.loss(torch.zeros(0, 28, 28, requires_grad=True), torch.zeros(0, 28, 28))
+    empty = _head().loss(torch.zeros(0, 28, 28, requires_grad=True), torch.zeros(0, 28, 28))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_loss_weight_scales_the_loss():
+    # logit 0 against target 1 and logit log 3 (probability 3/4) against target 0: BCE log 2 and log 4
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    targets = torch.tensor([[[1.0, 0.0]]])
+    head = MaskHead(pooler=LevelRoIAlign(output_size=14, sampling_ratio=2, aligned=True), in_channels=4,
+                    conv_channels=8, num_convs=4, num_classes=3, loss_weight=2.5)
+    assert head.loss(logits, targets).item() == pytest.approx(2.5 * (math.log(2.0) + math.log(4.0)) / 2)
 
 
 def test_stack_masks_pads_uneven_images():
@@ -115,7 +124,7 @@ def test_loss_equals_torchvision_maskrcnn_loss_on_the_same_sampled_rois():
     full_logits = torch.randn(7, 4, 28, 28)
 
     targets = head.targets(rois, matched_gt, gt_valid, masks_per_image, torch.ones(2, 2))
-    ours = MaskHead.loss(full_logits[torch.arange(7), labels], targets)
+    ours = head.loss(full_logits[torch.arange(7), labels], targets)
     expected = maskrcnn_loss(full_logits, [boxes[image == b] for b in range(2)], masks_per_image,
                              labels_per_image, [matched_gt[image == b] for b in range(2)])
     torch.testing.assert_close(ours, expected)

@@ -79,7 +79,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     mask_head = MaskHead(
         pooler=LevelRoIAlign(output_size=m.pooler_size, sampling_ratio=m.sampling_ratio,
                              aligned=cfg.roi_align_aligned, canonical_size=cfg.roi_canonical_size),
-        in_channels=channels, conv_channels=m.conv_channels, num_convs=m.num_convs, num_classes=cfg.num_classes)
+        in_channels=channels, conv_channels=m.conv_channels, num_convs=m.num_convs, num_classes=cfg.num_classes,
+        loss_weight=m.loss_weight)
     model = MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, box_head=box_head, mask_head=mask_head,
                      paste_mode=cfg.paste_mode, precision=cfg.precision)
     if cfg.weights != "none":

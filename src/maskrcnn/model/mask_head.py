@@ -35,13 +35,15 @@ class MaskHead(nn.Module):
         conv_channels: channels of the 3x3 convs and of the deconv.
         num_convs: number of 3x3 convs (4).
         num_classes: K foreground classes.
+        loss_weight: factor of the mask loss in the total loss (1 in the paper).
     """
 
     def __init__(self, *, pooler: LevelRoIAlign, in_channels: int, conv_channels: int, num_convs: int,
-                 num_classes: int) -> None:
+                 num_classes: int, loss_weight: float = 1.0) -> None:
         super().__init__()
         self.pooler = pooler
         self.num_classes = num_classes
+        self.loss_weight = loss_weight
         self.convs = nn.ModuleList()
         for index in range(num_convs):
             self.convs.append(nn.Conv2d(in_channels if index == 0 else conv_channels, conv_channels, 3, padding=1))
@@ -109,12 +111,12 @@ class MaskHead(nn.Module):
                         sampling_ratio=-1, aligned=self.pooler.aligned)  # (R, 1, M, M)
         return (cut[:, 0] >= 0.5).to(boxes.dtype)
 
-    @staticmethod
-    def loss(mask_logits: Tensor, mask_targets: Tensor) -> Tensor:
-        """Mean per-pixel binary cross-entropy of f32[R, M, M] logits; 0 connected to the graph when R = 0."""
+    def loss(self, mask_logits: Tensor, mask_targets: Tensor) -> Tensor:
+        """`loss_weight` x the mean per-pixel binary cross-entropy of f32[R, M, M] logits; 0 connected to the graph
+        when R = 0."""
         if mask_logits.shape[0] == 0:
             return mask_logits.sum() * 0.0
-        return F.binary_cross_entropy_with_logits(mask_logits, mask_targets)
+        return self.loss_weight * F.binary_cross_entropy_with_logits(mask_logits, mask_targets)
 
 
 def stack_masks(masks_per_image: Sequence[Tensor]) -> Tensor:
