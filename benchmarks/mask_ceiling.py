@@ -24,21 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
 from maskrcnn.config import load_config
 from maskrcnn.data import build_dataset
-from maskrcnn.engine.evaluate import build_coco_ground_truth, coco_stats, targets_to_coco_annotations
+from maskrcnn.engine.evaluate import build_coco_ground_truth, coco_stats, masks_to_rle, targets_to_coco_annotations
 from maskrcnn.model import build_model
+from maskrcnn.model.poolers import image_index_rois
 from maskrcnn.model.postprocess import paste_masks
-
-
-def _rle(binary: torch.Tensor) -> dict:
-    """u8/bool[H, W] -> COCO RLE with a str `counts` (as loadRes expects)."""
-    rle = mask_utils.encode(np.asfortranarray(binary.to(torch.uint8).numpy()))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def oracle_masks(detections: list[dict], target: dict, mask_head) -> tuple[list[dict], list[dict]]:
@@ -54,13 +47,13 @@ def oracle_masks(detections: list[dict], target: dict, mask_head) -> tuple[list[
     gt_masks = target["masks"].to(torch.uint8)  # (N, H, W)
     height, width = gt_masks.shape[-2:]
     if not detections or gt_masks.shape[0] == 0:
-        empty = _rle(torch.zeros((height, width), dtype=torch.uint8))
-        blank = [{**d, "segmentation": empty} for d in detections]
+        blank = [{**d, "segmentation": rle}
+                 for d, rle in zip(detections, masks_to_rle(np.zeros((len(detections), height, width), np.uint8)))]
         return blank, blank
     xywh = torch.tensor([d["bbox"] for d in detections], dtype=torch.float32)  # (D, 4)
     boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)  # (D, 4) xyxy
     matched = box_iou(boxes, target["boxes"].float()).argmax(dim=1)  # (D,) GT row of each detection
-    rois = torch.cat([boxes.new_zeros((boxes.shape[0], 1)), boxes], dim=1)  # (D, 5), image index 0
+    rois = image_index_rois(torch.zeros(boxes.shape[0], dtype=torch.int64), boxes)  # (D, 5), image 0
     cut = mask_head.targets(rois, matched, torch.ones((1, gt_masks.shape[0]), dtype=torch.bool), [gt_masks],
                             torch.ones((1, 2)))  # (D, M, M) of 0 / 1
     pasted = paste_masks(cut, boxes, [boxes.shape[0]], [(height, width)])[0][:, 0] >= 0.5  # (D, H, W)
@@ -69,8 +62,8 @@ def oracle_masks(detections: list[dict], target: dict, mask_head) -> tuple[list[
     inside = ((ys >= boxes[:, 1, None, None]) & (ys <= boxes[:, 3, None, None])
               & (xs >= boxes[:, 0, None, None]) & (xs <= boxes[:, 2, None, None]))  # (D, H, W)
     clipped = gt_masks[matched].bool() & inside  # (D, H, W)
-    return ([{**d, "segmentation": _rle(m)} for d, m in zip(detections, pasted)],
-            [{**d, "segmentation": _rle(m)} for d, m in zip(detections, clipped)])
+    return ([{**d, "segmentation": rle} for d, rle in zip(detections, masks_to_rle(pasted.to(torch.uint8).numpy()))],
+            [{**d, "segmentation": rle} for d, rle in zip(detections, masks_to_rle(clipped.to(torch.uint8).numpy()))])
 
 
 def main() -> None:
@@ -79,6 +72,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if not (args.run / "detections.json").is_file() or not (args.run / "config.yaml").is_file():
+        parser.error(f"{args.run}: no config.yaml and detections.json there (a run folder of maskrcnn train)")
     cfg = load_config(args.run / "config.yaml", [*args.set, "model.backbone.weights=none", "model.weights=none"])
     mask_head = build_model(cfg.model).mask_head
     dataset = build_dataset(cfg.data, "val")

@@ -8,10 +8,10 @@ from maskrcnn.model.mask_head import MaskHead, stack_masks
 from maskrcnn.model.poolers import LevelRoIAlign
 
 
-def _head(aligned=True, num_classes=3):
+def _head(aligned=True, num_classes=3, loss_weight=1.0):
     torch.manual_seed(0)
     return MaskHead(pooler=LevelRoIAlign(output_size=14, sampling_ratio=2, aligned=aligned), in_channels=4,
-                    conv_channels=8, num_convs=4, num_classes=num_classes)
+                    conv_channels=8, num_convs=4, num_classes=num_classes, loss_weight=loss_weight)
 
 
 def test_layout_matches_torchvision():
@@ -93,8 +93,7 @@ def test_loss_weight_scales_the_loss():
     # logit 0 against target 1 and logit log 3 (probability 3/4) against target 0: BCE log 2 and log 4
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
     targets = torch.tensor([[[1.0, 0.0]]])
-    head = MaskHead(pooler=LevelRoIAlign(output_size=14, sampling_ratio=2, aligned=True), in_channels=4,
-                    conv_channels=8, num_convs=4, num_classes=3, loss_weight=2.5)
+    head = _head(loss_weight=2.5)
     assert head.loss(logits, targets).item() == pytest.approx(2.5 * (math.log(2.0) + math.log(4.0)) / 2)
 
 

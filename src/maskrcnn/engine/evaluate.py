@@ -107,7 +107,7 @@ class EvalResult:
     worst: dict[str, list[int]] = field(default_factory=dict)
 
 
-def _rle(binary_masks: np.ndarray) -> list[dict]:
+def masks_to_rle(binary_masks: np.ndarray) -> list[dict]:
     """uint8 [D, H, W] -> D COCO RLEs with str counts (JSON-ready)."""
     rles = mask_utils.encode(np.asfortranarray(binary_masks.transpose(1, 2, 0)))  # (D, H, W) -> (H, W, D)
     for rle in rles:
@@ -135,7 +135,7 @@ def detections_to_coco(output: dict, image_id: int, label_to_category_id: dict[i
     if output["boxes"].shape[0] == 0:
         return []
     binary = (output["masks"][:, 0] >= 0.5).to("cpu", torch.uint8).numpy()  # (D, 1, H, W) -> (D, H, W)
-    rles = _rle(binary)
+    rles = masks_to_rle(binary)
     boxes = _xywh(output["boxes"].float().cpu())
     labels = output["labels"].tolist()
     scores = output["scores"].float().tolist()
@@ -150,7 +150,7 @@ def targets_to_coco_annotations(target: dict, image_id: int, first_id: int) -> l
     masks = target["masks"].to(torch.uint8).numpy()  # (N, H, W)
     if masks.shape[0] == 0:
         return []
-    rles = _rle(masks)
+    rles = masks_to_rle(masks)
     areas = mask_utils.area(rles).tolist()
     boxes = _xywh(target["boxes"].float())
     return [
