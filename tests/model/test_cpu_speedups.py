@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision.ops import roi_align
+from torchvision.ops import box_iou, roi_align
 
 from maskrcnn.config import BackboneConfig, BoxHeadConfig, MaskHeadConfig, ModelConfig, TransformConfig
 from maskrcnn.model import build_model, cpu_speedups
@@ -234,12 +234,18 @@ def _images():
 
 
 def _assert_same_detections(got, expected):
+    """Equal detections up to float rounding, each expected row paired with the row of the same label whose box
+    overlaps it most: two rows whose scores differ by less than the rounding may swap places in the score order
+    (rows 19 and 20 of 100 did in one run with one thread)."""
     for mine, theirs in zip(got, expected):
         assert mine["boxes"].shape == theirs["boxes"].shape and theirs["boxes"].shape[0] > 0
-        torch.testing.assert_close(mine["boxes"], theirs["boxes"], atol=1e-3, rtol=1e-4)
-        torch.testing.assert_close(mine["scores"], theirs["scores"], atol=1e-4, rtol=1e-4)
-        assert torch.equal(mine["labels"], theirs["labels"])
-        torch.testing.assert_close(mine["masks"], theirs["masks"], atol=1e-3, rtol=1e-3)
+        same_label = theirs["labels"][:, None] == mine["labels"][None, :]
+        pair = (box_iou(theirs["boxes"], mine["boxes"]) * same_label).argmax(dim=1)  # (D,) index into mine
+        assert pair.unique().numel() == pair.numel()
+        torch.testing.assert_close(mine["boxes"][pair], theirs["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(mine["scores"][pair], theirs["scores"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(mine["labels"][pair], theirs["labels"])
+        torch.testing.assert_close(mine["masks"][pair], theirs["masks"], atol=1e-3, rtol=1e-3)
 
 
 @pytest.fixture
