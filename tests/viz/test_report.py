@@ -42,7 +42,11 @@ def test_report_references_every_figure(tmp_path, tiny_config):
     # The original README's order: RPN, BoxHead, MaskHead, precision-recall; then metrics and config.
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
     assert headings == ["Browse the images", "RPN", "BoxHead", "MaskHead", "Precision-recall", "Metrics", "Errors",
-                        "AP by object size", "Confusion matrix", "Worst images", "Total loss", "Config"]
+                        "AP by object size", "Masks against their boxes", "Confusion matrix", "Worst images",
+                        "Total loss", "Config"]
+    ceiling = evaluation.metrics["mask_ceiling"]
+    assert list(ceiling) == ["mask_size", "target", "GT in box"] and ceiling["mask_size"] == 28
+    assert "| its 28x28 training targets, pasted back |" in md and "The largest loss of mask AP, " in html
     assert "[the 2 pictured val images" in md and "<a href='browse_val.html'>" in html
     assert (tmp_path / "browse_val.html").is_file()
     pictured = sorted(f"{int(p.target['image_id'])}.png" for p in evaluation.pictures)

@@ -1,8 +1,11 @@
-"""What training, evaluation and the command line share: the device, moving batches to it, and autocast."""
+"""What training, evaluation and the command line share: the device, moving batches to it, autocast, and masks as
+COCO RLEs."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch import Tensor
 
 
@@ -41,3 +44,11 @@ def autocast(device: torch.device, enabled: bool, *, cpu_bf16: bool = False):
     if device.type == "cpu":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def masks_to_rle(binary_masks: np.ndarray) -> list[dict]:
+    """uint8 [D, H, W] -> D COCO RLEs with str counts (JSON-ready)."""
+    rles = mask_utils.encode(np.asfortranarray(binary_masks.transpose(1, 2, 0)))  # (D, H, W) -> (H, W, D)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles

@@ -1,5 +1,6 @@
 """Evaluation: batched inference, COCO results, COCOeval (bbox, segm), the original project's per-class AP@0.5 and
-the error analysis (TIDE's error types, a confusion matrix, object sizes; `maskrcnn.engine.analysis`).
+the error analysis (TIDE's error types, a confusion matrix, object sizes; `maskrcnn.engine.analysis`) and the
+masks against what their boxes allow (`maskrcnn.engine.mask_ceiling`).
 
 The original project reported a "mAP": per class, the area under the precision-recall curve at one IoU threshold
 (0.5), all-point interpolated as in PASCAL VOC 2010+, then the mean over classes. COCO's AP instead averages
@@ -31,7 +32,8 @@ from torch.utils.data import Subset
 from maskrcnn.data import build_eval_loader
 from maskrcnn.engine import distributed
 from maskrcnn.engine.analysis import DETECTION_KINDS, OBJECT_KINDS, ErrorAnalysis, analyse, size_counts, worst_images
-from maskrcnn.engine.common import autocast, images_to_model, output_to_cpu
+from maskrcnn.engine.common import autocast, images_to_model, masks_to_rle, output_to_cpu
+from maskrcnn.engine.mask_ceiling import model_target_masks, oracle_mask_ap
 from maskrcnn.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -105,14 +107,6 @@ class EvalResult:
     analysis: dict[str, ErrorAnalysis] = field(default_factory=dict)
     views: dict[int, ImageView] = field(default_factory=dict)
     worst: dict[str, list[int]] = field(default_factory=dict)
-
-
-def masks_to_rle(binary_masks: np.ndarray) -> list[dict]:
-    """uint8 [D, H, W] -> D COCO RLEs with str counts (JSON-ready)."""
-    rles = mask_utils.encode(np.asfortranarray(binary_masks.transpose(1, 2, 0)))  # (D, H, W) -> (H, W, D)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
 
 
 def _xywh(boxes: Tensor) -> list[list[float]]:
@@ -484,6 +478,7 @@ def evaluate(
     num_vis: int = 0,
     sharded: bool = False,
     load_image: Callable[[int], Tensor] | None = None,
+    mask_ceiling: bool = True,
 ) -> EvalResult | None:
     """Runs the model over batches of a data set (in eval mode; its mode is restored after) and scores the
     detections.
@@ -505,6 +500,8 @@ def evaluate(
             `distributed.shard`): the per-image results are gathered on rank 0 and scored there.
         load_image: the uint8 [3, H, W] image of the i-th evaluated image (data-set order), to picture the worst
             images; None: the worst images are looked for among the pictured ones only.
+        mask_ceiling: also the mask AP with each detection's mask replaced by an oracle's (`mask_ceiling.py`),
+            in metrics["mask_ceiling"].
     Returns:
         EvalResult with the metrics, PR curves, COCO results, pictures and error analysis; None on the ranks other
         than 0 when sharded.
@@ -545,8 +542,12 @@ def evaluate(
         if image_id not in images:
             images[image_id] = load_image(position[image_id])
     metrics.update(analysis_metrics, worst_images=worst)
+    analysed = time.perf_counter()
+    if mask_ceiling:
+        metrics["mask_ceiling"] = mask_ceiling_metrics(model, coco_gt, run.detections, run.image_ids)
     log.info(f"evaluate: scored in {time.perf_counter() - started:.1f} s (COCOeval and per-class AP "
-             f"{scored - started:.1f} s, error analysis {time.perf_counter() - scored:.1f} s)")
+             f"{scored - started:.1f} s, error analysis {analysed - scored:.1f} s"
+             + (f", mask ceiling {time.perf_counter() - analysed:.1f} s)" if mask_ceiling else ")"))
     result = EvalResult(metrics=metrics, pr_curves=pr_curves, detections=run.detections,
                         class_names=list(class_names), pictures=run.pictures, analysis=analysis,
                         views=image_views(images, coco_gt, run.detections, analysis, label_to_category_id),
@@ -554,6 +555,16 @@ def evaluate(
     if out_dir is not None:
         write_eval_files(result, out_dir)
     return result
+
+
+def mask_ceiling_metrics(model: torch.nn.Module, coco_gt: COCO, detections: list[dict], image_ids: list[int]) -> dict:
+    """{"mask_size": the mask head's M or None, "target" (a model of this package only), "GT in box": COCO mask AP
+    stats of the detections with each oracle's masks} (`mask_ceiling.py`)."""
+    oracle = model_target_masks(model)
+    target_masks, mask_size = oracle if oracle is not None else (None, None)
+    stats = oracle_mask_ap(coco_gt, detections, image_ids=image_ids, target_masks=target_masks,
+                           score=lambda results: coco_stats(coco_gt, results, iou_type="segm", image_ids=image_ids))
+    return {"mask_size": mask_size, **stats}
 
 
 def _count(batches: Iterable, max_images: int | None) -> int | None:

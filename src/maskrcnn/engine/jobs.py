@@ -71,7 +71,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, *, data_config:
         result = evaluate_dataset(loaded.model, dataset, batch_size=cfg.eval.batch_size, device=loaded.device,
                                   num_workers=cfg.data.num_workers, iou_thresh=cfg.eval.iou_thresh,
                                   max_images=cfg.eval.max_images, amp=cfg.train.amp, out_dir=out.path,
-                                  num_vis=cfg.eval.num_vis)
+                                  num_vis=cfg.eval.num_vis, mask_ceiling=cfg.eval.mask_ceiling)
         md, html = build_report(out.path, config=cfg, evaluation=result,
                                 metrics_jsonl=RunFolder(checkpoint.parent).metrics_jsonl,
                                 title=f"Evaluation of {checkpoint}")

@@ -528,7 +528,7 @@ class Trainer:
         result = evaluate_dataset(
             unwrap(self.model), self.val_set, batch_size=ec.batch_size, device=self.device,
             num_workers=self.cfg.data.num_workers, iou_thresh=ec.iou_thresh, max_images=ec.max_images,
-            amp=self.tc.amp, out_dir=self.out_dir, num_vis=ec.num_vis,
+            amp=self.tc.amp, out_dir=self.out_dir, num_vis=ec.num_vis, mask_ceiling=ec.mask_ceiling,
         )
         if self.main:
             self.logger.log({"iteration": iteration, "eval": result.metrics})

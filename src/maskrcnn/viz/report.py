@@ -2,7 +2,7 @@
 README: RPN (loss curves, proposals), BoxHead (loss curves, detections), MaskHead (loss curve, masks),
 precision-recall curves; then the metrics (COCO AP next to the original per-class AP@0.5 and its mAP), why the
 model is wrong (TIDE's error types and what fixing each would add back, AP by object size, confusion matrices,
-the worst images with every error marked) and the config; and a browsable page of the pictured images
+the masks against what their boxes allow, the worst images with every error marked) and the config; and a browsable page of the pictured images
 (`viz/browse.py`). Everything is drawn from what evaluation returned (`EvalResult`, its `pictures` and `views`
 included): no model runs here."""
 
@@ -157,6 +157,45 @@ def metrics_sections(metrics: dict) -> list[Section]:
     return [Section("Metrics", text=text, tables=[(header, rows), (per_class_header, per_class_rows)])]
 
 
+def mask_ceiling_sections(metrics: dict) -> list[Section]:
+    """The model's mask AP against the masks its boxes allow (`engine/mask_ceiling.py`), with the gap that loses
+    the most named; none when the evaluation did not compute it (eval.mask_ceiling: false)."""
+    ceiling = metrics.get("mask_ceiling")
+    if ceiling is None:
+        return []
+    size = ceiling["mask_size"]
+    rows = [("the model's masks", metrics["segm"])]
+    if "target" in ceiling:
+        rows.append((f"its {size}x{size} training targets, pasted back", ceiling["target"]))
+    rows.append(("the ground truth inside the box", ceiling["GT in box"]))
+    stats = ("AP", "AP50", "AP75")
+    table = (["each detection's mask", *(f"mask {name}" for name in stats)],
+             [[label, *(format_metric(values[name]) for name in stats)] for label, values in rows])
+    aps = [values["AP"] for _, values in rows]
+    if any(ap is None for ap in aps):
+        return [Section("Masks against their boxes", text=["No object to score the masks against."],
+                        tables=[table])]
+    # the mask AP each stage loses: the mask head (model -> target), the M x M resolution (target -> GT in box),
+    # the boxes and scores (GT in box -> 1); with the advice for each
+    stages = ([("the mask head", "it has not learned its training targets: train longer, on more instances, or "
+                "raise model.mask_head.loss_weight"),
+               (f"the {size}x{size} mask resolution", "model.mask_head.pooler_size sets it")]
+              if "target" in ceiling else [("the masks", "against the ground truth in their boxes")])
+    stages.append(("the boxes and scores", "see Errors above"))
+    losses = [high - low for high, low in zip([*aps[1:], 1.0], aps)]
+    worst = int(np.argmax(losses))
+    method = ("Each detection keeps its box, class and score and is scored again with another mask: the training "
+              "target that its box cuts from the object of its class it overlaps most (cut and pasted back as the "
+              "model's own masks are), and that object's mask cleared outside the box. The step from one row to the "
+              "next is what the mask head loses, then the mask resolution; what the last row misses is lost by the "
+              "boxes and scores." if "target" in ceiling else
+              "Each detection keeps its box, class and score and is scored again with the mask of the object of its "
+              "class it overlaps most, cleared outside the box. The step between the rows is what the masks lose; "
+              "what the last row misses is lost by the boxes and scores.")
+    text = [method, f"The largest loss of mask AP, {losses[worst]:.3f}, is at {stages[worst][0]} ({stages[worst][1]})."]
+    return [Section("Masks against their boxes", text=text, tables=[table])]
+
+
 def _masks(items: list[dict], height: int, width: int) -> Tensor:
     """bool [N, H, W] from the items' COCO RLE "mask"."""
     if not items:
@@ -190,8 +229,8 @@ def draw_errors(view: ImageView, *, class_names: list[str], iou_type: str, score
 
 
 def error_sections(evaluation: EvalResult, fig_dir: Path, *, score_thresh: float) -> list[Section]:
-    """Why the model is wrong: TIDE's error breakdown (table + bar chart), AP by object size, the confusion
-    matrices and the worst images with every error marked."""
+    """Why the model is wrong: TIDE's error breakdown (table + bar chart), AP by object size, the masks against
+    their boxes, the confusion matrices and the worst images with every error marked."""
     metrics = evaluation.metrics
     errors = metrics["errors"]
     header = ["error type", "boxes dAP", "boxes count", "masks dAP", "masks count"]
@@ -246,7 +285,7 @@ def error_sections(evaluation: EvalResult, fig_dir: Path, *, score_thresh: float
             gallery.figures.append((caption, save_png(picture, fig_dir / f"worst_{reason}_{rank}.png")))
     if not gallery.figures:
         gallery.text.append("No missed object and no false positive among the images that could be pictured.")
-    return [breakdown, by_size, confusion, gallery]
+    return [breakdown, by_size, *mask_ceiling_sections(metrics), confusion, gallery]
 
 
 def build_report(
