@@ -205,6 +205,11 @@ def test_evaluate_reports_the_analysis_in_metrics_json(tmp_path):
     result = evaluate(Replay([[output]]), [([image], [{"image_id": 1}])], class_names=["cat", "dog"],
                       device=torch.device("cpu"), coco_gt=coco, out_dir=tmp_path, num_vis=1)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # a model without our mask head: the ground truth in the boxes is the only mask oracle
+    assert metrics["mask_ceiling"]["mask_size"] is None and list(metrics["mask_ceiling"]) == ["mask_size", "GT in box"]
+    without = evaluate(Replay([[output]]), [([image], [{"image_id": 1}])], class_names=["cat", "dog"],
+                       device=torch.device("cpu"), coco_gt=coco, mask_ceiling=False)
+    assert "mask_ceiling" not in without.metrics and without.metrics["segm"] == metrics["segm"]
     for iou_type in ("bbox", "segm"):
         assert metrics["errors"][iou_type]["dap"] == pytest.approx(EXPECTED_DAP)
         assert metrics["errors"][iou_type]["confusion"]["matrix"] == [[1, 0, 1], [1, 0, 2], [2, 1, 0]]

@@ -524,7 +524,7 @@ def evaluate(
     if coco_gt is None:
         coco_gt = build_coco_ground_truth(run.gt_images, run.gt_annotations, class_names)
     log.info(f"evaluate: scoring {len(run.detections)} detections on {len(run.image_ids)} images (COCOeval, "
-             f"per-class AP, error analysis)")
+             f"per-class AP, error analysis{', mask ceiling' if mask_ceiling else ''})")
     started = time.perf_counter()
     metrics, pr_curves = score_detections(coco_gt, run.detections, image_ids=run.image_ids, class_names=class_names,
                                           label_to_category_id=label_to_category_id, iou_thresh=iou_thresh)
