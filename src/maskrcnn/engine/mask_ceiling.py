@@ -88,7 +88,7 @@ def oracle_masks(detections: list[dict], objects: list[dict], object_masks: Tens
 
 
 def oracle_mask_ap(coco_gt: COCO, detections: list[dict], *, image_ids: list[int],
-                 target_masks: TargetMasks | None, score: Callable[[list[dict]], dict]) -> dict[str, dict]:
+                   target_masks: TargetMasks | None, score: Callable[[list[dict]], dict]) -> dict[str, dict]:
     """The detections' mask AP with each oracle's masks (module docstring).
 
     Args:
