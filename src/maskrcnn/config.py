@@ -176,7 +176,7 @@ class EvalConfig:
     num_vis: int = 24  # images pictured in the report's browsable page (the first 2 also in the stage pictures)
     vis_score_thresh: float = 0.5  # detections drawn in the report's pictures score at least this
     vis_proposals: int = 20  # top proposals drawn in the RPN picture
-    mask_ceiling: bool = True  # also the mask AP that the model's boxes allow (report: "Masks against their boxes"; two more mask COCOevals per evaluation)
+    mask_ceiling: bool = True  # also the mask AP that the model's boxes allow (report: "Masks against their boxes"): two more mask pastes and COCOevals, about 0.2 s an image of 100 detections at 640x480 on 2 cores
 
 
 @dataclass(frozen=True)
