@@ -14,7 +14,14 @@ from maskrcnn.data import build_dataset
 from maskrcnn.engine.evaluate import evaluate, evaluate_dataset
 from maskrcnn.model import build_model
 from maskrcnn.viz.draw import KIND_COLORS, PROPOSAL_COLOR
-from maskrcnn.viz.report import ORIGINAL_BOX_MAP, ORIGINAL_CLASSES, build_report, enlarge, metrics_sections
+from maskrcnn.viz.report import (
+    ORIGINAL_BOX_MAP,
+    ORIGINAL_CLASSES,
+    build_report,
+    enlarge,
+    mask_loss_note,
+    metrics_sections,
+)
 
 
 def test_report_references_every_figure(tmp_path, tiny_config):
@@ -54,6 +61,13 @@ def test_report_references_every_figure(tmp_path, tiny_config):
     assert "original project (BoxHead)" not in md + html  # shapes, not the original task: no 0.503 row
     assert "mAP@0.5 (original metric)" in md
     assert "synthetic_image_size" in md
+    assert "weighted loss" not in md  # model.mask_head.loss_weight 1: the curve plots the paper's loss
+
+
+def test_a_weighted_mask_loss_is_named_under_its_curve(tiny_config, tmp_path):
+    cfg = tiny_config(tmp_path, "model.mask_head.loss_weight=2")
+    assert mask_loss_note(cfg) == (" The mask loss curve plots the weighted loss, 2 x the per-pixel binary "
+                                   "cross-entropy (model.mask_head.loss_weight: 2).")
 
 
 def test_original_projects_row_only_for_its_classes():

@@ -335,7 +335,7 @@ def build_report(
         stage("BoxHead", f"Final detections scoring at least {config.eval.vis_score_thresh:g}, with class and score.",
               "loss_box_head", "box_head", "detections"),
         stage("MaskHead", f"Predicted masks in class colours (detections scoring at least "
-              f"{config.eval.vis_score_thresh:g}).", "loss_mask_head", "mask_head", "masks"),
+              f"{config.eval.vis_score_thresh:g}).{mask_loss_note(config)}", "loss_mask_head", "mask_head", "masks"),
         Section("Precision-recall", text=["Per-class precision-recall curves, AP in the legend."],
                 figures=[("BoxHead precision-recall", pr["bbox"]), ("MaskHead precision-recall", pr["segm"])]),
         *metrics_sections(evaluation.metrics),
@@ -355,6 +355,15 @@ def build_report(
     write_text_atomic(md_path, to_markdown(title, sections, run_dir))
     write_text_atomic(html_path, to_html(title, sections, run_dir))
     return md_path, html_path
+
+
+def mask_loss_note(config: Config) -> str:
+    """What the mask loss curve plots when model.mask_head.loss_weight is not the paper's 1 ("" when it is)."""
+    weight = config.model.mask_head.loss_weight
+    if weight == 1:
+        return ""
+    return (f" The mask loss curve plots the weighted loss, {weight:g} x the per-pixel binary cross-entropy "
+            f"(model.mask_head.loss_weight: {weight:g}).")
 
 
 def to_markdown(title: str, sections: list[Section], run_dir: Path) -> str:
