@@ -98,12 +98,15 @@ def test_perfect_predictions_give_ap_one(tmp_path, caplog):
     with caplog.at_level("INFO", logger="maskrcnn"):
         result = evaluate(model, batches, class_names=["a", "b"], device=torch.device("cpu"), out_dir=tmp_path)
     assert any(m.startswith("evaluate: 3 images in") for m in caplog.messages)  # progress, to the maskrcnn logger
-    assert "evaluate: scoring 5 detections on 3 images (COCOeval, per-class AP, error analysis)" in caplog.messages
+    assert ("evaluate: scoring 5 detections on 3 images (COCOeval, per-class AP, error analysis, mask ceiling)"
+            in caplog.messages)
     for kind in ("bbox", "segm"):
         assert result.metrics[kind]["AP"] == pytest.approx(1.0)
         assert result.metrics[kind]["AP50"] == pytest.approx(1.0)
         assert result.metrics["voc"][kind]["mAP"] == pytest.approx(1.0)
         assert result.metrics["voc"][kind]["per_class"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    # boxes equal to the objects' boxes hold the whole objects: the ground truth in them scores AP 1 too
+    assert result.metrics["mask_ceiling"]["GT in box"]["AP"] == pytest.approx(1.0)
     assert result.metrics["num_images"] == 3 and result.metrics["num_detections"] == 5
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["segm"]["AP"] == pytest.approx(1.0)
