@@ -35,8 +35,9 @@ def cost(calls: int = 5) -> None:
     height, width = 480, 640
 
     def boxes(count: int) -> list[list[float]]:
-        corners, sides = torch.rand(count, 2, generator=generator) * 400, torch.rand(count, 2, generator=generator) * 200
-        return torch.cat([corners, sides + 20], dim=1).tolist()  # (count, 4) xywh
+        corners = torch.rand(count, 2, generator=generator) * 400
+        sides = torch.rand(count, 2, generator=generator) * 200 + 20
+        return torch.cat([corners, sides], dim=1).tolist()  # (count, 4) xywh
 
     objects = [{"category_id": 1, "bbox": box} for box in boxes(7)]
     object_masks = torch.zeros(len(objects), height, width, dtype=torch.uint8)

@@ -1,10 +1,10 @@
 """One report per run, `report.md` and `report.html` with PNG figures, in the order of the original project's
 README: RPN (loss curves, proposals), BoxHead (loss curves, detections), MaskHead (loss curve, masks),
 precision-recall curves; then the metrics (COCO AP next to the original per-class AP@0.5 and its mAP), why the
-model is wrong (TIDE's error types and what fixing each would add back, AP by object size, confusion matrices,
-the masks against what their boxes allow, the worst images with every error marked) and the config; and a browsable page of the pictured images
-(`viz/browse.py`). Everything is drawn from what evaluation returned (`EvalResult`, its `pictures` and `views`
-included): no model runs here."""
+model is wrong (TIDE's error types and what fixing each would add back, AP by object size, the masks against what
+their boxes allow, confusion matrices, the worst images with every error marked) and the config; and a browsable
+page of the pictured images (`viz/browse.py`). Everything is drawn from what evaluation returned (`EvalResult`,
+its `pictures` and `views` included): no model runs here."""
 
 from __future__ import annotations
 
@@ -192,8 +192,8 @@ def mask_ceiling_sections(metrics: dict) -> list[Section]:
               "Each detection keeps its box, class and score and is scored again with the mask of the object of its "
               "class it overlaps most, cleared outside the box. The step between the rows is what the masks lose; "
               "what the last row misses is lost by the boxes and scores.")
-    text = [method, f"The largest loss of mask AP, {losses[worst]:.3f}, is at {stages[worst][0]} ({stages[worst][1]})."]
-    return [Section("Masks against their boxes", text=text, tables=[table])]
+    verdict = f"The largest loss of mask AP, {losses[worst]:.3f}, is at {stages[worst][0]} ({stages[worst][1]})."
+    return [Section("Masks against their boxes", text=[method, verdict], tables=[table])]
 
 
 def _masks(items: list[dict], height: int, width: int) -> Tensor:
