@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Run a command as if on a slower machine: the command and its children get CORES CPUs' worth of time per
-# 100 ms (a CFS quota in a cgroup of their own), however many threads they run. The project's 2-core VM at
-# 1.27 cores runs a step that took 0.28 s in about 0.44 s: the slower machine of issue 22.
+# 100 ms (a CFS quota in a cgroup of their own), however many threads they run. On the project's 2-core VM,
+# 0.78 cores run the demo's fp32 step (0.344 s on one thread) in 0.448 s: the slower machine of issue 22
+# (benchmarks/RESULTS.md). With 2 threads a quota slows steps erratically (it also throttles their waits on each
+# other); on one thread it is proportional.
 #
-#     sudo bash benchmarks/slow_cpu.sh 1.27 maskrcnn demo --minutes 5 --out /tmp/demo_slow
+#     sudo bash benchmarks/slow_cpu.sh 0.78 maskrcnn demo --minutes 5 --out /tmp/demo_slow
 #
 # Needs root and the cgroup `cpu` controller (v1 at /sys/fs/cgroup/cpu, or v2 with cpu.max). A quota slows
 # every instruction alike: it does not model a CPU whose memory, vector units or caches differ.
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    echo "usage: $0 CORES COMMAND [ARGS...]   (CORES: CPU time per wall second, e.g. 1.27)" >&2
+    echo "usage: $0 CORES COMMAND [ARGS...]   (CORES: CPU time per wall second, e.g. 0.78)" >&2
     exit 2
 fi
 cores=$1

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor, nn
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 from maskrcnn.engine.common import masks_to_rle
 from maskrcnn.model.poolers import image_index_rois
@@ -72,7 +72,8 @@ def oracle_masks(detections: list[dict], objects: list[dict], object_masks: Tens
     count, (height, width) = len(detections), object_masks.shape[-2:]
     if count == 0 or not objects:
         return {name: torch.zeros((count, height, width), dtype=torch.bool) for name in _oracles(target_masks)}
-    boxes, object_boxes = (_xyxy([item["bbox"] for item in items]) for items in (detections, objects))
+    boxes, object_boxes = (box_convert(torch.tensor([item["bbox"] for item in items], dtype=torch.float32),
+                                       "xywh", "xyxy") for items in (detections, objects))  # (D, 4), (N, 4)
     same_class = (torch.tensor([d["category_id"] for d in detections])[:, None]
                   == torch.tensor([o["category_id"] for o in objects])[None, :])  # (D, N)
     overlap, matched = (box_iou(boxes, object_boxes) * same_class).max(dim=1)  # (D,) each
@@ -118,8 +119,3 @@ def oracle_mask_ap(coco_gt: COCO, detections: list[dict], *, image_ids: list[int
 
 def _oracles(target_masks: TargetMasks | None) -> tuple[str, ...]:
     return ORACLES if target_masks is not None else ORACLES[1:]
-
-
-def _xyxy(xywh: list[list[float]]) -> Tensor:
-    boxes = torch.tensor(xywh, dtype=torch.float32).reshape(-1, 4)  # (n, 4) xywh
-    return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
