@@ -370,7 +370,7 @@ def test_predict_fails_only_when_no_image_could_be_read(tiny_run, tmp_path, caps
 
 
 def test_predict_stopped_midway_keeps_the_results_of_the_images_done(tmp_path):
-    from maskrcnn.engine.predict import predict_images
+    from maskrcnn.app.predict import predict_images
 
     paths = []
     for name in ("a.png", "b.png"):

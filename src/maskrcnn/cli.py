@@ -41,7 +41,7 @@ def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> 
     import signal
 
     from maskrcnn.engine import distributed
-    from maskrcnn.engine.jobs import train_and_report
+    from maskrcnn.app.jobs import train_and_report
     from maskrcnn.engine.run_folder import RunFolder
     from maskrcnn.viz.report import format_metric
 
@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from maskrcnn.engine.jobs import evaluate_checkpoint
+    from maskrcnn.app.jobs import evaluate_checkpoint
 
     checkpoint = Path(args.checkpoint)
     out = Path(args.out or checkpoint.parent / f"eval_{checkpoint.stem}")
@@ -111,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from maskrcnn.engine import predict
+    from maskrcnn.app import predict
     from maskrcnn.engine.checkpoint import load_model
     from maskrcnn.export.exporter import SUFFIXES
 
@@ -146,8 +146,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from maskrcnn.engine.checkpoint import load_model, load_torchvision_model
-    from maskrcnn.engine.deploy import check_export_targets, export_for_runtime
-    from maskrcnn.engine.predict import calibration_images
+    from maskrcnn.app.deploy import check_export_targets, export_for_runtime
+    from maskrcnn.app.predict import calibration_images
     from maskrcnn.export import contract
     from maskrcnn.export.exporter import DEFAULT_OPSET
 

@@ -11,7 +11,7 @@ from PIL import Image
 from maskrcnn.data import build_dataset
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.engine.evaluate import evaluate_dataset
-from maskrcnn.engine.predict import checkpoint_detector, image_paths, overlay_names, predict_images
+from maskrcnn.app.predict import checkpoint_detector, image_paths, overlay_names, predict_images
 from maskrcnn.errors import UserError
 
 
