@@ -22,8 +22,7 @@ import torch
 
 from maskrcnn.config import ModelConfig, load_config
 from maskrcnn.data import build_dataset
-from maskrcnn.engine.common import masks_to_rle
-from maskrcnn.engine.evaluate import build_coco_ground_truth, coco_stats, targets_to_coco_annotations
+from maskrcnn.engine.coco_results import build_coco_ground_truth, coco_stats, masks_to_rle, targets_to_coco_annotations
 from maskrcnn.engine.mask_ceiling import model_target_masks, oracle_mask_ap, oracle_masks
 from maskrcnn.model import build_model
 

@@ -1,5 +1,5 @@
 """The `maskrcnn` command: demo, train, evaluate, predict, export, data. The only module that reads argv; it
-parses, calls the engine and prints, nothing more.
+parses, calls a use case of `maskrcnn.app` and prints what it returns, nothing more.
 
 Heavy modules (torch, the model, the data sets) are imported inside the commands, so that `maskrcnn --help`
 answers at once. A `UserError` (bad input, named by file / id / config key) ends a command with one line and
@@ -9,25 +9,16 @@ exit status 2; any other exception is a bug of this package and says so.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
 import os
 import re
 import sys
 import urllib.error
-from dataclasses import replace
-from pathlib import Path
 
-from maskrcnn.config import Config, check_config, config_path, load_config, preset_names, preset_path
+from maskrcnn.config import preset_names
 from maskrcnn.errors import UserError
+from maskrcnn.logs import progress_to_terminal
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _out_dir(cfg: Config, out: str | Path | None) -> Config:
-    """`cfg` with train.out_dir set from --out, checked as the config file's value is (an existing file is refused)."""
-    return cfg if out is None else check_config(replace(cfg, train=replace(cfg.train, out_dir=str(out))))
+# --------------------------------------------------------------------------------------------- commands
 
 
 def _with_precision(overrides: list[str], precision: str | None) -> list[str]:
@@ -35,166 +26,74 @@ def _with_precision(overrides: list[str], precision: str | None) -> list[str]:
     return overrides if precision is None else [*overrides, f"model.precision={precision}"]
 
 
-def _run_training(cfg: Config, *, resume: bool, overwrite: bool, title: str) -> int:
-    """Trains, evaluates, writes the report; prints where everything is. Returns the exit status: 0, or 128 + the
-    signal's number when SIGINT / SIGTERM stopped the training (after saving last.pt)."""
-    import signal
-
-    from maskrcnn.engine import distributed
-    from maskrcnn.app.jobs import train_and_report
-    from maskrcnn.engine.run_folder import RunFolder
-    from maskrcnn.viz.report import format_metric
-
-    result, reported = train_and_report(cfg, resume=resume, overwrite=overwrite, title=title)
-    run = RunFolder(result.out_dir)
-    if result.interrupted_by is not None:
-        if distributed.is_main():
-            print(f"stopped by {result.interrupted_by} after iteration {result.iterations}; saved {run.last}. "
-                  f"Continue with: maskrcnn train {run.config} --resume", file=sys.stderr)
-        return 128 + signal.Signals[result.interrupted_by].value
-    if not distributed.is_main():
-        return 0
-    voc = result.evaluation.metrics["voc"]
-    print(f"trained {result.iterations} iterations" + (" (stopped by the time budget)" if result.stopped_early else "")
-          + f", {reported.minutes:.1f} minutes with evaluation and report")
-    print(_summary(result.evaluation.metrics))
-    print(f"mask mAP@{voc['iou_thresh']:g} (original metric): {format_metric(voc['segm']['mAP'])}")
-    print(f"report: {reported.report_html}\n        {reported.report_md}")
-    return 0
-
-
-def _summary(metrics: dict) -> str:
-    """COCO AP, AP50, AP75 and the original project's mAP of boxes and masks, as a small table."""
-    from maskrcnn.viz.report import format_metric
-
-    voc = metrics["voc"]
-    lines = [f"{'':6} {'AP':>6} {'AP50':>6} {'AP75':>6} {'mAP@' + format(voc['iou_thresh'], 'g'):>8}"]
-    for label, kind in (("boxes", "bbox"), ("masks", "segm")):
-        stats = metrics[kind]
-        lines.append(f"{label:6} {format_metric(stats['AP']):>6} {format_metric(stats['AP50']):>6} "
-                     f"{format_metric(stats['AP75']):>6} {format_metric(voc[kind]['mAP']):>8}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------- commands
+def _print_training(outcome) -> int:
+    """Prints a training job's outcome (`app.jobs.TrainOutcome`); returns its exit status."""
+    for line in outcome.lines:
+        print(line)
+    for line in outcome.warnings:
+        print(line, file=sys.stderr)
+    return outcome.status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from maskrcnn.engine.run_folder import RunFolder
+    from maskrcnn.app import jobs
 
-    cfg = load_config(preset_path("demo"), args.set)
-    if args.out is None and not args.overwrite:  # a second `maskrcnn demo` keeps the first one's run
-        cfg = _out_dir(cfg, RunFolder(cfg.train.out_dir).first_free().path)
-    cfg = _out_dir(cfg, args.out)
-    if args.minutes is not None:
-        cfg = replace(cfg, train=replace(cfg.train, max_minutes=args.minutes))
-    return _run_training(cfg, resume=False, overwrite=args.overwrite, title="Mask R-CNN demo (synthetic shapes)")
+    cfg = jobs.demo_config(args.set, out=args.out, minutes=args.minutes, overwrite=args.overwrite)
+    return _print_training(jobs.run_training(cfg, resume=False, overwrite=args.overwrite,
+                                             title="Mask R-CNN demo (synthetic shapes)"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    path = config_path(args.config)
-    cfg = _out_dir(load_config(path, args.set), args.out)
-    return _run_training(cfg, resume=args.resume, overwrite=args.overwrite, title=f"Mask R-CNN run ({path.stem})")
+    from maskrcnn.app import jobs
+
+    cfg, name = jobs.train_config(args.config, args.set, out=args.out)
+    return _print_training(jobs.run_training(cfg, resume=args.resume, overwrite=args.overwrite,
+                                             title=f"Mask R-CNN run ({name})"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from maskrcnn.app.jobs import evaluate_checkpoint
+    from maskrcnn.app import jobs
 
-    checkpoint = Path(args.checkpoint)
-    out = Path(args.out or checkpoint.parent / f"eval_{checkpoint.stem}")
-    reported = evaluate_checkpoint(checkpoint, out, data_config=args.data_config,
-                                   overrides=_with_precision(args.set, args.precision),
-                                   overwrite=args.overwrite)
-    print(_summary(reported.evaluation.metrics))
-    print(f"metrics: {out / 'metrics.json'}\nreport: {reported.report_html}\n        {reported.report_md}")
+    print("\n".join(jobs.run_evaluation(args.checkpoint, args.out, data_config=args.data_config,
+                                        overrides=_with_precision(args.set, args.precision),
+                                        overwrite=args.overwrite)))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from maskrcnn.app import predict
-    from maskrcnn.engine.checkpoint import load_model
-    from maskrcnn.export.exporter import SUFFIXES
 
-    paths = predict.image_paths(args.inputs)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    if Path(args.checkpoint).suffix in SUFFIXES:  # an exported model knows its class names only
-        if args.set:
-            raise UserError(f"{args.checkpoint}: --set changes a config, and an exported model has none (its "
-                            f"settings are part of the graph); export again with the changed config instead")
-        detect, class_names = predict.exported_detector(args.checkpoint, runtime=args.runtime,
-                                                        precision=args.precision)
-        categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
-    else:
-        if args.runtime is not None:
-            raise UserError(f"--runtime applies to exported models (.onnx), not to {args.checkpoint}")
-        loaded = load_model(args.checkpoint, overrides=_with_precision(args.set, args.precision))
-        detect, categories = predict.checkpoint_detector(loaded), loaded.categories
-    image_ids = {path: number for number, path in enumerate(paths, start=1)}
-    if args.annotations is not None:
-        categories, image_ids = predict.coco_ids(paths, args.annotations, args.checkpoint, categories)
-    out.mkdir(parents=True, exist_ok=True)
-    done = predict.predict_images(paths, detect, categories, image_ids, out, args.score_thresh)
-    if done.skipped == len(done.records):
-        raise UserError(f"none of the {len(done.records)} image(s) could be read; the reasons are in "
-                        f"{out / 'images.json'}")
-    print(f"overlays, predictions.json (COCO results with the training data's category ids) and images.json in {out}"
-          + (f"; {done.skipped} unreadable image(s) skipped, listed in images.json" if done.skipped else ""))
+    print(predict.run_prediction(args.checkpoint, args.inputs, args.out, score_thresh=args.score_thresh,
+                                 annotations=args.annotations, runtime=args.runtime, precision=args.precision,
+                                 overrides=args.set))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from maskrcnn.engine.checkpoint import load_model, load_torchvision_model
-    from maskrcnn.app.deploy import check_export_targets, export_for_runtime
-    from maskrcnn.app.predict import calibration_images
-    from maskrcnn.export import contract
-    from maskrcnn.export.exporter import DEFAULT_OPSET
+    from maskrcnn.app import deploy
 
-    opset = args.opset or DEFAULT_OPSET
-    outs = [Path(out) for out in args.out]
-    check_export_targets(outs, int8=args.int8 is not None)
-    calibration = calibration_images(args.int8) if args.int8 is not None else None
-    if args.torchvision:
-        model, class_names = load_torchvision_model(args.checkpoint), None
-    else:
-        loaded = load_model(args.checkpoint, overrides=args.set)
-        model, class_names = loaded.model, [c["name"] for c in loaded.categories]
-    info, convolutions = export_for_runtime(model, outs, class_names=class_names, opset=opset,
-                                            calibration=calibration)
-    for out in outs:
-        if calibration is not None:
-            kind = (f"ONNX (opset {opset}) with the backbone and FPN in static int8 ({convolutions} convolutions, "
-                    f"calibrated on {len(calibration)} images of {args.int8}), run it with ONNX Runtime on the CPU")
-        elif out.suffix == ".onnx":
-            kind = f"ONNX (opset {opset}), run it with ONNX Runtime"
-        else:
-            kind = "torch.export ExportedProgram, load it with torch.export.load"
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {kind}")
-    print(contract(info))
-    print(f"classes: {', '.join(info.class_names)}")
-    print(f"run it: maskrcnn predict {outs[0]} IMAGES... --out DIR")
+    print("\n".join(deploy.run_export(args.checkpoint, args.out, torchvision=args.torchvision, opset=args.opset,
+                                      int8=args.int8, overrides=args.set)))
     return 0
 
 
 def cmd_data_coco_subset(args: argparse.Namespace) -> int:
-    from maskrcnn.data import build_coco_subset
+    from maskrcnn.app import prepare_data
 
-    summary = build_coco_subset(args.instances_json, args.out_json)
-    print(json.dumps(summary, indent=2) if summary else "")
-    print(f"wrote {args.out_json}")
+    print(prepare_data.coco_subset(args.instances_json, args.out_json))
     return 0
 
 
 def cmd_data_pennfudan(args: argparse.Namespace) -> int:
-    from maskrcnn.data import fetch_pennfudan
+    from maskrcnn.app import prepare_data
 
-    root = fetch_pennfudan(args.dir, source=args.source)
-    print(f"Penn-Fudan ready at {root}")
+    print(prepare_data.pennfudan(args.dir, source=args.source))
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ parser
+
+DEBUG_HELP = "show the full traceback of an error (also: environment variable MASKRCNN_DEBUG=1)"
 
 
 def _opset(text: str) -> int:
@@ -204,49 +103,55 @@ def _opset(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="maskrcnn",
-        description="Mask R-CNN instance segmentation: train, evaluate, visualise and report, end to end.",
-        epilog="Start with `maskrcnn demo`: synthetic data, a CPU-sized model, a report in minutes.",
-    )
-    debug_help = "show the full traceback of an error (also: environment variable MASKRCNN_DEBUG=1)"
-    parser.add_argument("--debug", action="store_true", help=debug_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _finite(text: str) -> float:
+    """A float option: a finite number (NaN and infinity would silently keep everything or nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+    return value
 
-    def add_precision(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                       help="CPU inference precision (model.precision): bf16 needs AVX-512 BF16 or AMX; auto: the "
-                            "faster of the two, timed on the first images (default: the checkpoint's config)")
 
-    def add_set(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
-        # also accepted after the command; SUPPRESS keeps a --debug given before it
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="inference precision (model.precision): bf16 needs AVX-512 BF16 or AMX on a CPU; auto: "
+                        "the faster of the two, timed on the first images (default: the checkpoint's config)")
 
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+    # also accepted after the command; SUPPRESS keeps a --debug given before it
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
+def _add_training(sub) -> None:
     demo = sub.add_parser("demo", help="train and evaluate a small model on synthetic shapes, write a report",
                           description="Train a small Mask R-CNN on synthetic shapes on the CPU, evaluate it on "
                                       "held-out images and write report.md / report.html.")
     demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo)")
-    demo.add_argument("--minutes", type=float, metavar="M", help="training time budget in minutes (default: 10)")
+    demo.add_argument("--minutes", type=_finite, metavar="M", help="training time budget in minutes (default: 10)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace the run in the output folder (default: runs/demo, or the first runs/demo-N "
                            "that holds no earlier run)")
-    add_set(demo)
+    _add_set(demo)
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train from a YAML config",
                            description="Train from a YAML config; evaluates at the end and writes the report.")
     train.add_argument("config", metavar="CONFIG",
                        help=f"a preset ({', '.join(preset_names())}) or a YAML file")
-    add_set(train)
+    _add_set(train)
     train.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
     train.add_argument("--overwrite", action="store_true",
                        help="replace an earlier run in the run directory (its checkpoints and metrics)")
     train.add_argument("--out", metavar="DIR", help="run directory (default: the config's train.out_dir)")
     train.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint (COCO AP and per-class AP@0.5)",
                               description="Evaluate a checkpoint on the validation split of its data (or of "
                                           "--data-config) and write metrics.json and a report.")
@@ -256,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR", help="output folder (default: eval_<name> next to the checkpoint)")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace the metrics and report already in the output folder")
-    add_precision(evaluate)
-    add_set(evaluate)
+    _add_precision(evaluate)
+    _add_set(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="detect objects in images, write overlays and a results json",
                              description="Run a checkpoint on images; write <name>_pred.png overlays and "
                                          "predictions.json (COCO results format).")
@@ -268,17 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "written by `maskrcnn export`")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    predict.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
+    predict.add_argument("--score-thresh", type=_finite, default=0.5, metavar="S",
                          help="keep detections scoring at least S (default: 0.5)")
     predict.add_argument("--annotations", metavar="JSON",
                          help="COCO json listing the images: predictions.json then uses its image and category ids")
     predict.add_argument("--runtime", metavar="NAME",
                          help="runtime of an .onnx file: onnxruntime (default) or openvino (`pip install "
                               "maskrcnn[openvino]`; it also takes --precision fp32 or bf16)")
-    add_precision(predict)
-    add_set(predict)
+    _add_precision(predict)
+    _add_set(predict)
     predict.set_defaults(func=cmd_predict)
 
+
+def _add_export(sub) -> None:
     export = sub.add_parser("export", help="export a checkpoint to ONNX (.onnx) or torch.export (.pt2)",
                             description="Export a checkpoint as one batched graph: input images f32[B, 3, H, W] in "
                                         "0..1 (dynamic B, H, W); outputs boxes, scores, labels, box-relative masks "
@@ -296,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX only: the backbone and FPN in static int8 (about 0.7x the fp32 graph time on a "
                              "CPU with VNNI), their activation ranges calibrated on the images of DIR (a few dozen "
                              "of the kind the model will see); the heads, NMS and RoiAlign stay fp32")
-    add_set(export)
+    _add_set(export)
     export.set_defaults(func=cmd_export)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="prepare data sets", description="Prepare data sets.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     subset = data_sub.add_parser("coco-subset", help="write the 3-class COCO subset (vehicles, people, animals)",
@@ -314,37 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
     penn.add_argument("dir", metavar="DIR", help="destination folder")
     penn.add_argument("--source", metavar="ZIP_OR_DIR", help="local PennFudanPed.zip or unpacked folder")
     penn.set_defaults(func=cmd_data_pennfudan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskrcnn",
+        description="Mask R-CNN instance segmentation: train, evaluate, predict, export, end to end.",
+        epilog="Start with `maskrcnn demo`: synthetic data, a CPU-sized model, a report in minutes.",
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_training, _add_evaluate, _add_predict, _add_export, _add_data):
+        add(sub)
     return parser
 
 
+# ------------------------------------------------------------------------------------------------ errors
+
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
-
-
-@contextlib.contextmanager
-def _progress_to_terminal():
-    """The `maskrcnn` logger's lines while a command runs (in a torchrun job on rank 0 only): progress on stdout,
-    warnings on stderr as `maskrcnn: warning: ...`."""
-    logger = logging.getLogger("maskrcnn")
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    progress = logging.StreamHandler(sys.stdout)
-    progress.addFilter(lambda record: record.levelno < logging.WARNING)
-    warnings = logging.StreamHandler(sys.stderr)
-    warnings.setLevel(logging.WARNING)
-    warnings.setFormatter(logging.Formatter("maskrcnn: warning: %(message)s"))
-    level = logger.level
-    logger.addHandler(progress)
-    logger.addHandler(warnings)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(progress)
-        logger.removeHandler(warnings)
-        logger.setLevel(level)
-
-
 def _message(error: BaseException) -> str:
     """The error's message on one line. An error raised in a DataLoader worker comes back re-raised with the
     worker's whole traceback as its message; only the original message (its last exception line) is kept."""
@@ -397,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("MASKRCNN_DEBUG", "") not in ("", "0")
     try:
-        with _progress_to_terminal():
+        with progress_to_terminal():
             return args.func(args)
     except KeyboardInterrupt:
         print("maskrcnn: interrupted", file=sys.stderr)

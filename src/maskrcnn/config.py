@@ -102,7 +102,7 @@ class ModelConfig:
     roi_align_aligned: bool = True  # half-pixel-correct RoIAlign (Detectron2); False reproduces torchvision v1
     roi_canonical_size: float = 224.0  # RoIs of this side (sqrt of the area, px) are pooled from p4, twice it from p5, half from p3 (FPN eq. 1); for images of about 800 px
     paste_mode: str = "exact"  # mask paste: exact (sub-pixel, bilinear) | torchvision (its integer-rounded paste)
-    precision: str = "fp32"  # CPU inference: fp32 | bf16 (backbone and heads; needs AVX-512 BF16 or AMX) | auto (the faster, timed on the first calls; fp32 without bf16 units)
+    precision: str = "fp32"  # inference: fp32 | bf16 (on the CPU: backbone and heads, needs AVX-512 BF16 or AMX; on CUDA: autocast) | auto (CPU: the faster, timed on the first calls, fp32 without bf16 units; CUDA: bf16)
     cpu_speedups: bool = True  # model/cpu_speedups.py: NHWC convs, measured weight-gradient layout, BatchNorm folded at eval, RoIAlign read from NHWC maps; same weights, results equal up to float rounding
 
 
@@ -155,7 +155,7 @@ class TrainConfig:
     steps: tuple[int, ...] = ()  # step schedule: iterations at which the lr is multiplied by gamma
     gamma: float = 0.1  # step schedule decay factor
     clip_grad_norm: float | None = None  # clip the global gradient norm to this; None: no clipping
-    amp: bool = True  # bf16 autocast on CUDA (on the CPU, train.precision decides)
+    amp: bool = True  # training on CUDA: bf16 autocast (on the CPU, train.precision decides; inference: model.precision)
     precision: str = "fp32"  # CPU training: fp32 | bf16 (autocast, fp32 master weights; needs AVX-512 BF16 or AMX) | auto (the faster, timed on the first steps; fp32 without bf16 units)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | str | None = None  # CPU threads of torch: N; auto: the faster of one per core and 1, timed on the first steps (engine/threads.py); None: torch's default (one per core)
@@ -176,6 +176,7 @@ class EvalConfig:
     num_vis: int = 24  # images pictured in the report's browsable page (the first 2 also in the stage pictures)
     vis_score_thresh: float = 0.5  # detections drawn in the report's pictures score at least this
     vis_proposals: int = 20  # top proposals drawn in the RPN picture
+    device: str = "auto"  # evaluation and prediction of a checkpoint: auto (CUDA when there is one) | cpu | cuda | cuda:N | mps; a training evaluates on its own device, train.device
     mask_ceiling: bool = True  # also the mask AP that the model's boxes allow (report: "Masks against their boxes"): two more mask pastes and COCOevals, about 0.2 s an image of 100 detections at 640x480 on 2 cores
 
 
@@ -300,7 +301,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.vis_proposals": _at_least(0),
 }
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")  # train.device values torch can run on
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")  # train.device / eval.device values torch can run on
 
 
 def _lookup(config: Config, key: str) -> Any:
@@ -347,8 +348,9 @@ def check_config(config: Config) -> Config:
     if isinstance(config.train.num_threads, str) and config.train.num_threads != "auto":
         raise ConfigError(f"train.num_threads: must be a number of threads, auto or null, got "
                           f"{config.train.num_threads!r:.80}")
-    if not DEVICE_PATTERN.fullmatch(config.train.device):
-        raise ConfigError(f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {config.train.device!r:.80}")
+    for key, device in (("train.device", config.train.device), ("eval.device", config.eval.device)):
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ConfigError(f"{key}: must be auto, cpu, cuda, cuda:N or mps, got {device!r:.80}")
     if not config.train.out_dir:
         raise ConfigError("train.out_dir: must name a folder, got ''")
     if Path(config.train.out_dir).exists() and not Path(config.train.out_dir).is_dir():

@@ -11,7 +11,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from maskrcnn.engine.analysis import ERROR_TYPES, analyse, class_ap, size_counts, worst_images
-from maskrcnn.engine.evaluate import build_coco_ground_truth, evaluate
+from maskrcnn.engine.coco_results import build_coco_ground_truth
+from maskrcnn.engine.evaluate import evaluate
 
 SIDE = 100  # images are SIDE x SIDE
 

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.engine.evaluate import (
-    build_coco_ground_truth,
-    evaluate,
-    evaluate_dataset,
-    match_image,
-    targets_to_coco_annotations,
-    voc_average_precision,
-)
+from maskrcnn.engine.coco_results import build_coco_ground_truth, targets_to_coco_annotations
+from maskrcnn.engine.evaluate import evaluate, evaluate_dataset
+from maskrcnn.engine.metrics import match_image, voc_average_precision
 
 H, W = 40, 48
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from maskrcnn.config import BackboneConfig, MaskHeadConfig, ModelConfig
-from maskrcnn.engine.common import masks_to_rle
-from maskrcnn.engine.evaluate import build_coco_ground_truth, coco_stats
+from maskrcnn.engine.coco_results import build_coco_ground_truth, coco_stats, masks_to_rle
 from maskrcnn.engine.mask_ceiling import model_target_masks, oracle_mask_ap, oracle_masks
 from maskrcnn.model import build_model
 from maskrcnn.viz.report import mask_ceiling_sections

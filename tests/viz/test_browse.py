@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.engine.evaluate import ImageView
+from maskrcnn.engine.views import ImageView
 from maskrcnn.viz.browse import write_browse_page
 from maskrcnn.viz.draw import class_colors
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from maskrcnn.app.predict import calibration_images
+from maskrcnn.engine.checkpoint import load_model, load_torchvision_model
 from maskrcnn.errors import UserError
-from maskrcnn.export import ExportInfo, export_model
-from maskrcnn.export.exporter import SUFFIXES
+from maskrcnn.export import ExportInfo, contract, export_model
+from maskrcnn.export.exporter import DEFAULT_OPSET, SUFFIXES
 
 
 def check_export_targets(outs: Sequence[str | Path], *, int8: bool) -> None:
@@ -60,3 +62,36 @@ def export_for_runtime(model: torch.nn.Module, outs: Sequence[str | Path], *, cl
     except ImportError as error:
         raise UserError(f"ONNX export needs the optional packages of `pip install maskrcnn[export]` ({error})") \
             from None
+
+
+def run_export(checkpoint: str | Path, outs: Sequence[str | Path], *, torchvision: bool, opset: int | None,
+               int8: str | Path | None, overrides: list[str]) -> list[str]:
+    """`maskrcnn export`: the checkpoint (ours, or with `torchvision` a torchvision state dict) written to each of
+    `outs`, with `int8` a folder of calibration images; returns the lines to print (files, contract, classes).
+
+    Raises:
+        UserError: a bad file name, checkpoint or calibration folder; the export packages are missing.
+    """
+    opset = opset or DEFAULT_OPSET
+    outs = [Path(out) for out in outs]
+    check_export_targets(outs, int8=int8 is not None)
+    calibration = calibration_images(int8) if int8 is not None else None
+    if torchvision:
+        model, class_names = load_torchvision_model(checkpoint), None
+    else:
+        loaded = load_model(checkpoint, overrides=overrides)
+        model, class_names = loaded.model, [c["name"] for c in loaded.categories]
+    info, convolutions = export_for_runtime(model, outs, class_names=class_names, opset=opset,
+                                            calibration=calibration)
+    lines = []
+    for out in outs:
+        if calibration is not None:
+            kind = (f"ONNX (opset {opset}) with the backbone and FPN in static int8 ({convolutions} convolutions, "
+                    f"calibrated on {len(calibration)} images of {int8}), run it with ONNX Runtime on the CPU")
+        elif out.suffix == ".onnx":
+            kind = f"ONNX (opset {opset}), run it with ONNX Runtime"
+        else:
+            kind = "torch.export ExportedProgram, load it with torch.export.load"
+        lines.append(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {kind}")
+    return [*lines, contract(info), f"classes: {', '.join(info.class_names)}",
+            f"run it: maskrcnn predict {outs[0]} IMAGES... --out DIR"]

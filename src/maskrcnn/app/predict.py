@@ -1,6 +1,6 @@
 """Prediction on image files and folders: overlays, COCO results and a record per image.
 
-A checkpoint runs through evaluation's inference step (`evaluate.detect_batch`), an exported model (.onnx, .pt2)
+A checkpoint runs through evaluation's inference step (`inference.detect_batch`), an exported model (.onnx, .pt2)
 through its predictor from `maskrcnn.export`; both become a `Detector`, so that everything after the model is
 the same for either.
 
@@ -21,10 +21,12 @@ from torch import Tensor
 
 from maskrcnn.data import read_coco_index
 from maskrcnn.data.common import DatasetError, read_rgb
-from maskrcnn.engine.checkpoint import LoadedModel, check_categories
-from maskrcnn.engine.common import output_to_cpu
-from maskrcnn.engine.evaluate import detect_batch, detections_to_coco
+from maskrcnn.engine.checkpoint import LoadedModel, check_categories, load_model
+from maskrcnn.engine.coco_results import detections_to_coco
+from maskrcnn.engine.common import cuda_autocast, output_to_cpu
+from maskrcnn.engine.inference import detect_batch
 from maskrcnn.errors import UserError
+from maskrcnn.export.exporter import SUFFIXES
 from maskrcnn.fileio import write_text_atomic
 from maskrcnn.viz.draw import draw_detections, save_png
 
@@ -78,7 +80,7 @@ def checkpoint_detector(loaded: LoadedModel) -> Detector:
 
     @torch.no_grad()
     def detect(image: Tensor) -> dict:
-        output = detect_batch(loaded.model, [image], device=loaded.device, amp=loaded.config.train.amp)[0]
+        output = detect_batch(loaded.model, [image], device=loaded.device, amp=cuda_autocast(loaded.config.model.precision))[0]
         return output_to_cpu(output)
 
     return detect
@@ -197,3 +199,40 @@ def calibration_images(folder: str | Path) -> list[Tensor]:
         return [read_rgb(path).float() / 255.0 for path in image_paths([folder])]
     except DatasetError as error:
         raise UserError(f"--int8 {folder}: {error}") from None
+
+
+def run_prediction(checkpoint: str | Path, inputs: list[str], out: str | Path, *, score_thresh: float,
+                   annotations: str | Path | None, runtime: str | None, precision: str | None,
+                   overrides: list[str]) -> str:
+    """`maskrcnn predict`: the model of a checkpoint or exported file on the images and folders of `inputs`;
+    overlays, predictions.json and images.json into `out`. Returns the line to print.
+
+    Raises:
+        UserError: a bad input, model file, option or output folder; none of the images could be read.
+    """
+    paths, out = image_paths(inputs), Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if Path(checkpoint).suffix in SUFFIXES:  # an exported model knows its class names only
+        if overrides:
+            raise UserError(f"{checkpoint}: --set changes a config, and an exported model has none (its settings "
+                            f"are part of the graph); export again with the changed config instead")
+        detect, class_names = exported_detector(checkpoint, runtime=runtime, precision=precision)
+        categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
+    else:
+        if runtime is not None:
+            raise UserError(f"--runtime applies to exported models (.onnx), not to {checkpoint}")
+        overrides = overrides if precision is None else [*overrides, f"model.precision={precision}"]
+        loaded = load_model(checkpoint, overrides=overrides)
+        detect, categories = checkpoint_detector(loaded), loaded.categories
+    image_ids = {path: number for number, path in enumerate(paths, start=1)}
+    if annotations is not None:
+        categories, image_ids = coco_ids(paths, annotations, checkpoint, categories)
+    out.mkdir(parents=True, exist_ok=True)
+    done = predict_images(paths, detect, categories, image_ids, out, score_thresh)
+    if done.skipped == len(done.records):
+        raise UserError(f"none of the {len(done.records)} image(s) could be read; the reasons are in "
+                        f"{out / 'images.json'}")
+    skipped = f"; {done.skipped} unreadable image(s) skipped, listed in images.json" if done.skipped else ""
+    return f"overlays, predictions.json (COCO results with the training data's category ids) and images.json in " \
+           f"{out}{skipped}"

@@ -30,8 +30,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+from maskrcnn.engine.geometry import geometry, iou_matrix
 
 # Error types in TIDE's order of its summary, with the names the report prints.
 ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "missed")
@@ -211,22 +212,6 @@ def _confusion_pairs(ious: np.ndarray, det_classes: np.ndarray, gt_classes: np.n
     return pairs
 
 
-def _geometry(items: list[dict], iou_type: str, coco_gt: COCO | None = None) -> list:
-    """Boxes [x, y, w, h] or RLE masks of detections (coco_gt None) or annotations, for `mask_utils.iou`."""
-    if iou_type == "bbox":
-        return [item["bbox"] for item in items]
-    if coco_gt is None:
-        return [item["segmentation"] for item in items]
-    return [coco_gt.annToRLE(item) for item in items]
-
-
-def _iou(dets: list, gts: list, crowd: bool) -> np.ndarray:
-    """f[D, G] IoU (with crowd: the part of each detection inside each region) via pycocotools."""
-    if not dets or not gts:
-        return np.zeros((len(dets), len(gts)))
-    return np.asarray(mask_utils.iou(dets, gts, [int(crowd)] * len(gts))).reshape(len(dets), len(gts))
-
-
 def analyse(
     coco_gt: COCO,
     detections: list[dict],
@@ -283,10 +268,10 @@ def analyse(
         gt_classes = np.array([class_of[a["category_id"]] for a in objects], dtype=np.int64)
         num_gt += np.bincount(gt_classes, minlength=num_classes)
         image_dets = [detections[i] for i in rows]
-        geometry = _geometry(image_dets, iou_type)
+        det_geometry = geometry(image_dets, iou_type)
         judged = _judge_image(
-            _iou(geometry, _geometry(objects, iou_type, coco_gt), crowd=False),
-            _iou(geometry, _geometry(crowds, iou_type, coco_gt), crowd=True),
+            iou_matrix(det_geometry, geometry(objects, iou_type, coco_gt), crowd=False),
+            iou_matrix(det_geometry, geometry(crowds, iou_type, coco_gt), crowd=True),
             det_classes[rows], det_scores[rows], gt_classes,
             np.array([class_of[a["category_id"]] for a in crowds], dtype=np.int64),
             pos_thresh=pos_thresh, bg_thresh=bg_thresh, score_thresh=score_thresh)

@@ -90,7 +90,7 @@ class LoadedModel:
 
     config: Config  # the checkpoint's config, with the data section and overrides asked for
     model: torch.nn.Module  # in eval mode on `device`, with the checkpoint's weights
-    device: torch.device  # from config.train.device
+    device: torch.device  # from config.eval.device
     categories: list[dict]  # [{"id", "name"}] of labels 1..K: the training data's category ids and names
 
 
@@ -120,7 +120,7 @@ def load_model(path: str | Path, *, data_config: str | Path | None = None, overr
         load_state_dict_checked(model, state["model"], str(path), hint="the model of the checkpoint's config")
     except WeightsError as error:
         raise CheckpointError(str(error)) from None
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.eval.device, key="eval.device")
     model.to(device).eval()
     categories = state.get("categories") or [{"id": k, "name": f"class {k}"}
                                              for k in range(1, cfg.model.num_classes + 1)]

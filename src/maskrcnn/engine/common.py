@@ -1,21 +1,21 @@
-"""What training, evaluation and the command line share: the device, moving batches to it, autocast, and masks as
-COCO RLEs."""
+"""What training, evaluation and prediction share: the device, moving batches to it, autocast, seeding."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch import Tensor
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; other names as given (a missing GPU is an error)."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """"auto" -> cuda when available, else cpu; other names as given (a missing GPU is an error naming `key`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} requested but CUDA is not available")
+        raise ValueError(f"{key}: {name!r} requested but CUDA is not available")
     return device
 
 
@@ -38,17 +38,29 @@ def output_to_cpu(output: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
 
 
+def cuda_autocast(precision: str) -> bool:
+    """Whether inference on CUDA runs under bf16 autocast, from model.precision (bf16, or auto: GPUs run bf16 at
+    several times their fp32 rate). On the CPU the model applies model.precision itself."""
+    return precision in ("bf16", "auto")
+
+
 def autocast(device: torch.device, enabled: bool, *, cpu_bf16: bool = False):
-    """bf16 autocast: on CUDA when `enabled` (train.amp), on the CPU when `cpu_bf16` (train.precision; the
-    model's inference has its own, model.precision); a no-op context otherwise."""
+    """bf16 autocast: on CUDA when `enabled` (train.amp in training, `cuda_autocast` in inference), on the CPU
+    when `cpu_bf16` (train.precision; the model's inference has its own, model.precision); a no-op otherwise."""
     if device.type == "cpu":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def masks_to_rle(binary_masks: np.ndarray) -> list[dict]:
-    """uint8 [D, H, W] -> D COCO RLEs with str counts (JSON-ready)."""
-    rles = mask_utils.encode(np.asfortranarray(binary_masks.transpose(1, 2, 0)))  # (D, H, W) -> (H, W, D)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
+def seed_iteration(seed: int, iteration: int) -> None:
+    """Seeds every generator from (seed, iteration).
+
+    Why per iteration: the RPN and RoI samplers draw from torch's global generator, and whatever else ran in
+    between (a periodic evaluation, a checkpoint reload) would shift their draws. Seeding each iteration makes the
+    randomness of iteration i depend on i only, and resume exact without storing any generator state in the
+    checkpoint (the data's augmentations are seeded per sample by the loader).
+    """
+    value = (seed * 1_000_003 + iteration) % (2**31)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # also seeds every CUDA device

@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from maskrcnn.config import ConfigError
+
 
 def is_distributed() -> bool:
     """True inside an initialised process group."""
@@ -96,3 +98,24 @@ def gather_shards(items: list) -> list | None:
     if not is_main():
         return None
     return [part[k] for k in range(max(map(len, parts))) for part in parts if k < len(part)]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def sync_batchnorm(model: torch.nn.Module, *, enabled: bool, world_size: int,
+                   device: torch.device) -> torch.nn.Module:
+    """The model with its trainable BatchNorm layers turned into SyncBatchNorm when `enabled` in a distributed run
+    (statistics over every process's images; FrozenBatchNorm and GroupNorm are left as they are).
+
+    Raises:
+        ConfigError: enabled on a CPU run with several processes (SyncBatchNorm synchronises GPU tensors only).
+    """
+    if not enabled or world_size == 1:
+        return model
+    if device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: true needs CUDA (SyncBatchNorm synchronises GPU tensors); set it "
+                          "false for CPU runs")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou
 
-from maskrcnn.engine.common import masks_to_rle
+from maskrcnn.engine.coco_results import masks_to_rle
 from maskrcnn.model.poolers import image_index_rois
 from maskrcnn.model.postprocess import paste_masks
 
@@ -96,7 +96,7 @@ def oracle_mask_ap(coco_gt: COCO, detections: list[dict], *, image_ids: list[int
         coco_gt: the ground truth; detections: COCO results (boxes, classes and scores are kept).
         image_ids: the evaluated images.
         target_masks: the "target" oracle (`model_target_masks`); None: "GT in box" only.
-        score: COCO results with masks -> mask AP stats ({"AP", "AP50", ...}), e.g. `evaluate.coco_stats`.
+        score: COCO results with masks -> mask AP stats ({"AP", "AP50", ...}), e.g. `coco_results.coco_stats`.
     Returns:
         {"target" (when asked) | "GT in box": stats}.
     """

@@ -1,5 +1,6 @@
-"""Training loop: SGD / AdamW, warm-up then step or cosine schedule, bf16 autocast, gradient clipping, logging,
-periodic evaluation, atomic checkpoints, exact resume, and a clean stop on SIGINT / SIGTERM.
+"""The training loop: one step (bf16 autocast, gradient clipping, a NaN check), logging, periodic evaluation,
+atomic checkpoints, exact resume and a clean stop on SIGINT / SIGTERM. The optimiser, schedule and time budget are
+in `schedule`, the signals in `stop_signals`, the metrics records in `train_log`.
 
 Run directory (written by rank 0 only, which holds its lock, `checkpoint.RunLock`, while training):
     config.yaml     the full config of the run
@@ -13,33 +14,37 @@ Run directory (written by rank 0 only, which holds its lock, `checkpoint.RunLock
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import json
 import logging
 import math
-import os
-import random
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from maskrcnn.config import Config, ConfigError, config_to_dict, save_config
 from maskrcnn.data import DatasetError, build_dataset, build_train_loader, dataset_categories
 from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
-from maskrcnn.engine.common import autocast, images_to_model, resolve_device, targets_to_device
+from maskrcnn.engine.common import (
+    autocast,
+    cuda_autocast,
+    images_to_model,
+    resolve_device,
+    seed_iteration,
+    targets_to_device,
+)
+from maskrcnn.engine.distributed import sync_batchnorm, unwrap
 from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
 from maskrcnn.engine.run_folder import RunFolder
+from maskrcnn.engine.schedule import TimeBudget, build_optimizer, lr_factor
+from maskrcnn.engine.stop_signals import StopSignals
 from maskrcnn.engine.threads import ThreadProbe
+from maskrcnn.engine.train_log import MetricsLogger, format_duration
 from maskrcnn.errors import UserError
-from maskrcnn.fileio import full_disk_as_error, read_jsonl, remove_temp_files, write_text_atomic
+from maskrcnn.fileio import full_disk_as_error, remove_temp_files
+from maskrcnn.logs import run_log
 from maskrcnn.model import build_model
 from maskrcnn.model.precision import PrecisionChoice
 from maskrcnn.model.pretrained import WeightsError, load_state_dict_checked
@@ -53,309 +58,6 @@ PRECISION_PROBE_STEPS = (3, 8)
 
 class NonFiniteLossError(UserError, RuntimeError):
     """A loss became NaN or infinite (e.g. too high a train.lr); the message names the iteration and the loss term."""
-
-
-def seed_iteration(seed: int, iteration: int) -> None:
-    """Seeds every generator from (seed, iteration).
-
-    Why per iteration: the RPN and RoI samplers draw from torch's global generator, and whatever else ran in
-    between (a periodic evaluation, a checkpoint reload) would shift their draws. Seeding each iteration makes the
-    randomness of iteration i depend on i only, and resume exact without storing any generator state in the
-    checkpoint (the data's augmentations are seeded per sample by the loader).
-    """
-    value = (seed * 1_000_003 + iteration) % (2**31)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)  # also seeds every CUDA device
-
-
-# --------------------------------------------------------------------------------- optimiser and schedule
-
-
-def build_optimizer(
-    model: torch.nn.Module, *, name: str, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the trainable parameters; norm weights and biases get no weight decay
-    (decaying them only shrinks the scale that the normalisation re-learns)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel over all parameters; the default on a CPU is a Python loop over the ~100 tensors, which made
-    # AdamW's step 38 ms of the demo's 300 ms iteration (8 ms fused)
-    fused = all(param.device.type in ("cpu", "cuda") for param in decay + no_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, fused=fused)
-    raise ValueError(f"train.optimizer: unknown optimizer {name!r} (sgd | adamw)")
-
-
-def lr_factor(
-    iteration: int,
-    *,
-    max_iters: int,
-    warmup_iters: int,
-    warmup_factor: float,
-    schedule: str,
-    steps: tuple[int, ...],
-    gamma: float,
-) -> float:
-    """Multiplier of the base learning rate at `iteration` (0-based): linear warm-up from `warmup_factor` to 1
-    over `warmup_iters`, times a step decay (`gamma` at each of `steps`) or a cosine decay to 0 at `max_iters`."""
-    if schedule == "step":
-        decay = gamma ** sum(iteration >= step for step in steps)
-    elif schedule == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iters) / max(max_iters, 1)))
-    else:
-        raise ValueError(f"train.schedule: unknown schedule {schedule!r} (step | cosine)")
-    if iteration < warmup_iters:
-        alpha = iteration / warmup_iters
-        decay *= warmup_factor * (1.0 - alpha) + alpha
-    return decay
-
-
-class TimeBudget:
-    """Fits the schedule into the time budget `train.max_minutes`.
-
-    Without a budget the schedule spans `max_iters`. With one, every log period measures the speed of the last
-    iterations and sets the schedule's length, `planned_iters`, to the iterations that fit into the time left (at most
-    `max_iters`): the cosine reaches zero, or the steps fall, as the budget ends, on a fast machine and on a slow one
-    alike (a fixed 1900-iteration cosine stopped at 586 iterations with 80 % of its learning rate left on a machine 3x
-    slower). The plan and the time spent go into the checkpoint, so a resumed run continues the same schedule with
-    the time that was left.
-
-    The speed that plans is the steady one, measured from `steady_from` on: the first iterations of a process pay
-    start-up costs, and the thread probe runs some with a slower thread count (measured over them, a resumed run's
-    first plan shrank and its learning rate jumped down). Before a steady measurement exists, the start-up's speed
-    plans only when nothing better does: the first plans of a fresh run (a budget shorter than the start-up must end
-    too), never the plan a resumed run brought from its checkpoint.
-    """
-
-    WINDOW = 100  # iterations the speed is measured over: smooths the noise, follows a change of machine load
-
-    def __init__(self, *, max_iters: int, minutes: float | None) -> None:
-        self.max_iters = max_iters
-        self.seconds = None if minutes is None else 60.0 * minutes
-        self.planned_iters = max_iters
-        self.planned_steady = False  # planned_iters comes from a steady speed or from a checkpoint
-        self.spent = 0.0  # seconds of training before this process started (a resumed run)
-        self.started = time.perf_counter()
-        self.steady = False  # the marks start at a steady iteration
-        self.marks: collections.deque[tuple[int, float]] = collections.deque()  # (iteration, time) per log period
-
-    def start(self, iteration: int) -> None:
-        """Starts the clock at `iteration`, the first one of this process."""
-        self.started = time.perf_counter()
-        self.marks = collections.deque([(iteration, self.started)])
-        self.steady = False
-
-    def steady_from(self, iteration: int) -> None:
-        """From `iteration` on, the speed is measured anew: the iterations before it paid start-up costs or ran with
-        a thread count under test (`ThreadProbe.steady_iter`)."""
-        self.marks = collections.deque([(iteration, time.perf_counter())])
-        self.steady = True
-
-    def elapsed(self) -> float:
-        """Seconds of training so far, earlier processes of a resumed run included."""
-        return self.spent + time.perf_counter() - self.started
-
-    def out_of_time(self) -> bool:
-        return self.seconds is not None and self.elapsed() >= self.seconds
-
-    def seconds_per_iteration(self) -> float | None:
-        """Over the last WINDOW or more iterations (None before the first log period)."""
-        (first, then), (last, now) = self.marks[0], self.marks[-1]
-        return (now - then) / (last - first) if last > first else None
-
-    def refit(self, iteration: int) -> None:
-        """Records the time of `iteration` (call it every log period) and, with a budget, re-plans the schedule's
-        length."""
-        self.marks.append((iteration, time.perf_counter()))
-        while len(self.marks) > 2 and self.marks[-1][0] - self.marks[1][0] >= self.WINDOW:
-            self.marks.popleft()
-        per_iteration = self.seconds_per_iteration()
-        if self.seconds is None or per_iteration is None or (self.planned_steady and not self.steady):
-            return
-        fits = iteration + int((self.seconds - self.elapsed()) / per_iteration)
-        self.planned_iters = max(iteration, min(self.max_iters, fits))  # no time left: the schedule ends here
-        self.planned_steady = self.steady
-
-    def state_dict(self) -> dict:
-        return {"spent": self.elapsed(), "planned_iters": self.planned_iters}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continues a run: the time it spent and, under a budget, its plan (at most this run's max_iters; a run
-        resumed with a larger max_iters and no budget trains to that)."""
-        self.spent = float(state["spent"])
-        if self.seconds is not None:
-            self.planned_iters = min(int(state["planned_iters"]), self.max_iters)
-            self.planned_steady = True
-
-
-# ------------------------------------------------------------------------------------------- the loop
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (or the model itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-class MetricsLogger:
-    """Appends JSON records to metrics.jsonl and, with `tensorboard`, writes the same scalars to out_dir/tb."""
-
-    def __init__(self, *, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.path = RunFolder(out_dir).metrics_jsonl
-        self.enabled = enabled
-        self.tensorboard = None
-        if enabled and tensorboard:
-            self.tensorboard = summary_writer()(log_dir=str(RunFolder(out_dir).tensorboard))
-
-    def drop_after(self, iteration: int) -> None:
-        """Removes records past `iteration` (a resumed run repeats the iterations after its checkpoint), and a
-        last line torn by a kill."""
-        if self.enabled and self.path.is_file():
-            kept = [record for record in read_jsonl(self.path) if record["iteration"] <= iteration]
-            write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            iteration = record["iteration"]
-            for key, value in record.items():
-                if isinstance(value, float):
-                    self.tensorboard.add_scalar(f"train/{key}", value, iteration)
-            for iou_type, stats in record.get("eval", {}).items():
-                if iou_type in ("bbox", "segm"):
-                    for key, value in stats.items():
-                        if value is not None:
-                            self.tensorboard.add_scalar(f"eval/{iou_type}_{key}", value, iteration)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def summary_writer() -> type:
-    """TensorBoard's SummaryWriter class; checked before training starts.
-
-    Raises:
-        ConfigError: train.tensorboard is true but the tensorboard package is missing.
-    """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install 'maskrcnn[tensorboard]' "
-                          "(or pip install tensorboard), or set train.tensorboard=false") from None
-    return SummaryWriter
-
-
-def sync_batchnorm(model: torch.nn.Module, *, enabled: bool, world_size: int,
-                   device: torch.device) -> torch.nn.Module:
-    """The model with its trainable BatchNorm layers turned into SyncBatchNorm when `enabled` in a distributed run
-    (statistics over every process's images; FrozenBatchNorm and GroupNorm are left as they are).
-
-    Raises:
-        ConfigError: enabled on a CPU run with several processes (SyncBatchNorm synchronises GPU tensors only).
-    """
-    if not enabled or world_size == 1:
-        return model
-    if device.type != "cuda":
-        raise ConfigError("train.sync_batchnorm: true needs CUDA (SyncBatchNorm synchronises GPU tensors); set it "
-                          "false for CPU runs")
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def format_duration(seconds: float) -> str:
-    """'1h02m', '4m10s', '35s'."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-@contextlib.contextmanager
-def run_log(out_dir: Path, *, enabled: bool, to_terminal: bool):
-    """While training, the `maskrcnn` logger's lines (training progress, evaluation, report) also go to
-    out_dir/log.txt (appended: a resumed run continues it) and, with `to_terminal` and no handler set up by the
-    caller (the command line sets one), to stdout."""
-    logger = logging.getLogger("maskrcnn")
-    handlers = []
-    if enabled:
-        handlers.append(logging.FileHandler(RunFolder(out_dir).log))
-        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        if to_terminal and not logger.handlers:
-            handlers.append(logging.StreamHandler(sys.stdout))
-    level = logger.level
-    if handlers and logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    for handler in handlers:
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-        logger.setLevel(level)
-
-
-class StopSignals:
-    """Turns the first SIGINT / SIGTERM into a request to stop after the current iteration (the trainer then saves
-    last.pt and returns); a second one stops at once, as that signal would without this handler: SIGINT raises
-    KeyboardInterrupt (exit status 130), SIGTERM raises SystemExit(143), the status a job scheduler expects. Within
-    `stopping_at_once` (the final evaluation, when training is saved) the first one stops at once too. A context
-    manager; outside the main thread it does nothing (Python delivers signals to the main thread only)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: str | None = None  # the name of the signal that asked to stop
-        self.at_once: str | None = None  # what a signal that stops at once prints (what is kept, how to go on)
-        self._previous: dict = {}
-        self._pid = os.getpid()
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @contextlib.contextmanager
-    def stopping_at_once(self, message: str):
-        """Within it, the first signal stops at once too, printing `message`."""
-        self.at_once = message
-        try:
-            yield
-        finally:
-            self.at_once = None
-
-    def _handle(self, signum: int, frame) -> None:
-        if os.getpid() != self._pid:
-            # a DataLoader worker forked with this handler: the main process decides when to stop, so Ctrl-C (sent
-            # to the whole process group) must not end the worker; SIGTERM keeps its default effect
-            if signum == signal.SIGTERM:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            return
-        name = signal.Signals(signum).name
-        if self.received is None and self.at_once is None:
-            self.received = name
-            print(f"\nmaskrcnn: {name}: saving last.pt after this iteration, then stopping "
-                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
-            return
-        print(f"\nmaskrcnn: {name}: {self.at_once or 'stopping at once; last.pt is the last checkpoint saved'}",
-              file=sys.stderr, flush=True)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -457,7 +159,8 @@ class Trainer:
             aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, seed=tc.seed, rank=distributed.get_rank(),
             world_size=distributed.get_world_size(), start_iter=self.start_iter,
         )
-        self.logger = MetricsLogger(out_dir=self.out_dir, enabled=self.main, tensorboard=tc.tensorboard)
+        self.logger = MetricsLogger(path=self.folder.metrics_jsonl, enabled=self.main,
+                                    tensorboard_dir=self.folder.tensorboard if tc.tensorboard else None)
         self.logger.drop_after(self.start_iter)
         self.window: dict[str, list[float]] = {}  # loss values since the last log record
 
@@ -528,7 +231,8 @@ class Trainer:
         result = evaluate_dataset(
             unwrap(self.model), self.val_set, batch_size=ec.batch_size, device=self.device,
             num_workers=self.cfg.data.num_workers, iou_thresh=ec.iou_thresh, max_images=ec.max_images,
-            amp=self.tc.amp, out_dir=self.out_dir, num_vis=ec.num_vis, mask_ceiling=ec.mask_ceiling,
+            amp=cuda_autocast(self.cfg.model.precision), out_dir=self.out_dir, num_vis=ec.num_vis,
+            mask_ceiling=ec.mask_ceiling,
         )
         if self.main:
             self.logger.log({"iteration": iteration, "eval": result.metrics})
@@ -668,7 +372,7 @@ class Trainer:
                          + (" (the time budget ran out)" if stopped_early else ""))
             evaluation = None
             if not stop.received:
-                last = self.out_dir / "last.pt"
+                last = self.folder.last
                 with stop.stopping_at_once(f"stopping the final evaluation; {last} holds the {iteration} iterations "
                                            f"trained: evaluate it and make its report with: maskrcnn evaluate {last}"):
                     evaluation = self.evaluate(iteration)
@@ -686,6 +390,7 @@ def train(
     train_set=None,
     val_set=None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Trains `cfg.train.max_iters` iterations (or until `cfg.train.max_minutes`, or a SIGINT / SIGTERM),
@@ -697,6 +402,9 @@ def train(
             (the loss is the sum of every `loss_*` entry of its loss dict).
         train_set, val_set: None builds them with `build_dataset(cfg.data, "train" | "val")`.
         resume: continue from `out_dir/last.pt` (model, optimiser, schedule, iteration).
+        overwrite: replace an earlier run in `out_dir`; without it or `resume`, a folder that holds one is refused.
+            Checked under the folder's lock: of two trainings started into one folder, the second is refused
+            (locked, or the first one's run is there by then) instead of replacing the first one's files.
         progress: also print the progress lines (the `maskrcnn` logger's) to stdout when no handler is set up for
             that logger; they always go to out_dir/log.txt.
     Returns:
@@ -705,6 +413,7 @@ def train(
         NonFiniteLossError: a loss term became NaN/inf; no step is taken with it and last.pt stays as it was.
         CheckpointError: `resume` without a readable last.pt, or weights that became NaN/inf (never saved).
         RunLockedError: another live process trains in `out_dir`.
+        UserError: `out_dir` holds an earlier run and neither `resume` nor `overwrite` is given.
         DatasetError: the validation set is empty or its first sample unreadable (checked before training).
         DiskFullError: no space left in `out_dir`; the checkpoints written before are kept.
     """
@@ -715,6 +424,8 @@ def train(
     lock = RunLock(tc.out_dir) if distributed.is_main() else contextlib.nullcontext()
     # enable_grad: a caller (e.g. an evaluation before) may have turned gradients off for the whole thread
     with lock, StopSignals() as stop, torch.enable_grad(), full_disk_as_error(tc.out_dir):
+        if distributed.is_main():
+            RunFolder(tc.out_dir).check_new_run(resume=resume, overwrite=overwrite)
         trainer = Trainer(cfg, device=device, model=model, train_set=train_set, val_set=val_set, resume=resume)
-        with run_log(trainer.out_dir, enabled=trainer.main, to_terminal=progress):
+        with run_log(trainer.folder.log if trainer.main else None, to_terminal=progress):
             return trainer.run(stop)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from maskrcnn.engine.analysis import DETECTION_KINDS, ERROR_NAMES
-from maskrcnn.engine.evaluate import ImageView
+from maskrcnn.engine.views import ImageView
 from maskrcnn.fileio import write_text_atomic
 from maskrcnn.viz.draw import KIND_COLORS, class_colors
 

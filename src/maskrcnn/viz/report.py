@@ -22,7 +22,10 @@ from torch import Tensor
 
 from maskrcnn.config import Config, config_to_dict
 from maskrcnn.engine.analysis import ERROR_NAMES, ERROR_TYPES, SIZE_RANGES
-from maskrcnn.engine.evaluate import COCO_STAT_NAMES, EvalResult, ImageView, Picture
+from maskrcnn.engine.coco_results import COCO_STAT_NAMES
+from maskrcnn.engine.evaluate import EvalResult
+from maskrcnn.engine.inference import Picture
+from maskrcnn.engine.views import ImageView
 from maskrcnn.fileio import write_text_atomic
 from maskrcnn.viz.browse import write_browse_page
 from maskrcnn.viz.draw import (
