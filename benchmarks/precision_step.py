@@ -20,7 +20,7 @@ import torch
 from maskrcnn.config import config_path, load_config
 from maskrcnn.data import build_dataset, build_train_loader
 from maskrcnn.engine.common import autocast, images_to_model, targets_to_device
-from maskrcnn.engine.train import build_optimizer
+from maskrcnn.engine.schedule import build_optimizer
 from maskrcnn.model import build_model
 
 UNTIMED_STEPS = 4

@@ -43,6 +43,13 @@ SLOWEST_FILES = ("tests/export/test_export_trained.py", "tests/export/test_expor
                  "tests/engine/test_distributed.py")
 
 
+# Penn-Fudan beside the repository (the project's machines); elsewhere set MASKRCNN_PENNFUDAN or the real-photo
+# tests skip. Found here, never in the package: src/ names no path of a machine.
+PENNFUDAN_BESIDE_REPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "PennFudanPed"
+if not os.environ.get("MASKRCNN_PENNFUDAN") and (PENNFUDAN_BESIDE_REPO / "PNGImages").is_dir():
+    os.environ["MASKRCNN_PENNFUDAN"] = str(PENNFUDAN_BESIDE_REPO)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker (and the subprocesses its tests start) gets its share of the cores as torch
     threads: 2 workers with 2 threads each on 2 cores spent a third of the suite's CPU time waiting on each other

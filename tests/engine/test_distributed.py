@@ -13,7 +13,7 @@ import yaml
 
 from maskrcnn.config import config_from_dict
 from maskrcnn.engine import distributed
-from maskrcnn.engine.train import seed_iteration
+from maskrcnn.engine.common import seed_iteration
 from maskrcnn.model import build_model
 
 

@@ -21,8 +21,10 @@ from maskrcnn.config import config_from_dict
 from maskrcnn.data import DatasetError
 from maskrcnn.engine.checkpoint import LOCK_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from maskrcnn.config import ConfigError
-from maskrcnn.engine.train import (NonFiniteLossError, StopSignals, TimeBudget, Trainer, TrainResult, lr_factor,
-                                   sync_batchnorm, train)
+from maskrcnn.engine.distributed import sync_batchnorm
+from maskrcnn.engine.schedule import TimeBudget, lr_factor
+from maskrcnn.engine.stop_signals import StopSignals
+from maskrcnn.engine.train import NonFiniteLossError, Trainer, TrainResult, train
 from maskrcnn.cli import main
 from maskrcnn.fileio import DiskFullError, read_jsonl
 from maskrcnn.model import build_model
@@ -275,6 +277,22 @@ def test_a_machine_that_slows_down_after_the_plan_is_stopped_by_the_budget(tmp_p
     result, _ = run_on_the_fake_clock(trainer, clock, {iteration: 4.0 for iteration in range(40, 100)})
     assert trainer.budget.planned_iters == 60 and result.iterations == 45 and result.stopped_early
     assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 45
+
+
+@SCHEDULER_ONLY
+def test_a_schedule_that_has_annealed_is_not_extended(tmp_path, tiny_config, monkeypatch):
+    """1 s per iteration plans 60 iterations into the minute; from iteration 50 on they take 0.2 s, so at iteration
+    60 (lr 0, the end of the plan) 8 s are left at about 0.87 s per iteration over the window: a refit there would
+    plan 9 more iterations at lr ~0 (as it did, one at a time, on a busy machine). The run ends annealed at 60,
+    early, with the lr of its last record 0."""
+    clock = FakeClock()
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = tiny_config(tmp_path / "run", "train.max_minutes=1", "train.max_iters=3000", "train.warmup_iters=10",
+                      "train.log_period=10", "train.checkpoint_period=0")
+    trainer = Trainer(cfg, device=torch.device("cpu"), model=None, train_set=None, val_set=None, resume=False)
+    result, lrs = run_on_the_fake_clock(trainer, clock, {iteration: 0.2 for iteration in range(50, 100)})
+    assert trainer.budget.planned_iters == 60 and result.iterations == 60 and not result.stopped_early
+    assert clock.now == pytest.approx(52.0) and max(lrs) == 60 and lrs[60] == pytest.approx(0.0, abs=1e-12)
 
 
 @SCHEDULER_ONLY

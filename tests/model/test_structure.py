@@ -77,3 +77,30 @@ def test_algorithm_modules_hold_no_speed_code():
         for marker in ("ThreadPoolExecutor", "channels_last", "torch.ops.", "_conv_forward", "_version",
                        "_pre_nms_top_n", "def train("):
             assert marker not in text, f"{module}.py: {marker}"
+
+
+def _imports_of(prefix: str) -> dict[str, set[str]]:
+    return {name: deps for name, deps in _imports().items() if name == prefix or name.startswith(prefix + ".")}
+
+
+def test_layers_run_one_way():
+    """cli -> app (the commands' use cases) -> engine / viz / export -> model, data -> config, structures. engine
+    never imports viz or app; viz, export, model and data never import app or the command line."""
+    def within(dep: str, *layers: str) -> bool:
+        return any(dep == f"maskrcnn.{layer}" or dep.startswith(f"maskrcnn.{layer}.") for layer in layers)
+
+    for name, deps in _imports_of("maskrcnn.engine").items():
+        assert not [d for d in deps if within(d, "viz", "app", "cli")], name
+    for layer in ("viz", "export", "model", "data"):
+        for name, deps in _imports_of(f"maskrcnn.{layer}").items():
+            assert not [d for d in deps if within(d, "app", "cli")], name
+    for layer in ("model", "data"):
+        for name, deps in _imports_of(f"maskrcnn.{layer}").items():
+            assert not [d for d in deps if within(d, "engine", "viz", "export")], name
+
+
+def test_the_command_line_calls_use_cases_only():
+    allowed = ("maskrcnn.app", "maskrcnn.config", "maskrcnn.errors", "maskrcnn.logs", "maskrcnn.cli")
+    deps = {d for name, found in _imports().items() if name == "maskrcnn.cli" or name.startswith("maskrcnn.cli_")
+            for d in found}
+    assert deps and all(d.startswith(allowed) for d in deps), sorted(deps)

@@ -1,8 +1,8 @@
 """Penn-Fudan pedestrians: `PNGImages/<name>.png` with `PedMasks/<name>_mask.png`, where every pixel holds its
 instance id (0 background, 1..n pedestrians). One class, "person".
 
-The data set's licence forbids reposting it: code finds it through an argument, the environment variable
-`MASKRCNN_PENNFUDAN` or `../shared/data/PennFudanPed` next to the repository, and `fetch_pennfudan` installs it.
+The data set's licence forbids reposting it: code finds it through data.root or the environment variable
+`MASKRCNN_PENNFUDAN`, and `fetch_pennfudan` installs it.
 
 Shape letters: N objects of one image, H/W image size.
 """
@@ -29,10 +29,16 @@ PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 
 
 def default_pennfudan_root() -> Path:
-    """`$MASKRCNN_PENNFUDAN`, else `../shared/data/PennFudanPed` relative to the repository root."""
-    if os.environ.get("MASKRCNN_PENNFUDAN"):
-        return Path(os.environ["MASKRCNN_PENNFUDAN"])
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "PennFudanPed"
+    """`$MASKRCNN_PENNFUDAN`: the PennFudanPed folder when data.root is empty.
+
+    Raises:
+        DatasetError: the variable is not set either.
+    """
+    if not os.environ.get("MASKRCNN_PENNFUDAN"):
+        raise DatasetError("data.root is not set: data.format=pennfudan needs --set data.root=DIR (the PennFudanPed "
+                           "folder; `maskrcnn data pennfudan DIR` fetches it) or the environment variable "
+                           "MASKRCNN_PENNFUDAN=DIR")
+    return Path(os.environ["MASKRCNN_PENNFUDAN"])
 
 
 def split_indices(count: int, num_val: int, split: str, seed: int) -> list[int]:

@@ -212,6 +212,23 @@ def _confusion_pairs(ious: np.ndarray, det_classes: np.ndarray, gt_classes: np.n
     return pairs
 
 
+def _detection_arrays(detections: list[dict], class_of: dict[int, int],
+                      evaluated: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class index i64[D] (-1: not scored), score f64[D], image id i64[D] (-1: not evaluated)) of COCO results."""
+    det_classes = np.array([class_of.get(d["category_id"], -1) for d in detections], dtype=np.int64)
+    det_scores = np.array([d["score"] for d in detections], dtype=np.float64)
+    det_images = np.array([d["image_id"] if d["image_id"] in evaluated else -1 for d in detections], dtype=np.int64)
+    return det_classes, det_scores, det_images
+
+
+def _image_ious(dets: list[dict], objects: list[dict], crowds: list[dict], iou_type: str,
+                coco_gt: COCO) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU f[D, N] with the objects, f[D, C] part of each detection inside each crowd region) of one image."""
+    det_geometry = geometry(dets, iou_type)
+    return (iou_matrix(det_geometry, geometry(objects, iou_type, coco_gt), crowd=False),
+            iou_matrix(det_geometry, geometry(crowds, iou_type, coco_gt), crowd=True))
+
+
 def analyse(
     coco_gt: COCO,
     detections: list[dict],
@@ -243,10 +260,7 @@ def analyse(
     """
     num_classes = len(category_ids)
     class_of = {category_id: k for k, category_id in enumerate(category_ids)}
-    evaluated = set(image_ids)
-    det_classes = np.array([class_of.get(d["category_id"], -1) for d in detections], dtype=np.int64)
-    det_scores = np.array([d["score"] for d in detections], dtype=np.float64)
-    det_images = np.array([d["image_id"] if d["image_id"] in evaluated else -1 for d in detections], dtype=np.int64)
+    det_classes, det_scores, det_images = _detection_arrays(detections, class_of, set(image_ids))
     kinds = np.full(len(detections), _KIND["ignored"], dtype=np.int8)
     fix_class = np.full(len(detections), -1, dtype=np.int64)  # class a fixed cls / loc error becomes a match of
     fixer = np.zeros(len(detections), dtype=bool)
@@ -267,11 +281,8 @@ def analyse(
         crowds = [a for a in anns if a.get("iscrowd", 0)]
         gt_classes = np.array([class_of[a["category_id"]] for a in objects], dtype=np.int64)
         num_gt += np.bincount(gt_classes, minlength=num_classes)
-        image_dets = [detections[i] for i in rows]
-        det_geometry = geometry(image_dets, iou_type)
         judged = _judge_image(
-            iou_matrix(det_geometry, geometry(objects, iou_type, coco_gt), crowd=False),
-            iou_matrix(det_geometry, geometry(crowds, iou_type, coco_gt), crowd=True),
+            *_image_ious([detections[i] for i in rows], objects, crowds, iou_type, coco_gt),
             det_classes[rows], det_scores[rows], gt_classes,
             np.array([class_of[a["category_id"]] for a in crowds], dtype=np.int64),
             pos_thresh=pos_thresh, bg_thresh=bg_thresh, score_thresh=score_thresh)

@@ -84,6 +84,25 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def load_resume_checkpoint(path: str | Path, *, optimizer: str) -> dict:
+    """last.pt to resume a training with `optimizer` (train.optimizer) from.
+
+    Raises:
+        CheckpointError: unreadable, not written by training (no optimizer, scheduler or iteration), or trained with
+            another optimizer (its state would load silently, then fail mid-step).
+    """
+    state = load_checkpoint(path)
+    missing = [key for key in ("optimizer", "scheduler", "iteration") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it, it has no {missing[0]} (not a last.pt written by "
+                              f"training)")
+    saved_optimizer = state.get("config", {}).get("train", {}).get("optimizer", optimizer)
+    if saved_optimizer != optimizer:
+        raise CheckpointError(f"{path}: trained with train.optimizer={saved_optimizer}, the config says {optimizer}; "
+                              f"resume with the same optimizer")
+    return state
+
+
 @dataclass
 class LoadedModel:
     """A checkpoint's model, ready for inference, with what evaluating or running it needs."""

@@ -25,6 +25,7 @@ from maskrcnn.engine.coco_results import build_coco_ground_truth, coco_stats
 from maskrcnn.engine.inference import InferencePass, Picture, gather, infer
 from maskrcnn.engine.mask_ceiling import model_target_masks, oracle_mask_ap
 from maskrcnn.engine.metrics import analyse_detections, score_detections
+from maskrcnn.engine.run_folder import RunFolder
 from maskrcnn.engine.views import ImageView, image_views
 from maskrcnn.fileio import write_text_atomic
 
@@ -173,10 +174,10 @@ def mask_ceiling_metrics(model: torch.nn.Module, coco_gt: COCO, detections: list
 
 def write_eval_files(result: EvalResult, out_dir: str | Path) -> None:
     """metrics.json, detections.json (COCO results) and pr_curves.json into `out_dir`, each written atomically."""
-    out = Path(out_dir)
-    write_text_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2))
-    write_text_atomic(out / "detections.json", json.dumps(result.detections))
-    write_text_atomic(out / "pr_curves.json", json.dumps(result.pr_curves))
+    folder = RunFolder(out_dir)
+    write_text_atomic(folder.metrics, json.dumps(result.metrics, indent=2))
+    write_text_atomic(folder.detections, json.dumps(result.detections))
+    write_text_atomic(folder.pr_curves, json.dumps(result.pr_curves))
 
 def evaluate_dataset(
     model: torch.nn.Module,

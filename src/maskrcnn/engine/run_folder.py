@@ -1,6 +1,17 @@
-"""The files of a run folder, named once for training, the demo, evaluation and prediction, and the rule of what a
-new run or evaluation may replace there. Paths only: no torch, so that the command line can check a folder
-before it loads anything.
+"""The files of a run folder, named once for training, the demo, evaluation and the report (no other module
+spells them), and the rule of what a new run or evaluation may replace there.
+
+A training run's folder:
+    config.yaml     the full config of the run
+    metrics.jsonl   one JSON record per log period, {"iteration", "lr", "loss", "loss_*", "time"} with the losses
+                    averaged over the period, and one per evaluation, {"iteration", "eval": {...metrics}}
+    last.pt         checkpoint every checkpoint_period iterations, before every evaluation, at the end and when a
+                    signal stops the run; best.pt: the weights of the best mask AP so far
+    log.txt         the progress lines; tb/: TensorBoard scalars (train.tensorboard)
+    metrics.json    the last evaluation, with detections.json and pr_curves.json; report.md / report.html,
+                    figures/, browse_val.html and browse_val/: its report
+
+Paths only: no torch, so that a folder is checked before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from pathlib import Path
 
 from maskrcnn.errors import UserError
 
-# What a training run writes that a new run in the same folder would replace or truncate.
+# What a training run writes that a new run in the same folder would replace or truncate (RunFolder's names).
 TRAINING_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
 # What an evaluation writes (a training run ends with one): replaced only when asked.
 EVALUATION_OUTPUTS = ("metrics.json", "detections.json", "pr_curves.json", "report.md", "report.html", "figures",
@@ -74,11 +85,17 @@ class RunFolder:
 
     @property
     def report_md(self) -> Path:
+        """report.md: the report of the last evaluation."""
         return self.path / "report.md"
 
     @property
     def report_html(self) -> Path:
+        """report.html: the same report, pictures inline."""
         return self.path / "report.html"
+
+    def browse_page(self, image_set: str = "val") -> Path:
+        """browse_<image_set>.html: the browsable page of the pictured images (its pictures in browse_<image_set>/)."""
+        return self.path / f"browse_{image_set}.html"
 
     @property
     def figures(self) -> Path:

@@ -2,14 +2,7 @@
 atomic checkpoints, exact resume and a clean stop on SIGINT / SIGTERM. The optimiser, schedule and time budget are
 in `schedule`, the signals in `stop_signals`, the metrics records in `train_log`.
 
-Run directory (written by rank 0 only, which holds its lock, `checkpoint.RunLock`, while training):
-    config.yaml     the full config of the run
-    metrics.jsonl   one JSON record per log period, {"iteration", "lr", "loss", "loss_*", "time"} with the losses
-                    averaged over the period, and one per evaluation, {"iteration", "eval": {...metrics}}
-    metrics.json    the last evaluation (plus detections.json, pr_curves.json)
-    last.pt         checkpoint every checkpoint_period iterations, before every evaluation, at the end and when a
-                    signal stops the run; best.pt: the weights of the best mask AP so far
-    tb/             TensorBoard scalars when the tensorboard package is installed
+The run directory's files (rank 0 writes them, holding the folder's `checkpoint.RunLock`): `run_folder`.
 """
 
 from __future__ import annotations
@@ -26,22 +19,16 @@ import torch
 from maskrcnn.config import Config, ConfigError, config_to_dict, save_config
 from maskrcnn.data import DatasetError, build_dataset, build_train_loader, dataset_categories
 from maskrcnn.engine import distributed
-from maskrcnn.engine.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
-from maskrcnn.engine.common import (
-    autocast,
-    cuda_autocast,
-    images_to_model,
-    resolve_device,
-    seed_iteration,
-    targets_to_device,
-)
+from maskrcnn.engine.checkpoint import CheckpointError, RunLock, load_checkpoint, load_resume_checkpoint, save_checkpoint
+from maskrcnn.engine.common import (autocast, cuda_autocast, images_to_model, resolve_device, seed_iteration,
+                                    targets_to_device)
 from maskrcnn.engine.distributed import sync_batchnorm, unwrap
 from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
 from maskrcnn.engine.run_folder import RunFolder
 from maskrcnn.engine.schedule import TimeBudget, build_optimizer, lr_factor
 from maskrcnn.engine.stop_signals import StopSignals
 from maskrcnn.engine.threads import ThreadProbe
-from maskrcnn.engine.train_log import MetricsLogger, format_duration
+from maskrcnn.engine.train_log import MetricsLogger, announce, format_duration, progress_line
 from maskrcnn.errors import UserError
 from maskrcnn.fileio import full_disk_as_error, remove_temp_files
 from maskrcnn.logs import run_log
@@ -181,15 +168,7 @@ class Trainer:
                 optimiser state do not fit the config (e.g. another number of classes).
         """
         path = self.folder.last
-        state = load_checkpoint(path)
-        missing = [key for key in ("optimizer", "scheduler", "iteration") if key not in state]
-        if missing:
-            raise CheckpointError(f"{path}: cannot resume from it, it has no {missing[0]} (not a last.pt written by "
-                                  f"training)")
-        saved_optimizer = state.get("config", {}).get("train", {}).get("optimizer", self.tc.optimizer)
-        if saved_optimizer != self.tc.optimizer:  # another optimizer's state loads silently, then fails mid-step
-            raise CheckpointError(f"{path}: trained with train.optimizer={saved_optimizer}, the config says "
-                                  f"{self.tc.optimizer}; resume with the same optimizer")
+        state = load_resume_checkpoint(path, optimizer=self.tc.optimizer)
         try:
             load_state_dict_checked(model, state["model"], str(path), hint="the model of the config")
         except WeightsError as error:
@@ -297,16 +276,10 @@ class Trainer:
             log.info(self.progress_line(record))
 
     def progress_line(self, record: dict) -> str:
-        """'iter 120/600  loss 1.234 (rpn_cls 0.050 ... mask 0.500)  lr 1.20e-02  13.2 images/s  ETA 4m10s'."""
-        terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
-        line = (f"iter {record['iteration']}/{self.budget.planned_iters}  loss {record['loss']:.3f} ({terms})  "
-                f"lr {record['lr']:.2e}")
-        per_iteration = self.budget.seconds_per_iteration()
-        if per_iteration is not None:
-            images = self.tc.batch_size * distributed.get_world_size() / per_iteration
-            left = (self.budget.planned_iters - record["iteration"]) * per_iteration
-            line += f"  {images:.1f} images/s  ETA {format_duration(left)}"
-        return line
+        """`train_log.progress_line` of a log record, with this run's plan and speed."""
+        return progress_line(record, planned_iters=self.budget.planned_iters,
+                             seconds_per_iteration=self.budget.seconds_per_iteration(),
+                             images_per_iteration=self.tc.batch_size * distributed.get_world_size())
 
     def should_stop(self, stop: StopSignals) -> bool:
         """True when a signal asked to stop or the time budget is spent, on every rank alike."""
@@ -328,17 +301,9 @@ class Trainer:
             self.evaluate(iteration)
 
     def announce(self) -> None:
-        """The run's set-up, once at the start: iterations, device, total batch and the lr rule, the budget."""
-        tc, world = self.tc, distributed.get_world_size()
-        log.info(f"training {'up to ' if tc.max_minutes is not None else ''}{tc.max_iters} iterations on "
-                 f"{self.device} from iteration {self.start_iter}: {world} "
-                 f"process{'es' if world > 1 else ''} x {tc.batch_size} images = total batch {world * tc.batch_size}; "
-                 f"train.lr {tc.lr:g} is for this total batch (linear scaling rule: k times the total batch, k times "
-                 f"the lr)")
-        if tc.max_minutes is not None:
-            log.info(f"time budget {tc.max_minutes:g} min ({format_duration(self.budget.elapsed())} spent): the "
-                     f"schedule's length is fitted to the measured speed")
-        log.info(f"log: {self.folder.log}" + (f", TensorBoard: {self.folder.tensorboard}" if tc.tensorboard else ""))
+        """The run's set-up, once at the start (`train_log.announce`)."""
+        announce(self.tc, device=self.device, start_iter=self.start_iter, world_size=distributed.get_world_size(),
+                 spent=self.budget.elapsed(), folder=self.folder)
 
     def run(self, stop: StopSignals) -> TrainResult:
         """Trains to the end of the schedule, the time budget or a stop signal; saves last.pt, then evaluates (not

@@ -25,6 +25,7 @@ from maskrcnn.engine.analysis import ERROR_NAMES, ERROR_TYPES, SIZE_RANGES
 from maskrcnn.engine.coco_results import COCO_STAT_NAMES
 from maskrcnn.engine.evaluate import EvalResult
 from maskrcnn.engine.inference import Picture
+from maskrcnn.engine.run_folder import RunFolder
 from maskrcnn.engine.views import ImageView
 from maskrcnn.fileio import write_text_atomic
 from maskrcnn.viz.browse import write_browse_page
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 MIN_PICTURE_SIDE = 384  # smaller images (e.g. the 128 px synthetic ones) are enlarged so that labels stay readable
 ORIGINAL_BOX_MAP = 0.503  # the original project's BoxHead mAP (per-class AP at IoU 0.5, 3 classes; SEED.md)
 ORIGINAL_CLASSES = ["vehicles", "people", "animals"]  # its task; `maskrcnn data coco-subset` writes the same classes
-FIGURES_DIR = "figures"
 STAGE_PICTURES = 2  # the first pictured images are also drawn per stage (RPN, BoxHead, MaskHead)
 
 
@@ -312,10 +312,10 @@ def build_report(
     Returns:
         (report.md path, report.html path).
     """
-    run_dir = Path(run_dir)
-    fig_dir = run_dir / FIGURES_DIR
+    run_dir, folder = Path(run_dir), RunFolder(run_dir)
+    fig_dir = folder.figures
     log.info(f"report: drawing loss curves, stage pictures and precision-recall curves into {fig_dir}")
-    metrics_path = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
+    metrics_path = Path(metrics_jsonl) if metrics_jsonl is not None else folder.metrics_jsonl
     losses = plot_loss_curves(read_metrics_jsonl(metrics_path), fig_dir) if metrics_path.is_file() else {}
     pictures = render_stage_pictures(evaluation.pictures[:STAGE_PICTURES], fig_dir, class_names=evaluation.class_names,
                                      score_thresh=config.eval.vis_score_thresh, top_proposals=config.eval.vis_proposals)
@@ -345,7 +345,7 @@ def build_report(
         *error_sections(evaluation, fig_dir, score_thresh=config.eval.vis_score_thresh),
     ]
     pictured = [evaluation.views[int(p.target["image_id"])] for p in evaluation.pictures]
-    browse = write_browse_page(run_dir / f"browse_{image_set}.html", pictured, class_names=evaluation.class_names,
+    browse = write_browse_page(folder.browse_page(image_set), pictured, class_names=evaluation.class_names,
                                title=f"{title}: {image_set} images", score_thresh=config.eval.vis_score_thresh)
     sections.insert(0, Section("Browse the images", links=[(
         f"the {len(pictured)} pictured {image_set} images (eval.num_vis) with ground truth, predictions, masks, a "
@@ -354,7 +354,7 @@ def build_report(
         sections.append(Section("Total loss", figures=[("Sum of all loss terms", losses["loss_total"])]))
     sections.append(Section("Config", code=yaml.safe_dump(config_to_dict(config), sort_keys=False)))
 
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path, html_path = folder.report_md, folder.report_html
     write_text_atomic(md_path, to_markdown(title, sections, run_dir))
     write_text_atomic(html_path, to_html(title, sections, run_dir))
     return md_path, html_path
