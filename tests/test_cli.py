@@ -520,3 +520,24 @@ def test_seed_task_from_a_coco_json_with_portrait_and_landscape_images(tmp_path,
     assert load_config(tmp_path / "run" / "config.yaml").model.transform.fixed_canvas == (64, 96)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| original project (BoxHead) |" in report and "| vehicles |" in report
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+                 "allocate 5120000000 bytes."),
+    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_running_out_of_memory_is_one_line_that_says_what_to_change(error):
+    from maskrcnn.cli import describe_error
+
+    line, status = describe_error(error)
+    assert status == 2 and "\n" not in line
+    assert line.startswith("maskrcnn: error: out of memory") and "--tile" in line and "detections_per_img" in line
+
+
+def test_another_runtime_error_is_a_bug():
+    from maskrcnn.cli import describe_error
+
+    line, status = describe_error(RuntimeError("shape mismatch"))
+    assert status == 1 and line.startswith("maskrcnn: internal error: RuntimeError: shape mismatch")

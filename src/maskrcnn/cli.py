@@ -266,6 +266,18 @@ def _download_failure(error: BaseException) -> bool:
     return False
 
 
+# what an allocation that failed says: torch's CPU allocator (a RuntimeError), CUDA's, numpy's
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|DefaultCPUAllocator|out of memory|Unable to allocate")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether the error is a failed allocation: MemoryError, torch's OutOfMemoryError (named without importing
+    torch) or the RuntimeError of torch's CPU allocator."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and _ALLOCATION_FAILED.search(str(error)) is not None
+
+
 def describe_error(error: Exception) -> tuple[str, int]:
     """(the line for stderr, exit status) of an error that ended a command.
 
@@ -279,9 +291,10 @@ def describe_error(error: Exception) -> tuple[str, int]:
                f"model.backbone.weights: /path/to.pth)", 2
     if isinstance(error, (UserError, OSError)):
         return f"maskrcnn: error: {text}", 2
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # torch's, without torch
-        return f"maskrcnn: error: out of memory ({text}); try a smaller train.batch_size / eval.batch_size or " \
-               f"model.transform.max_size", 2
+    if _out_of_memory(error):
+        return f"maskrcnn: error: out of memory ({text[:200]}); use less: a smaller train.batch_size / " \
+               f"eval.batch_size / --batch-size, fewer detections (model.box_head.detections_per_img), a smaller " \
+               f"model.transform.max_size, or predict large images in tiles (--tile)", 2
     return (f"maskrcnn: internal error: {type(error).__name__}: {text} (this is a bug; run again with --debug or "
             f"MASKRCNN_DEBUG=1 for the traceback, and please report it)"), 1
 
