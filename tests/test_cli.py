@@ -541,3 +541,17 @@ def test_another_runtime_error_is_a_bug():
 
     line, status = describe_error(RuntimeError("shape mismatch"))
     assert status == 1 and line.startswith("maskrcnn: internal error: RuntimeError: shape mismatch")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--minutes", "nan"], "'nan': must be a finite number"),
+    (["demo", "--minutes", "inf"], "'inf': must be a finite number"),
+    (["demo", "--minutes", "-1"], "'-1': must be above 0"),
+    (["predict", "a.pt", "x.png", "--out", "o", "--score-thresh", "nan"], "'nan': must be a finite number"),
+    (["predict", "a.pt", "x.png", "--out", "o", "--score-thresh", "1.5"], "must be between 0 and 1"),
+    (["predict", "a.pt", "x.png", "--out", "o", "--score-thresh", "half"], "'half': not a number"),
+])
+def test_numbers_on_the_command_line_are_checked_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

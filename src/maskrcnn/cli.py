@@ -114,6 +114,22 @@ def _finite(text: str) -> float:
     return value
 
 
+def _score(text: str) -> float:
+    """A score threshold: a number in [0, 1]."""
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a score threshold must be between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A finite number above 0."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be above 0")
+    return value
+
+
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="inference precision (model.precision): bf16 needs AVX-512 BF16 or AMX on a CPU; auto: "
@@ -132,7 +148,7 @@ def _add_training(sub) -> None:
                           description="Train a small Mask R-CNN on synthetic shapes on the CPU, evaluate it on "
                                       "held-out images and write report.md / report.html.")
     demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo)")
-    demo.add_argument("--minutes", type=_finite, metavar="M", help="training time budget in minutes (default: 10)")
+    demo.add_argument("--minutes", type=_positive, metavar="M", help="training time budget in minutes (default: 10)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace the run in the output folder (default: runs/demo, or the first runs/demo-N "
                            "that holds no earlier run)")
@@ -175,7 +191,7 @@ def _add_predict(sub) -> None:
                               "written by `maskrcnn export`")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    predict.add_argument("--score-thresh", type=_finite, default=0.5, metavar="S",
+    predict.add_argument("--score-thresh", type=_score, default=0.5, metavar="S",
                          help="keep detections scoring at least S (default: 0.5)")
     predict.add_argument("--annotations", metavar="JSON",
                          help="COCO json listing the images: predictions.json then uses its image and category ids")
