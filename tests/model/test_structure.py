@@ -1,4 +1,4 @@
-"""The module map of DESIGN.md, checked: imports flow one way, and the model's algorithm modules hold no speed
+"""The layers of docs/ARCHITECTURE.md, checked: imports flow one way, and the model's algorithm modules hold no speed
 code (that lives in model/cpu_speedups.py)."""
 
 import ast

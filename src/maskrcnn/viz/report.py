@@ -49,7 +49,7 @@ from maskrcnn.viz.plots import (
 
 log = logging.getLogger(__name__)
 MIN_PICTURE_SIDE = 384  # smaller images (e.g. the 128 px synthetic ones) are enlarged so that labels stay readable
-ORIGINAL_BOX_MAP = 0.503  # the original project's BoxHead mAP (per-class AP at IoU 0.5, 3 classes; SEED.md)
+ORIGINAL_BOX_MAP = 0.503  # the original project's BoxHead mAP (per-class AP at IoU 0.5, 3 classes; docs/ARCHITECTURE.md)
 ORIGINAL_CLASSES = ["vehicles", "people", "animals"]  # its task; `maskrcnn data coco-subset` writes the same classes
 STAGE_PICTURES = 2  # the first pictured images are also drawn per stage (RPN, BoxHead, MaskHead)
 
