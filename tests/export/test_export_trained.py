@@ -19,7 +19,7 @@ from exported import assert_contract, assert_most_detections_kept, assert_same_d
 from PIL import Image
 
 from maskrcnn.cli import main
-from maskrcnn.engine import deploy
+from maskrcnn.app import deploy
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, ProgramPredictor, load_predictor
 from maskrcnn.model import precision
