@@ -7,8 +7,8 @@ box and mask AP on the 50 held-out photos.
 Each row is `maskrcnn train pennfudan-lite --set data.root=ROOT --set train.max_minutes=null --set
 train.max_iters=N` plus the row's overrides, run one after the other under `nice -n 10` in fresh processes; `uptime`
 is recorded before and after each. A row whose run folder already holds a finished evaluation at N iterations is read,
-not retrained, so rows can be added to a table one at a time. Writes benchmarks/augment_ablation.json and prints a
-Markdown table.
+not retrained, so rows can be added to a table one at a time. Writes benchmarks/results/augment_ablation.json and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
                         help="row numbers to run (0-based, --extra's is last; default all)")
     parser.add_argument("--extra", nargs="+", metavar="KEY=VALUE",
                         help="one more row with these overrides (e.g. the combination of the rows that helped)")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "augment_ablation.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "augment_ablation.json")
     args = parser.parse_args()
 
     rows = list(ROWS.items())

@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--keep-heap", action="store_true",
                         help="glibc malloc keeps freed memory (no mmap / trim of large blocks) in both models' processes")
     parser.add_argument("--num-classes", type=int, default=2, help="classes including background, as torchvision counts")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/compare_torchvision.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_torchvision.json"))
     parser.add_argument("--without", nargs="+", default=[], choices=[*SPEEDUPS, "all"],
                         help="run ours without these parts of its CPU speed layer")
     parser.add_argument("--models", nargs="+", default=["torchvision", "ours"], choices=["torchvision", "ours"],

@@ -20,8 +20,9 @@ has run, torchvision fp32 took 3.5-4.2 s per call instead of 3.2-3.4 s (2026-12-
 threads' affinity), which flattered every ratio to it. The runtimes then get rounds of their own, with torchvision
 fp32 again as their reference.
 
-    python benchmarks/cpu_limit.py --out benchmarks/cpu_limit.json          # then paste the table into RESULTS.md
-    python benchmarks/cpu_limit.py --repeats 2 --skip-train                 # inference only
+    python benchmarks/cpu_limit.py                              # writes benchmarks/results/cpu_limit.json; then
+                                                                # paste the table into RESULTS.md
+    python benchmarks/cpu_limit.py --repeats 2 --skip-train     # inference only
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from export_onnxruntime import images, torchvision_model  # noqa: E402
 from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, export_model  # noqa: E402
 from maskrcnn.model import from_torchvision  # noqa: E402
 from maskrcnn.model.precision import cpu_has_bf16  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"  # one JSON file per benchmark
 
 GEMM_SIZE = 2048
 
@@ -217,7 +220,8 @@ def main() -> None:
     parser.add_argument("--onnx", default="/tmp/maskrcnn_bench/model.onnx",
                         help="our export of the benchmark weights (exported when missing)")
     parser.add_argument("--skip-train", action="store_true", help="inference only")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_limit.json",
+                        help="the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
@@ -243,9 +247,9 @@ def main() -> None:
                        ("training", "Training step, batch 2, 800 x 1088, SGD")):
         if key in results:
             print_table(title, results[key]["gemm_gflop_per_s"], results[key]["rows"], "torchvision fp32")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
 #     bash benchmarks/device.sh run profile    # torch.profiler of ours, batch 8 bf16 (gpu_profile.py)
 #     bash benchmarks/device.sh run all        # compare, accuracy of ours alone, profile: about 7 minutes
 # A device call may run 600 s at most, so `accuracy` with both models (400 s of training) needs a call of its own.
-# Figures and logs go to $OUT (the device tool brings them back), or to .device/out without it.
+# Figures and logs go to $OUT (the device tool brings them back), or to .device/out without it; the JSON files
+# there keep their names in benchmarks/results/ (compare_torchvision_cuda.json, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=.device

@@ -8,6 +8,8 @@ object and detection is an octagon inside its box, so masks and boxes differ.
 
     PYTHONPATH=src python benchmarks/error_analysis.py [--images 5000] [--dets 100] [--tidecv]
 
+The timings go to benchmarks/results/error_analysis.json (--json elsewhere).
+
 `--tidecv` also times the `tidecv` package (pip install tidecv; it needs opencv, seaborn and pandas) on the same
 set, boxes only, and prints its dAP next to ours.
 """
@@ -20,10 +22,13 @@ import io
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+RESULTS = Path(__file__).resolve().parent / "results"  # one JSON file per benchmark
 
 WIDTH, HEIGHT, NUM_CLASSES = 640, 480, 80
 
@@ -115,7 +120,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--dets", type=int, default=100, help="detections per image")
     parser.add_argument("--tidecv", action="store_true", help="also time the tidecv package, boxes only")
-    parser.add_argument("--json", help="write the timings here")
+    parser.add_argument("--json", type=Path, default=RESULTS / "error_analysis.json",
+                        help="the timings as JSON")
     args = parser.parse_args()
     from maskrcnn.engine.analysis import analyse
 
@@ -139,9 +145,8 @@ def main() -> None:
     if args.tidecv:
         timings["tidecv_bbox_seconds"] = round(time_tidecv(coco, detections), 2)
     timings["load_average_after"] = os.getloadavg()
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(timings, file, indent=2)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(timings, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ weights; with --int8-static, static int8 quantisation of the backbone and FPN on
 demo's training images for --demo-checkpoint).
 --onnx-only leaves out the eager rows and the "basic" row (a shorter run under the CPU lock).
 
-    python benchmarks/export_onnxruntime.py --out benchmarks/export_onnxruntime.json
+    python benchmarks/export_onnxruntime.py      # writes benchmarks/results/export_onnxruntime.json
     (export first, unlocked, then take the exclusive CPU lock for the timings only:)
     python benchmarks/export_onnxruntime.py --export-only --model /tmp/bench/model.onnx [--int8] [--int8-static]
     flock -x /work/cpu.lock python benchmarks/export_onnxruntime.py --model /tmp/bench/model.onnx --out ...
@@ -24,7 +24,7 @@ fp32 one, made only when missing.
 
 The int8 accuracy cost is measured on the demo's held-out images by `--demo-checkpoint runs/demo/last.pt`:
 mask and box mAP@0.5 of the eager model, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic, and static with
---int8-static) on the same images.
+--int8-static) on the same images, written to benchmarks/results/export_onnxruntime_int8.json.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from maskrcnn.model import from_torchvision
 
 SIZE = (800, 1088)
 PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).resolve().parents[2] / "shared/data/PennFudanPed"))
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def torchvision_model() -> nn.Module:
@@ -216,7 +217,8 @@ def main() -> None:
     parser.add_argument("--onnx-only", action="store_true", help="time ONNX Runtime only (no eager, no 'basic')")
     parser.add_argument("--demo-checkpoint", help="measure int8's accuracy cost on this demo checkpoint's val set")
     parser.add_argument("--work", default="/tmp/maskrcnn_bench", help="folder for the demo model's ONNX files")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="the results as JSON (default: benchmarks/results/"
+                        "export_onnxruntime.json, export_onnxruntime_int8.json with --demo-checkpoint)")
     args = parser.parse_args()
     if not Path(args.model).is_file():
         export_model(from_torchvision(torchvision_model()), args.model)
@@ -229,8 +231,9 @@ def main() -> None:
     results = {} if args.demo_checkpoint else timings(args)
     if args.demo_checkpoint:
         results["int8_accuracy"] = int8_accuracy(args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    out = args.out or RESULTS / ("export_onnxruntime_int8.json" if args.demo_checkpoint else "export_onnxruntime.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

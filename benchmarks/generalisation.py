@@ -16,6 +16,8 @@ forbids reposting), removed afterwards unless --keep. Evaluation is `maskrcnn ev
 and once per variant.
 
     python benchmarks/generalisation.py runs/pennfudan-lite/last.pt --root /path/to/PennFudanPed
+
+The figures go to benchmarks/results/generalisation.json (--json elsewhere).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from maskrcnn.data import PennFudanDataset
 from maskrcnn.data.common import masks_to_boxes
 from maskrcnn.data.transforms import keep_visible_instances, resize
 from maskrcnn.engine.checkpoint import load_checkpoint
+
+RESULTS = Path(__file__).resolve().parent / "results"  # one JSON file per benchmark
 
 VARIANTS = ("small", "crop", "grey")
 MIN_PIXELS = 64  # a pedestrian cut down to fewer pixels by a crop is no longer a fair target
@@ -166,7 +170,8 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="the PennFudanPed folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the harder photos")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, default=RESULTS / "generalisation.json",
+                        help="the figures as JSON")
     args = parser.parse_args()
 
     data = config_from_dict(load_checkpoint(args.checkpoint)["config"]).data
@@ -188,8 +193,8 @@ def main() -> None:
     for name, metrics in results.items():
         print(f"| {name} | {metrics.get('num_images', data.num_val)} | {metrics['bbox']['AP']:.3f} | "
               f"{metrics['bbox']['AP50']:.3f} | {metrics['segm']['AP']:.3f} | {metrics['segm']['AP50']:.3f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), **results}, indent=1) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), **results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

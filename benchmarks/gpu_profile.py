@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="profiled calls per mode")
     parser.add_argument("--rows", type=int, default=25, help="ops printed per mode")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/gpu_profile.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/gpu_profile.json"))
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -6,7 +6,7 @@ evaluation now runs for the report's "Masks against their boxes" section): "targ
 target in the detection's box, pasted back; "GT in box", the ground-truth mask cleared outside the box. The
 "model" row recomputes the run's own mask AP, a check.
 
-    python benchmarks/mask_ceiling.py /tmp/run --set data.root=../shared/data/PennFudanPed
+    python benchmarks/mask_ceiling.py /tmp/run --set data.root=../shared/data/PennFudanPed   # results/mask_ceiling.json
     python benchmarks/mask_ceiling.py --cost     # seconds per COCO-sized image: 100 detections, 7 objects, 480 x 640
 """
 
@@ -25,6 +25,8 @@ from maskrcnn.data import build_dataset
 from maskrcnn.engine.coco_results import build_coco_ground_truth, coco_stats, masks_to_rle, targets_to_coco_annotations
 from maskrcnn.engine.mask_ceiling import model_target_masks, oracle_mask_ap, oracle_masks
 from maskrcnn.model import build_model
+
+RESULTS = Path(__file__).resolve().parent / "results"  # one JSON file per benchmark
 
 
 def cost(calls: int = 5) -> None:
@@ -59,7 +61,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, nargs="?", help="a run folder with config.yaml and detections.json")
     parser.add_argument("--cost", action="store_true", help="time the oracles on a COCO-sized image instead")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, default=RESULTS / "mask_ceiling.json",
+                        help="the figures as JSON")
     args = parser.parse_args()
     if args.cost:
         return cost()
@@ -89,9 +92,9 @@ def main() -> None:
     for name, stats in figures.items():
         large = "-" if stats["APl"] is None else f"{stats['APl']:.3f}"
         print(f"{name:<12} {stats['AP']:6.3f} {stats['AP50']:6.3f} {stats['AP75']:6.3f} {large:>6}")
-    if args.json:
-        args.json.write_text(json.dumps({"run": str(args.run), "num_detections": len(detections), **figures},
-                                        indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"run": str(args.run), "num_detections": len(detections), **figures},
+                                    indent=2) + "\n")
 
 
 if __name__ == "__main__":

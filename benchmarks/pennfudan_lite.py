@@ -8,9 +8,9 @@ split (the last 50 of `torch.randperm(170, seed 1)` are the test images) and eva
 
     MASKRCNN_PENNFUDAN=/path/to/PennFudanPed python benchmarks/pennfudan_lite.py --out runs/pennfudan-lite-bench
 
-Writes benchmarks/pennfudan_lite.json and prints a Markdown table. With `--inference` instead, times CPU inference
-at 800x1088 of the preset and of the same model on a ResNet-50 trunk (BatchNorm, folded into the convolutions at
-inference like the Lite's): median of 5 calls after 2 warm-up calls each, the models called in turn, 100
+Writes benchmarks/results/pennfudan_lite.json and prints a Markdown table. With `--inference` instead, times CPU
+inference at 800x1088 of the preset and of the same model on a ResNet-50 trunk (BatchNorm, folded into the
+convolutions at inference like the Lite's): median of 5 calls after 2 warm-up calls each, the models called in turn, 100
 detections per image forced by a zero score threshold, random weights (the time does not depend on them); wall-clock
 ms and the CPU ms of the process (with `--threads 1`, a figure that a loaded machine inflates little). With
 `--picture CHECKPOINT IMAGE PNG`, draws the masks a trained run predicts on one (held-out) photo, one colour per
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for --inference")
     parser.add_argument("--picture", nargs=3, type=Path, metavar=("CHECKPOINT", "IMAGE", "PNG"),
                         help="only draw the masks CHECKPOINT predicts on IMAGE into PNG")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "pennfudan_lite.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "pennfudan_lite.json")
     args = parser.parse_args()
 
     if args.picture:

@@ -6,8 +6,9 @@ Box and mask COCO AP (0.5:0.95) and mAP@0.5 of each, with seconds per image, all
 The bf16 rows need a CPU with bf16 units (AVX-512 BF16 or AMX) and are left out elsewhere; the OpenVINO rows
 need the `openvino` package (`pip install maskrcnn[openvino]`).
 
-    python benchmarks/runtime_accuracy.py /tmp/pf_lite_run/last.pt --set data.root=../shared/data/PennFudanPed \
-        --out benchmarks/runtime_accuracy.json
+    python benchmarks/runtime_accuracy.py /tmp/pf_lite_run/last.pt --set data.root=../shared/data/PennFudanPed
+
+writes benchmarks/results/runtime_accuracy.json (--out elsewhere).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from maskrcnn.engine.evaluate import evaluate_dataset  # noqa: E402
 from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, export_model  # noqa: E402
 from maskrcnn.model.precision import cpu_has_bf16  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parent / "results"  # one JSON file per benchmark
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,7 +40,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--work", default="/tmp/maskrcnn_runtime_accuracy", help="folder of the ONNX export")
     parser.add_argument("--threads", type=int, default=2, help="torch, ONNX Runtime and OpenVINO threads")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=RESULTS / "runtime_accuracy.json",
+                        help="the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,8 +77,8 @@ def main() -> None:
         out["rows"][name] = row
         print(f"{name:18s} box AP {row['box_AP']:.4f}  mask AP {row['mask_AP']:.4f}  box mAP@0.5 "
               f"{row['box_mAP50']:.4f}  mask mAP@0.5 {row['mask_mAP50']:.4f}  {seconds:.2f} s/image", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=704)
     parser.add_argument("--num-classes", type=int, default=2, help="classes including background, as torchvision counts")
     parser.add_argument("--where", action="store_true", help="also list the calling line of every sync point")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/sync_points.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/sync_points.json"))
     args = parser.parse_args()
 
     images, targets = load_batch(args.batch, torch.device("cpu"), args.height, args.width)

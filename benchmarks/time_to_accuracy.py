@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["torchvision", "ours"], choices=["torchvision", "ours"])
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader processes, the same for both models (default 6 on GPU, 0 on CPU)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/time_to_accuracy.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/time_to_accuracy.json"))
     args = parser.parse_args()
 
     device = torch.device(args.device)
