@@ -90,10 +90,18 @@ def read_rgb(path: Path, image_id: object = None) -> Tensor:
         DatasetError: the file is missing, cannot be decoded or is over MAX_IMAGE_PIXELS.
     """
     with _open_image(Path(path), image_id, "decode image") as image:
-        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            image = ImageOps.exif_transpose(image)
-        array = _to_rgb_array(image)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        return image_to_rgb(image)
+
+
+def image_to_rgb(image: Image.Image) -> Tensor:
+    """uint8[3, H, W] of an opened image, as `read_rgb` decodes a file (the server decodes request bodies with it).
+
+    Raises:
+        OSError, ValueError: the pixels cannot be decoded (a truncated file, 16-bit values outside 0..65535).
+    """
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return torch.from_numpy(_to_rgb_array(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
 def read_size(path: Path, image_id: object = None) -> tuple[int, int]:
