@@ -369,34 +369,6 @@ def test_predict_fails_only_when_no_image_could_be_read(tiny_run, tmp_path, caps
     assert "cannot decode image" in json.loads((tmp_path / "pred" / "images.json").read_text())[0]["error"]
 
 
-def test_predict_stopped_midway_keeps_the_results_of_the_images_done(tmp_path):
-    from maskrcnn.app.predict import predict_images
-
-    paths = []
-    for name in ("a.png", "b.png"):
-        Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp_path / name)
-        paths.append(tmp_path / name)
-    calls = []
-
-    def detect(image):
-        calls.append(image.shape)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        masks = torch.zeros(1, 1, 6, 8)
-        masks[..., 1:3, 2:5] = 1.0
-        return {"boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0]]), "labels": torch.tensor([1]),
-                "scores": torch.tensor([0.9]), "masks": masks}
-
-    out = tmp_path / "pred"
-    with pytest.raises(KeyboardInterrupt):
-        predict_images(paths, detect, [{"id": 1, "name": "thing"}], {p: i for i, p in enumerate(paths, 1)}, out,
-                        0.5)
-    predictions = json.loads((out / "predictions.json").read_text())
-    assert [(p["image_id"], p["bbox"], p["file_name"]) for p in predictions] == [(1, [2.0, 1.0, 3.0, 2.0], str(paths[0]))]
-    assert json.loads((out / "images.json").read_text()) == [
-        {"image_id": 1, "file_name": str(paths[0]), "overlay": "a.png_pred.png", "detections": 1}]
-
-
 def write_coco(folder: Path, categories: list[dict]) -> Path:
     """Four 64x96 (landscape) / 96x64 (portrait) images with one rectangle each, classes alternating over
     `categories`; image ids 101..104 and category ids as given, so that neither equals a running number or a

@@ -63,7 +63,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from maskrcnn.app import predict
 
-    print(predict.run_prediction(args.checkpoint, args.inputs, args.out, score_thresh=args.score_thresh,
+    options = predict.PredictOptions(score_thresh=args.score_thresh, batch_size=args.batch_size, every=args.every,
+                                     tile=args.tile, overlap=args.overlap, recursive=args.recursive,
+                                     format=args.format, overlays=not args.no_overlays, save_masks=args.save_masks)
+    print(predict.run_prediction(args.checkpoint, args.inputs, args.out, options=options,
                                  annotations=args.annotations, runtime=args.runtime, precision=args.precision,
                                  overrides=args.set))
     return 0
@@ -183,16 +186,35 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    predict = sub.add_parser("predict", help="detect objects in images, write overlays and a results json",
-                             description="Run a checkpoint on images; write <name>_pred.png overlays and "
-                                         "predictions.json (COCO results format).")
+    predict = sub.add_parser("predict", help="detect objects in images and videos, write overlays and results",
+                             description="Run a checkpoint on images, folders, globs and videos; write "
+                                         "<name>_pred.png overlays (<name>_pred.mp4 for a video), "
+                                         "predictions.json (COCO results; video frames carry frame and "
+                                         "timestamp) and images.json (one record per image or frame).")
     predict.add_argument("checkpoint", metavar="CHECKPOINT",
                          help="a .pt file written by `maskrcnn train`, or a .onnx (ONNX Runtime) or .pt2 file "
                               "written by `maskrcnn export`")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files (any type Pillow reads), folders, glob patterns ('photos/**/*.jpg'), "
+                              "video files (mp4, mov, mkv, avi, ...: `pip install maskrcnn[video]`) or stream URLs")
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
     predict.add_argument("--score-thresh", type=_score, default=0.5, metavar="S",
                          help="keep detections scoring at least S (default: 0.5)")
+    predict.add_argument("--batch-size", type=int, default=4, metavar="N",
+                         help="images (or tiles) per model call (default: 4)")
+    predict.add_argument("--every", type=int, default=1, metavar="N", help="predict every N-th frame of a video")
+    predict.add_argument("--tile", type=int, metavar="SIZE",
+                         help="predict large images in overlapping SIZE x SIZE tiles (and whole), duplicates at "
+                              "tile borders merged")
+    predict.add_argument("--overlap", type=_finite, default=0.2, metavar="F",
+                         help="with --tile: the fraction of a tile its neighbours share (default: 0.2)")
+    predict.add_argument("--recursive", action="store_true", help="folders: also the files in their sub-folders")
+    predict.add_argument("--format", choices=("rle", "polygons"), default="rle",
+                         help="masks in predictions.json: COCO RLE (default) or polygons (`pip install "
+                              "maskrcnn[polygons]`)")
+    predict.add_argument("--no-overlays", action="store_true", help="write the json files only, no overlays")
+    predict.add_argument("--save-masks", action="store_true",
+                         help="also write a mask PNG per image (<name>_masks.png; pixel k: detection k)")
     predict.add_argument("--annotations", metavar="JSON",
                          help="COCO json listing the images: predictions.json then uses its image and category ids")
     predict.add_argument("--runtime", metavar="NAME",

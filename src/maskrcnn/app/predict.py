@@ -1,8 +1,11 @@
-"""Prediction on image files and folders: overlays, COCO results and a record per image.
+"""`maskrcnn predict`: a checkpoint or exported model over images, folders, globs and videos, into a folder of
+overlays (a PNG per image, an .mp4 per video), predictions.json (COCO results, per frame for videos) and
+images.json (a record per image or frame: its id, file, frame index and time, overlay and number of detections, or
+the error that made it skipped), optionally mask PNGs.
 
-A checkpoint runs through evaluation's inference step (`inference.detect_batch`), an exported model (.onnx, .pt2)
-through its predictor from `maskrcnn.export`; both become a `Detector`, so that everything after the model is
-the same for either.
+The work runs as `pipeline.predict_stream`: reading, the model (in batches, or tiles) and encoding / drawing /
+writing beside each other. A stopped run (Ctrl-C, an error) still writes both json files, atomically, with the
+images and frames done, and finishes the overlay videos up to them.
 
 Shape letters: D detections of one image, H/W the image's size.
 """
@@ -12,182 +15,208 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import Tensor
+from PIL import Image
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
+from maskrcnn.app import video
+from maskrcnn.app.detectors import CheckpointDetector, ExportedDetector
+from maskrcnn.app.pipeline import BatchPredictor, predict_stream
+from maskrcnn.app.results import FORMATS, Result, require_opencv
+from maskrcnn.app.sources import Frame, Input, collect_inputs, read_frames
+from maskrcnn.app.tiles import Tiling
 from maskrcnn.data import read_coco_index
 from maskrcnn.data.common import DatasetError, read_rgb
-from maskrcnn.engine.checkpoint import LoadedModel, check_categories, load_model
-from maskrcnn.engine.coco_results import detections_to_coco
-from maskrcnn.engine.common import cuda_autocast, output_to_cpu
-from maskrcnn.engine.inference import detect_batch
+from maskrcnn.engine.checkpoint import check_categories, load_model
 from maskrcnn.errors import UserError
 from maskrcnn.export.exporter import SUFFIXES
 from maskrcnn.fileio import write_text_atomic
-from maskrcnn.viz.draw import draw_detections, save_png
+from maskrcnn.viz.draw import save_png
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
-# One image in, its detections out: uint8 [3, H, W] -> {"boxes" f32[D, 4], "labels" i64[D], "scores" f32[D],
-# "masks" f32[D, 1, H, W]} on the CPU, in the image's coordinates.
-Detector = Callable[[Tensor], dict]
-
-
-def image_paths(inputs: list[str | Path]) -> list[Path]:
-    """The image files named or held (directly) by the inputs, each once, in the order given (folders sorted).
+def load_detector(model: str | Path, *, runtime: str | None = None, precision: str | None = None,
+                  overrides: list[str] = ()) -> CheckpointDetector | ExportedDetector:
+    """The model step of a checkpoint (.pt, with `overrides` of its config) or an exported .onnx / .pt2 file.
 
     Raises:
-        UserError: an input does not exist, or a folder holds no image file.
+        UserError: a bad model file, or an option that does not apply to it.
     """
-    paths: list[Path] = []
-    for text in inputs:
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-            if not found:
-                raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-            paths += found
-        elif path.exists():
-            paths.append(path)
+    if Path(model).suffix in SUFFIXES:  # an exported model knows its class names only
+        if overrides:
+            raise UserError(f"{model}: --set changes a config, and an exported model has none (its settings "
+                            f"are part of the graph); export again with the changed config instead")
+        return ExportedDetector(model, runtime=runtime, precision=precision)
+    if runtime is not None:
+        raise UserError(f"--runtime applies to exported models (.onnx), not to {model}")
+    overrides = list(overrides) if precision is None else [*overrides, f"model.precision={precision}"]
+    return CheckpointDetector(load_model(model, overrides=overrides))
+
+
+def output_names(inputs: list[Input]) -> dict[str, Path]:
+    """Overlay file of every input, relative to the output folder: the file's path below the deepest folder that
+    holds all of them, its whole name kept (a/x.jpg -> a/x.jpg_pred.png, clip.mp4 -> clip.mp4_pred.mp4), so that
+    a/x.jpg and b/x.jpg, or y.jpg and y.png, never write the same overlay; stream k: stream<k>_pred.mp4."""
+    files = [Path(os.path.abspath(item.path)) for item in inputs if not video.is_stream_url(item.path)]
+    common = Path(os.path.commonpath([p.parent for p in files])) if files else Path("/")
+    names, streams = {}, 0
+    for item in inputs:
+        if video.is_stream_url(item.path):
+            streams += 1
+            names[item.path] = Path(f"stream{streams}_pred.mp4")
         else:
-            raise UserError(f"image or folder not found: {path}")
-    seen: set[str] = set()
-    unique = []
-    for path in paths:  # a file named twice (or named and inside a named folder) is predicted once
-        if os.path.abspath(path) not in seen:
-            seen.add(os.path.abspath(path))
-            unique.append(path)
-    return unique
+            relative = Path(os.path.abspath(item.path)).relative_to(common)
+            names[item.path] = relative.with_name(f"{relative.name}_pred.{'mp4' if item.kind == 'video' else 'png'}")
+    return names
 
 
-def overlay_names(paths: list[Path]) -> list[Path]:
-    """Overlay file of every image, relative to the output folder: the image's path below the deepest folder that
-    holds all of them, its whole name kept (a/x.jpg -> a/x.jpg_pred.png), so that a/x.jpg and b/x.jpg, or y.jpg
-    and y.png, never write the same overlay."""
-    absolute = [Path(os.path.abspath(p)) for p in paths]
-    common = Path(os.path.commonpath([p.parent for p in absolute]))
-    return [p.relative_to(common).with_name(f"{p.name}_pred.png") for p in absolute]
-
-
-def checkpoint_detector(loaded: LoadedModel) -> Detector:
-    """A `Detector` running a checkpoint's model (`checkpoint.load_model`) with evaluation's inference step."""
-
-    @torch.no_grad()
-    def detect(image: Tensor) -> dict:
-        output = detect_batch(loaded.model, [image], device=loaded.device, amp=cuda_autocast(loaded.config.model.precision))[0]
-        return output_to_cpu(output)
-
-    return detect
-
-
-def exported_detector(path: str | Path, *, runtime: str | None = None,
-                      precision: str | None = None) -> tuple[Detector, list[str]]:
-    """A `Detector` running a .onnx or .pt2 file written by `maskrcnn export`, and its class names.
-
-    Args:
-        runtime, precision: as `export.load_predictor` takes them (OpenVINO for an .onnx file, in fp32 or bf16).
-    Raises:
-        UserError: the file is missing or not an exported model, the runtime or precision does not apply to it, or
-            the runtime's packages are not installed.
-    """
-    from maskrcnn.export import load_predictor
-
-    try:
-        predictor = load_predictor(path, runtime=runtime, precision=precision)
-    except ImportError as error:
-        extra = "openvino" if runtime == "openvino" else "export"
-        raise UserError(f"{path}: running an exported model needs the optional packages of "
-                        f"`pip install maskrcnn[{extra}]` ({error})") from None
-    except (ValueError, FileNotFoundError) as error:  # the file is not what `maskrcnn export` writes
-        raise UserError(str(error)) from None
-
-    def detect(image: Tensor) -> dict:
-        return predictor([image.float() / 255.0])[0]
-
-    return detect, predictor.info.class_names
-
-
-def coco_ids(paths: list[Path], annotations: str | Path, checkpoint: str | Path,
-             categories: list[dict]) -> tuple[list[dict], dict[Path, object]]:
-    """(categories, image id per path) from a COCO json that lists the images: its own category ids (its classes
-    must be the checkpoint's) and the id of the image whose file_name ends the path (`000001.jpg`,
+def coco_ids(inputs: list[Input], annotations: str | Path, checkpoint: str | Path,
+             categories: list[dict]) -> tuple[list[dict], dict[str, object]]:
+    """(categories, image id per input path) from a COCO json that lists the images: its own category ids (its
+    classes must be the checkpoint's) and the id of the image whose file_name ends the path (`000001.jpg`,
     `val2017/000001.jpg`).
 
     Raises:
-        CheckpointError: the json's classes are not the checkpoint's. UserError: an image is not in the json.
+        CheckpointError: the json's classes are not the checkpoint's. UserError: an image is not in the json, or
+            an input is a video.
     """
     json_categories, id_of_file = read_coco_index(annotations)
     if json_categories:
         check_categories(checkpoint, categories, annotations, json_categories)
         categories = json_categories
     image_ids = {}
-    for path in paths:
-        parts = path.absolute().parts
+    for item in inputs:
+        if item.kind == "video":
+            raise UserError(f"--annotations {annotations}: names images, and {item.path} is a video")
+        parts = Path(item.path).absolute().parts
         tails = ("/".join(parts[-k:]) for k in range(1, len(parts) + 1))
-        image_ids[path] = next((id_of_file[tail] for tail in tails if tail in id_of_file), None)
-        if image_ids[path] is None:
-            raise UserError(f"{path}: no image of {annotations} has this file name")
+        image_ids[item.path] = next((id_of_file[tail] for tail in tails if tail in id_of_file), None)
+        if image_ids[item.path] is None:
+            raise UserError(f"{item.path}: no image of {annotations} has this file name")
     return categories, image_ids
 
 
+def mask_png(result: Result) -> Image.Image:
+    """One image of the detections' masks: pixel value k where detection k (1-based, in predictions.json's order)
+    covers it, the higher score winning overlaps; 0 elsewhere. 8-bit, 16-bit beyond 255 detections."""
+    ids = np.zeros(result.image_size, dtype=np.uint8 if len(result) <= 255 else np.uint16)
+    for k in range(len(result), 0, -1):  # lowest score first, so the best is painted last
+        ids[mask_utils.decode(result.rles[k - 1]).astype(bool)] = k
+    return Image.fromarray(ids)
+
+
 @dataclass
-class Prediction:
-    """What `predict_images` wrote."""
+class Written:
+    """What a pool thread made of one frame, for the writer to append in order."""
 
-    records: list[dict]  # per image: "image_id", "file_name", and "overlay" + "detections" or "error"
-    out: Path  # the folder of the overlays, predictions.json and images.json
-
-    @property
-    def skipped(self) -> int:
-        """Images that could not be read."""
-        return sum("error" in record for record in self.records)
+    record: dict
+    detections: list[dict]
+    overlay: torch.Tensor | None = None  # a video frame's overlay, to be written in order
 
 
-def predict_images(paths: list[Path], detect: Detector, categories: list[dict], image_ids: dict[Path, object],
-                   out: Path, score_thresh: float) -> Prediction:
-    """Runs `detect` on every image; writes overlays, predictions.json (COCO results) and images.json (per image:
-    its id, file, overlay and number of detections, or the error that made it skipped).
+@dataclass
+class PredictionWriter:
+    """The outputs of a prediction in its folder: `post` (pool threads) draws and saves one frame's files, `take`
+    (the caller, in order) appends its records and video frames, `close` writes the json files."""
 
-    An image that cannot be read is skipped, logged as a warning and recorded in images.json; the others are
-    still written. When `detect` raises (or Ctrl-C), both json files still hold the images done so far.
-    Results carry `categories`' ids (label k is categories[k - 1]) and each path's id from `image_ids`.
-    """
-    class_names = [c["name"] for c in categories]
-    label_to_category_id = {label: c["id"] for label, c in enumerate(categories, start=1)}
-    results, records = [], []
-    try:
-        for path, overlay_name in zip(paths, overlay_names(paths)):
-            image_id = image_ids[path]
+    out: Path
+    categories: list[dict]
+    names: dict[str, Path]  # overlay of every input (`output_names`)
+    image_ids: dict[str, object] | None = None  # from --annotations; None: the frame numbers
+    format: str = "rle"
+    overlays: bool = True
+    save_masks: bool = False
+    rates: dict[str, Fraction] = field(default_factory=dict)  # overlay frame rate of every video
+    results: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    videos: dict[str, video.VideoWriter] = field(default_factory=dict)
+
+    def post(self, frame: Frame, result: Result | None) -> Written:
+        image_id = self.image_ids[frame.source] if self.image_ids is not None else frame.number
+        record: dict = {"image_id": image_id, "file_name": frame.source}
+        where = {} if frame.frame is None else {"frame": frame.frame, "timestamp": frame.timestamp}
+        record.update(where)
+        if result is None:
+            return Written({**record, "error": frame.error}, [])
+        name = self.names[frame.source]
+        label_to_id = {label: c["id"] for label, c in enumerate(self.categories, start=1)}
+        detections = [{**det, "file_name": frame.source, **where}
+                      for det in result.to_coco(image_id, label_to_id, format=self.format)]
+        if self.save_masks:
+            masks = name.with_name(name.name.replace("_pred.", "_masks.", 1)).with_suffix(".png")
+            if frame.frame is not None:
+                masks = masks.with_suffix("") / f"{frame.frame:06d}.png"
+            (self.out / masks).parent.mkdir(parents=True, exist_ok=True)
+            mask_png(result).save(self.out / masks)
+            record["masks"] = str(masks)
+        overlay = result.plot(frame.image) if self.overlays else None
+        if overlay is not None and frame.frame is None:
+            save_png(overlay, self.out / name)
+        if self.overlays:
+            record["overlay"] = str(name)
+        return Written({**record, "detections": len(result)}, detections, overlay if frame.frame is not None else None)
+
+    def take(self, written: Written) -> None:
+        self.results += written.detections
+        self.records.append(written.record)
+        if written.overlay is not None:
+            source = written.record["file_name"]
+            if source not in self.videos:
+                self.videos[source] = video.VideoWriter(self.out / self.names[source], self.rates[source])
+            self.videos[source].write(written.overlay)
+
+    def close(self) -> None:
+        for writer in self.videos.values():
+            writer.close()
+        write_text_atomic(self.out / "predictions.json", json.dumps(self.results))
+        write_text_atomic(self.out / "images.json", json.dumps(self.records, indent=1))
+
+
+def _frame_total(inputs: list[Input], every: int) -> int | None:
+    """Frames the run will predict, for the progress bar's ETA (None when a video does not say)."""
+    total = 0
+    for item in inputs:
+        if item.kind == "image":
+            total += 1
+            continue
+        count = video.frame_count(item.path)
+        if count is None:
+            return None
+        total += -(-count // every)
+    return total
+
+
+def predict_to_folder(inputs: list[Input], predictor: BatchPredictor, writer: PredictionWriter, *,
+                      every: int = 1, progress: bool = True) -> list[dict]:
+    """Runs the pipeline over the inputs into `writer`'s folder; returns the records (images.json). The json files
+    are written also when it stops early (Ctrl-C, an error): the images and frames done keep their results."""
+    for item in inputs:
+        if item.kind == "video" and writer.overlays:
             try:
-                image = read_rgb(path)
-            except DatasetError as error:
-                log.warning(f"skipped {error}")
-                records.append({"image_id": image_id, "file_name": str(path), "error": str(error)})
+                writer.rates[item.path] = video.frame_rate(item.path) / every
+            except video.VideoError:  # reading it records the error
                 continue
-            output = detect(image)
-            keep = output["scores"] >= score_thresh
-            output = {k: v[keep] for k, v in output.items()}
-            overlay = draw_detections(image, output["boxes"], output["labels"], output["scores"],
-                                      class_names=class_names, masks=output["masks"])
-            save_png(overlay, out / overlay_name)
-            for det in detections_to_coco(output, image_id, label_to_category_id):
-                results.append({**det, "file_name": str(path)})
-            records.append({"image_id": image_id, "file_name": str(path), "overlay": str(overlay_name),
-                            "detections": int(keep.sum())})
-            log.info(f"{path}: {int(keep.sum())} detections")
-    finally:  # also when stopped (Ctrl-C, out of memory): the images done so far keep their results
-        write_text_atomic(out / "predictions.json", json.dumps(results))
-        write_text_atomic(out / "images.json", json.dumps(records, indent=1))
-    return Prediction(records=records, out=out)
+    frames = read_frames(inputs, every=every, tiled=predictor.tiling is not None)
+    bar = tqdm(total=_frame_total(inputs, every), unit="img", desc="predict", disable=not progress or None,
+               dynamic_ncols=True)
+    try:
+        for written in predict_stream(frames, predictor, writer.post):
+            writer.take(written)
+            bar.update()
+    finally:
+        bar.close()
+        writer.close()
+    return writer.records
 
 
-def calibration_images(folder: str | Path) -> list[Tensor]:
+def calibration_images(folder: str | Path) -> list[torch.Tensor]:
     """The images of a folder (its image files) as f32[3, H, W] in 0..1, to calibrate int8 activation ranges.
 
     Raises:
@@ -196,43 +225,69 @@ def calibration_images(folder: str | Path) -> list[Tensor]:
     if not Path(folder).is_dir():
         raise UserError(f"--int8 {folder}: not a folder (of calibration images)")
     try:
-        return [read_rgb(path).float() / 255.0 for path in image_paths([folder])]
+        return [read_rgb(Path(item.path)).float() / 255.0 for item in collect_inputs([folder]) if item.kind == "image"]
     except DatasetError as error:
         raise UserError(f"--int8 {folder}: {error}") from None
 
 
-def run_prediction(checkpoint: str | Path, inputs: list[str], out: str | Path, *, score_thresh: float,
-                   annotations: str | Path | None, runtime: str | None, precision: str | None,
-                   overrides: list[str]) -> str:
-    """`maskrcnn predict`: the model of a checkpoint or exported file on the images and folders of `inputs`;
-    overlays, predictions.json and images.json into `out`. Returns the line to print.
+@dataclass
+class PredictOptions:
+    """How `run_prediction` predicts and what it writes (the flags of `maskrcnn predict`)."""
+
+    score_thresh: float = 0.5  # keep detections scoring at least this
+    batch_size: int = 4  # images (or tiles) per model call
+    every: int = 1  # predict every N-th frame of a video
+    tile: int | None = None  # tile side in pixels; None: whole images
+    overlap: float = 0.2  # fraction of a tile its neighbours share
+    recursive: bool = False  # folders: every file below them, not only their own
+    format: str = "rle"  # "segmentation" of predictions.json: "rle" or "polygons"
+    overlays: bool = True  # draw overlays (PNG per image, .mp4 per video)
+    save_masks: bool = False  # also write a mask PNG per image / frame (`mask_png`)
+    progress: bool = True  # a progress bar on a terminal
+
+
+def _check_options(options: PredictOptions) -> Tiling | None:
+    for name, value in (("--batch-size", options.batch_size), ("--every", options.every)):
+        if value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+    if options.format not in FORMATS:
+        raise UserError(f"--format {options.format}: must be one of {', '.join(FORMATS)}")
+    if options.format == "polygons":
+        require_opencv()
+    try:
+        return None if options.tile is None else Tiling(options.tile, options.overlap)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def run_prediction(checkpoint: str | Path, inputs: list[str], out: str | Path, *, options: PredictOptions,
+                   annotations: str | Path | None = None, runtime: str | None = None, precision: str | None = None,
+                   overrides: list[str] = ()) -> str:
+    """`maskrcnn predict`: the model of a checkpoint or exported file on the images, folders, globs and videos of
+    `inputs`; overlays, predictions.json and images.json into `out`. Returns the line to print.
 
     Raises:
-        UserError: a bad input, model file, option or output folder; none of the images could be read.
+        UserError: a bad input, model file, option or output folder; none of the inputs could be read.
     """
-    paths, out = image_paths(inputs), Path(out)
+    tiling = _check_options(options)
+    found, out = collect_inputs(inputs, recursive=options.recursive), Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    if Path(checkpoint).suffix in SUFFIXES:  # an exported model knows its class names only
-        if overrides:
-            raise UserError(f"{checkpoint}: --set changes a config, and an exported model has none (its settings "
-                            f"are part of the graph); export again with the changed config instead")
-        detect, class_names = exported_detector(checkpoint, runtime=runtime, precision=precision)
-        categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
-    else:
-        if runtime is not None:
-            raise UserError(f"--runtime applies to exported models (.onnx), not to {checkpoint}")
-        overrides = overrides if precision is None else [*overrides, f"model.precision={precision}"]
-        loaded = load_model(checkpoint, overrides=overrides)
-        detect, categories = checkpoint_detector(loaded), loaded.categories
-    image_ids = {path: number for number, path in enumerate(paths, start=1)}
+    detector = load_detector(checkpoint, runtime=runtime, precision=precision, overrides=overrides)
+    categories, image_ids = detector.categories, None
     if annotations is not None:
-        categories, image_ids = coco_ids(paths, annotations, checkpoint, categories)
+        categories, image_ids = coco_ids(found, annotations, checkpoint, categories)
     out.mkdir(parents=True, exist_ok=True)
-    done = predict_images(paths, detect, categories, image_ids, out, score_thresh)
-    if done.skipped == len(done.records):
-        raise UserError(f"none of the {len(done.records)} image(s) could be read; the reasons are in "
+    writer = PredictionWriter(out, categories, output_names(found), image_ids, format=options.format,
+                              overlays=options.overlays, save_masks=options.save_masks)
+    predictor = BatchPredictor(detector, score_thresh=options.score_thresh, batch_size=options.batch_size,
+                               tiling=tiling)
+    records = predict_to_folder(found, predictor, writer, every=options.every, progress=options.progress)
+    failed = [record for record in records if "error" in record]
+    if len(failed) == len(records):
+        first = f": {failed[0]['error']}" if failed else ""
+        raise UserError(f"none of the {len(records)} image(s) could be read{first}; the reasons are in "
                         f"{out / 'images.json'}")
-    skipped = f"; {done.skipped} unreadable image(s) skipped, listed in images.json" if done.skipped else ""
-    return f"overlays, predictions.json (COCO results with the training data's category ids) and images.json in " \
-           f"{out}{skipped}"
+    skipped = f"; {len(failed)} unreadable image(s) or video(s) skipped, listed in images.json" if failed else ""
+    return f"{'overlays, ' if options.overlays else ''}predictions.json (COCO results with the training data's " \
+           f"category ids) and images.json in {out}{skipped}"
