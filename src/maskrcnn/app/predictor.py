@@ -37,7 +37,7 @@ def as_image(image: object) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an RGB array [H, W, 3], got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy, (H, W, 3) -> (3, H, W)
     if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an image tensor [3, H, W], got {getattr(image, 'shape', type(image))}")
     if image.is_floating_point():

@@ -1,0 +1,89 @@
+"""Video: `maskrcnn predict CKPT clip.mp4` writes an overlay video with every frame predicted and results per
+frame (index and time); --every N; a corrupt frame is skipped with a warning; an unreadable video or a missing
+PyAV is one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from maskrcnn.app.video import read_video
+from maskrcnn.cli import main
+
+av = pytest.importorskip("av")
+
+
+def write_video(path, codec: str, frames: int, rate: int = 5, pix_fmt: str = "yuv420p") -> None:
+    """A video of `frames` 64 x 64 frames, frame k a flat grey of 40 k with a bright square moving right."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, pix_fmt
+        for k in range(frames):
+            array = np.full((64, 64, 3), 40 * k, dtype=np.uint8)
+            array[20:40, 5 + 5 * k:25 + 5 * k] = 250
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def count_frames(path) -> int:
+    return sum(1 for _ in read_video(str(path)))
+
+
+def test_a_video_gives_an_overlay_video_and_results_per_frame(tiny_run, tmp_path, capsys):
+    write_video(tmp_path / "clip.mp4", "libx264", frames=5)
+    out = tmp_path / "pred"
+    assert main(["predict", str(tiny_run / "last.pt"), str(tmp_path / "clip.mp4"), "--out", str(out),
+                 "--score-thresh", "0", "--set", "model.box_head.score_thresh=0", "--batch-size", "2"]) == 0
+    assert count_frames(out / "clip.mp4_pred.mp4") == 5
+    with av.open(str(out / "clip.mp4_pred.mp4")) as container:
+        assert container.streams.video[0].average_rate == 5  # the source's frame rate
+    records = json.loads((out / "images.json").read_text())
+    assert [(r["image_id"], r["frame"], r["timestamp"]) for r in records] == [
+        (1, 0, 0.0), (2, 1, 0.2), (3, 2, 0.4), (4, 3, 0.6), (5, 4, 0.8)]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions and all(p["file_name"] == str(tmp_path / "clip.mp4") for p in predictions)
+    assert {(p["image_id"], p["frame"], p["timestamp"]) for p in predictions} <= {
+        (r["image_id"], r["frame"], r["timestamp"]) for r in records}
+    assert sum(r["detections"] for r in records) == len(predictions)
+
+    assert main(["predict", str(tiny_run / "last.pt"), str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "every"),
+                 "--every", "2"]) == 0
+    records = json.loads((tmp_path / "every" / "images.json").read_text())
+    assert [r["frame"] for r in records] == [0, 2, 4]
+    assert count_frames(tmp_path / "every" / "clip.mp4_pred.mp4") == 3
+    with av.open(str(tmp_path / "every" / "clip.mp4_pred.mp4")) as container:
+        assert container.streams.video[0].average_rate == pytest.approx(2.5)  # same duration as the source
+
+
+def test_a_corrupt_frame_is_skipped_and_the_others_predicted(tiny_run, tmp_path, capsys):
+    """PNG frames in a .mov: the signature of frame 2 overwritten makes FFmpeg refuse that frame only."""
+    write_video(tmp_path / "clip.mov", "png", frames=5, pix_fmt="rgb24")
+    data = bytearray((tmp_path / "clip.mov").read_bytes())
+    starts = [i for i in range(len(data) - 3) if data[i:i + 4] == b"\x89PNG"]
+    assert len(starts) == 5
+    data[starts[2]:starts[2] + 40] = bytes(40)
+    (tmp_path / "clip.mov").write_bytes(data)
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run / "last.pt"), str(tmp_path / "clip.mov"), "--out", str(tmp_path / "p"),
+                 "--no-overlays"]) == 0
+    assert f"maskrcnn: warning: {tmp_path / 'clip.mov'}: skipped a corrupt frame (index 2)" in capsys.readouterr().err
+    assert [r["frame"] for r in json.loads((tmp_path / "p" / "images.json").read_text())] == [0, 1, 3, 4]
+
+
+def test_unreadable_video_and_missing_pyav_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    (tmp_path / "clip.mp4").write_bytes(b"not a video at all" * 10)
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run / "last.pt"), str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "p")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("maskrcnn: error: none of the 1 image(s) could be read: ")
+    assert f"{tmp_path / 'clip.mp4'}: cannot open video" in error
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    assert main(["predict", str(tiny_run / "last.pt"), str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "q")]) == 2
+    assert capsys.readouterr().err.strip() == (f"maskrcnn: error: {tmp_path / 'clip.mp4'}: reading and writing video "
+                                               f"needs PyAV: pip install maskrcnn[video]")
+    assert not (tmp_path / "q").exists()
