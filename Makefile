@@ -14,7 +14,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q -e ".[test,lite,export,openvino,tensorboard]"
+	$(BIN)/pip install -q -e ".[test,lite,export,openvino,tensorboard,serve]"
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
 	  || echo "note: no Chromium found, so the test that opens the report in a browser (tests/viz/test_browse.py)" \
 	          "will skip; to run it install one: sudo apt-get install chromium (Debian/Ubuntu)," \
