@@ -159,3 +159,17 @@ def test_polygons_mask_pngs_and_no_overlays(tiny_run, tmp_path):
         if dense.sum() >= 20 and p["segmentation"]:
             outline = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(p["segmentation"], 64, 64)))
             assert (outline & dense).sum() / (outline | dense).sum() > 0.6
+
+
+def test_an_image_too_thin_for_the_model_is_recorded_and_the_others_predicted(tiny_run, tmp_path, caplog):
+    """2 x 300 pixels resize to 0 x 64 at the tiny model's 64-pixel max_size: skipped with its reason, the
+    images before and after it predicted."""
+    for name, size in (("a.png", (64, 64)), ("b.png", (2, 300)), ("c.png", (40, 50))):
+        Image.fromarray(np.full((*size, 3), 120, dtype=np.uint8)).save(tmp_path / name)
+    run_prediction(tiny_run / "last.pt", [str(tmp_path)], tmp_path / "pred",
+                   options=PredictOptions(score_thresh=0.0, batch_size=3, progress=False))
+    records = json.loads((tmp_path / "pred" / "images.json").read_text())
+    assert ["error" in r for r in records] == [False, True, False]
+    assert records[1]["error"] == f"{tmp_path / 'b.png'}: 300 x 2 pixels resizes to 64 x 0 for the model " \
+                                  "(model.transform min_size / max_size): too thin to predict; crop it or use --tile"
+    assert f"skipped {tmp_path / 'b.png'}: 300 x 2 pixels" in caplog.text

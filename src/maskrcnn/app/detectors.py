@@ -20,6 +20,8 @@ from maskrcnn.engine.checkpoint import LoadedModel
 from maskrcnn.engine.common import autocast, cuda_autocast, images_to_model
 from maskrcnn.errors import UserError
 
+MIN_EXPORTED_SIDE = 32  # pixels: the exported graph's smallest input side (one cell of its stride-32 level)
+
 
 def split_padded(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor, counts: list[int],
                  paste_mode: str) -> list[BoxedDetections]:
@@ -41,6 +43,15 @@ class CheckpointDetector:
         self.categories = loaded.categories
         self.class_names = [c["name"] for c in loaded.categories]
         self.paste_mode = getattr(loaded.model, "paste_mode", "exact")
+
+    def size_problem(self, height: int, width: int) -> str | None:
+        """Why an image of this size cannot be predicted (None: it can): the model's resize would give it a side
+        of zero pixels (2 x 3000 at max_size 1333)."""
+        resized = self.model.transform.resized_size(height, width)
+        if min(resized) < 1:
+            return (f"{width} x {height} pixels resizes to {resized[1]} x {resized[0]} for the model "
+                    f"(model.transform min_size / max_size): too thin to predict; crop it or use --tile")
+        return None
 
     @torch.no_grad()
     def __call__(self, images: list[Tensor]) -> list[BoxedDetections]:
@@ -71,6 +82,14 @@ class ExportedDetector:
         self.class_names = list(self.predictor.info.class_names)
         self.categories = [{"id": label, "name": name} for label, name in enumerate(self.class_names, start=1)]
         self.paste_mode = self.predictor.info.paste_mode
+
+    def size_problem(self, height: int, width: int) -> str | None:
+        """Why an image of this size cannot be predicted (None: it can): smaller than the exported graph's
+        MIN_EXPORTED_SIDE on a side."""
+        if min(height, width) < MIN_EXPORTED_SIDE:
+            return (f"{width} x {height} pixels: an exported model takes images of at least {MIN_EXPORTED_SIDE} "
+                    f"pixels a side; pad it or predict with the checkpoint")
+        return None
 
     def __call__(self, images: list[Tensor]) -> list[BoxedDetections]:
         groups: dict[tuple, list[int]] = {}

@@ -18,6 +18,8 @@ Shape letters: D detections, H/W an image's size.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +31,9 @@ from torch import Tensor
 from maskrcnn.app.results import BoxedDetections, Result, encode_masks
 from maskrcnn.app.sources import Frame
 from maskrcnn.app.tiles import Tiling, join_windows, merge_windows, tile_windows
+from maskrcnn.errors import UserError
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 POLL_SECONDS = 0.1  # how often a blocked stage looks whether the pipeline was stopped
 _END = object()  # the last item of a queue
@@ -53,6 +57,16 @@ class BatchPredictor:
         self.score_thresh = score_thresh
         self.batch_size = batch_size
         self.tiling = tiling
+
+    def size_problem(self, image: Tensor) -> str | None:
+        """Why the model cannot take this image, or each of its tiles (None: it can)."""
+        check = getattr(self.detector, "size_problem", None)
+        if check is None:
+            return None
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        sizes = {(y1 - y0, x1 - x0) for x0, y0, x1, y1 in tile_windows(height, width, self.tiling)} \
+            if self.tiling is not None else {(height, width)}
+        return next((problem for size in sorted(sizes) if (problem := check(*size)) is not None), None)
 
     def detect(self, images: list[Tensor]) -> list[tuple[BoxedDetections, Tensor | None]]:
         """Per uint8[3, H, W] image: its detections above the threshold in its pixels and, when tiled, the window
@@ -84,7 +98,14 @@ class BatchPredictor:
                       class_names=self.class_names, image=image if keep_image else None, **where)
 
     def predict(self, images: list[Tensor], *, keep_images: bool = False) -> list[Result]:
-        """uint8[3, H, W] images -> one Result each (COCO results: `Result.to_coco`), in this thread."""
+        """uint8[3, H, W] images -> one Result each (COCO results: `Result.to_coco`), in this thread.
+
+        Raises:
+            UserError: an image the model cannot take (`size_problem`), named by its index.
+        """
+        for index, image in enumerate(images):
+            if (problem := self.size_problem(image)) is not None:
+                raise UserError(f"image {index}: {problem}")
         return [self.to_result(image, detections, window_of, keep_image=keep_images)
                 for image, (detections, window_of) in zip(images, self.detect(images))]
 
@@ -143,6 +164,15 @@ def _finish(predictor: BatchPredictor, post: Callable, frame: Frame,
     return post(frame, result)
 
 
+def _checked(predictor: BatchPredictor, frame: Frame) -> Frame:
+    """The frame, or it as unreadable (logged) when the model cannot take its size: the others still run."""
+    problem = None if frame.image is None else predictor.size_problem(frame.image)
+    if problem is None:
+        return frame
+    log.warning(f"skipped {frame.source}: {problem}")
+    return dataclasses.replace(frame, image=None, error=f"{frame.source}: {problem}")
+
+
 def _run_model(predictor: BatchPredictor, frames: queue.Queue, jobs: queue.Queue, pool: ThreadPoolExecutor,
                post: Callable, keep_images: bool, stop: threading.Event) -> None:
     """The model thread: batches of frames through the model, one post job per frame queued in input order."""
@@ -152,7 +182,7 @@ def _run_model(predictor: BatchPredictor, frames: queue.Queue, jobs: queue.Queue
             batch, ended = _next_batch(frames, 1 if predictor.tiling else predictor.batch_size, stop)
             if ended and isinstance(batch[-1], BaseException):
                 raise batch[-1]
-            batch = [frame for frame in batch if frame is not _END]
+            batch = [_checked(predictor, frame) for frame in batch if frame is not _END]
             readable = [frame for frame in batch if frame.image is not None]
             detections = iter(predictor.detect([frame.image for frame in readable]) if readable else ())
             for frame in batch:
