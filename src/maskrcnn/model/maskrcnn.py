@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from maskrcnn.model.box_head import BoxHead, Detections, proposal_rois
 from maskrcnn.model.mask_head import MaskHead
 from maskrcnn.model.poolers import image_index_rois
-from maskrcnn.model.postprocess import PASTE_MODES, detections_per_image, unpad
+from maskrcnn.model.mask_rle import MASK_FORMATS, detections_in_format
+from maskrcnn.model.postprocess import PASTE_MODES, unpad
 from maskrcnn.model.precision import PrecisionChoice
 from maskrcnn.model.rpn import RPN
 from maskrcnn.model.transform import ImageTransform
@@ -148,20 +149,27 @@ class MaskRCNN(nn.Module):
         return masks.view(B, D, M, M)  # (B*D, M, M) -> (B, D, M, M)
 
     @torch.no_grad()
-    def inference(self, images: Tensor | Sequence[Tensor], return_proposals: bool = False) -> list[dict[str, Tensor]]:
-        """Detections of a batch, one dict per image, masks pasted; the model must be in eval mode.
+    def inference(self, images: Tensor | Sequence[Tensor], return_proposals: bool = False, *,
+                  masks: str = "dense") -> list[dict]:
+        """Detections of a batch, one dict per image; the model must be in eval mode.
 
         Args:
             images: B tensors f32[3, H, W] in 0..1 (or f32[B, 3, H, W]).
             return_proposals: also return the RPN proposals ("proposals" f32[P_i, 4], "proposal_scores" f32[P_i])
                 in original image pixels.
+            masks: the form of "masks" (`mask_rle.MASK_FORMATS`): "dense" (torchvision's, pasted into the image),
+                "rle" (COCO RLE of probability >= 0.5, never pasted densely: bounded memory for large images and
+                many detections) or "boxed" (a `BoxMasks`, the box-relative probabilities, pasted on demand).
         Returns:
-            B dicts {"boxes" f32[D_i, 4], "labels" i64[D_i], "scores" f32[D_i], "masks" f32[D_i, 1, H, W]}.
+            B dicts {"boxes" f32[D_i, 4], "labels" i64[D_i], "scores" f32[D_i], "masks"}: "masks" is
+            f32[D_i, 1, H, W] probabilities, D_i dicts {"size": [H, W], "counts": str}, or a `BoxMasks`.
         """
+        if masks not in MASK_FORMATS:  # before the model runs
+            raise ValueError(f"MaskRCNN.inference: masks must be one of {MASK_FORMATS}, got {masks!r}")
         batch = self._eval_batch(images)
         detections, proposals, proposal_scores, proposal_valid = self._detect(batch)
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        outputs = detections_per_image(detections, original_sizes, self.paste_mode)
+        outputs = detections_in_format(detections, original_sizes, self.paste_mode, masks)
         if return_proposals:
             counts = proposal_valid.sum(dim=1).tolist()  # valid proposals are a prefix of every row
             proposals_original = self.transform.boxes_to_original(proposals, batch)  # (B, P, 4)

@@ -43,23 +43,37 @@ PASTE_CHUNK_BYTES = 64 * 2**20
 
 def _exact_weights(starts: Tensor, ends: Tensor, length: int, mask_size: int) -> Tensor:
     """Interpolation weights f32[D, length, M] of image pixels 0..length-1 along one axis, box [starts, ends)."""
-    pixels = torch.arange(length, device=starts.device, dtype=starts.dtype) + 0.5  # (L,) pixel centres
+    return _exact_weights_at(starts, ends, torch.arange(length, device=starts.device)[None, :], mask_size)
+
+
+def _exact_weights_at(starts: Tensor, ends: Tensor, pixels: Tensor, mask_size: int) -> Tensor:
+    """`_exact_weights` of the pixels i64[D or 1, L] (indices along the axis): f32[D, L, M]."""
+    centres = pixels.to(starts.dtype) + 0.5  # (D, L) pixel centres
     extent = (ends - starts).clamp(min=1e-6)  # degenerate boxes paste nothing instead of dividing by 0
-    coords = (pixels[None, :] - starts[:, None]) / extent[:, None] * mask_size - 0.5  # (D, L) mask coordinates
+    coords = (centres - starts[:, None]) / extent[:, None] * mask_size - 0.5  # (D, L) mask coordinates
     return _linear_taps(coords, mask_size, mask_size, offset=0, clamp=False)
+
+
+def _torchvision_box(starts: Tensor, ends: Tensor, mask_size: int) -> tuple[Tensor, Tensor]:
+    """torchvision's padded, expanded box along one axis: its first and last pixel (inclusive), i32[D] each."""
+    half = (ends - starts) * 0.5 * ((mask_size + 2) / mask_size)
+    centre = (ends + starts) * 0.5
+    # truncation toward zero, as torchvision's boxes.to(int32)
+    return (centre - half).to(torch.int32), (centre + half).to(torch.int32)
 
 
 def _torchvision_weights(starts: Tensor, ends: Tensor, length: int, mask_size: int) -> Tensor:
     """Same as `_exact_weights` with torchvision's padded, expanded, integer-rounded box."""
+    return _torchvision_weights_at(starts, ends, torch.arange(length, device=starts.device)[None, :], mask_size)
+
+
+def _torchvision_weights_at(starts: Tensor, ends: Tensor, pixels: Tensor, mask_size: int) -> Tensor:
+    """`_torchvision_weights` of the pixels i64[D or 1, L] (indices along the axis): f32[D, L, M]."""
     padded = mask_size + 2
-    half = (ends - starts) * 0.5 * (padded / mask_size)
-    centre = (ends + starts) * 0.5
-    first = (centre - half).to(torch.int32)  # truncation toward zero, as torchvision's boxes.to(int32)
-    last = (centre + half).to(torch.int32)
+    first, last = _torchvision_box(starts, ends, mask_size)
     size = (last - first + 1).clamp(min=1).to(starts.dtype)  # (D,) resized mask length
-    pixels = torch.arange(length, device=starts.device)
-    local = pixels[None, :] - first[:, None]  # (D, L) position inside the resized mask
-    inside = (local >= 0) & (pixels[None, :] <= last[:, None])
+    local = pixels - first[:, None]  # (D, L) position inside the resized mask
+    inside = (local >= 0) & (pixels <= last[:, None])
     # interpolate(align_corners=False): source = (dst + 0.5) * in / out - 0.5, negative clamped to 0; the
     # scale in float32 and the product in float64, as PyTorch's CPU kernel (bit-equal weights)
     # (a tensor divided into a Python number is reciprocal-then-multiply, one ulp off: divide two tensors)
@@ -67,6 +81,37 @@ def _torchvision_weights(starts: Tensor, ends: Tensor, length: int, mask_size: i
     coords = ((local.double() + 0.5) * scale[:, None] - 0.5).to(starts.dtype).clamp(min=0)
     weights = _linear_taps(coords, padded, mask_size, offset=1, clamp=True)  # (D, L, M)
     return weights * inside[..., None]
+
+
+def paste_weights(starts: Tensor, ends: Tensor, pixels: Tensor, mask_size: int, mode: str = "exact") -> Tensor:
+    """The interpolation weights f32[D, L, M] that `paste_masks` gives the pixels i64[D or 1, L] (indices along
+    one axis, e.g. a window of the image per detection) for boxes [starts, ends) f32[D] along that axis: the
+    same numbers, bit for bit, as the rows of those pixels in the paste over the whole image."""
+    weights = _exact_weights_at if mode == "exact" else _torchvision_weights_at
+    return weights(starts.float(), ends.float(), pixels, mask_size)
+
+
+def paste_support(starts: Tensor, ends: Tensor, length: int, mask_size: int, mode: str = "exact"
+                  ) -> tuple[Tensor, Tensor]:
+    """The pixels along one axis (0..length-1) that the paste of boxes [starts, ends) f32[D] can make non-zero:
+    [first, stop) i64[D] each, a superset of them (possibly empty: first == stop), inside the image.
+
+    "exact": the bilinear taps of pixel x are non-zero for mask coordinates -1 < u < M, i.e. for pixel centres
+    less than half a mask cell (extent / 2M) beyond the box, extent = max(end - start, 1e-6) as in the weights;
+    one pixel more each side absorbs the rounding of the computed coordinates. "torchvision": the inclusive
+    integer box the padded mask is resized into.
+    """
+    starts, ends = starts.float(), ends.float()
+    if mode == "exact":
+        extent = (ends - starts).clamp(min=1e-6)
+        reach = extent / (2 * mask_size) + 0.5  # half a mask cell, and the pixel centre's half pixel
+        first = torch.floor(starts - reach).to(torch.int64) - 1
+        stop = torch.ceil(starts + extent + reach).to(torch.int64) + 1
+    else:
+        first_in_box, last_in_box = _torchvision_box(starts, ends, mask_size)
+        first, stop = first_in_box.to(torch.int64), last_in_box.to(torch.int64) + 1
+    first = first.clamp(0, length)
+    return first, stop.clamp(min=0, max=length).maximum(first)
 
 
 def _linear_taps(coords: Tensor, source_len: int, mask_size: int, *, offset: int, clamp: bool) -> Tensor:
