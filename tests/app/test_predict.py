@@ -173,3 +173,18 @@ def test_an_image_too_thin_for_the_model_is_recorded_and_the_others_predicted(ti
     assert records[1]["error"] == f"{tmp_path / 'b.png'}: 300 x 2 pixels resizes to 64 x 0 for the model " \
                                   "(model.transform min_size / max_size): too thin to predict; crop it or use --tile"
     assert f"skipped {tmp_path / 'b.png'}: 300 x 2 pixels" in caplog.text
+
+
+def test_a_folder_of_tiff_webp_and_gif_is_predicted(tmp_path):
+    """Every type Pillow reads is an image of a folder (GIF: its first frame); each gets its overlay."""
+    frames = [Image.fromarray(np.full((6, 8, 3), value, dtype=np.uint8)) for value in (30, 200)]
+    frames[0].save(tmp_path / "a.tif")
+    frames[0].save(tmp_path / "b.webp", lossless=True)
+    frames[0].save(tmp_path / "c.gif", save_all=True, append_images=frames[1:])
+    inputs = collect_inputs([tmp_path])
+    writer = PredictionWriter(tmp_path / "pred", [{"id": 1, "name": "thing"}], output_names(inputs))
+    records = predict_to_folder(inputs, BatchPredictor(FakeDetector()), writer, progress=False)
+    assert [(r["file_name"].split("/")[-1], r["detections"]) for r in records] == [
+        ("a.tif", 1), ("b.webp", 1), ("c.gif", 1)]
+    overlay = np.asarray(Image.open(tmp_path / "pred" / "c.gif_pred.png"))
+    assert overlay[0, 0].tolist() == [30, 30, 30]  # the first frame, outside the detection's box
