@@ -196,7 +196,7 @@ _CHOICES = {
     "model.backbone.norm": ("batch", "group"),
     "model.paste_mode": ("exact", "torchvision"),
     "model.precision": ("auto", "fp32", "bf16"),
-    "data.format": ("synthetic", "coco", "pennfudan", "cis680"),
+    "data.format": ("synthetic", "coco", "pennfudan", "cis680", "labelme", "yolo-seg", "voc", "cvat"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("step", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),

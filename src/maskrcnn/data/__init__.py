@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -16,6 +17,7 @@ from maskrcnn.config import Config, ConfigError, DataConfig
 from maskrcnn.data.cis680 import CIS680Dataset
 from maskrcnn.data.coco import CocoDataset, build_coco_subset, read_coco_index
 from maskrcnn.data.common import DatasetError
+from maskrcnn.data.formats import SOURCE_FORMATS, convert_source
 from maskrcnn.data.loader import build_eval_loader, build_train_loader, collate
 from maskrcnn.data.pennfudan import PennFudanDataset, default_pennfudan_root, fetch_pennfudan
 from maskrcnn.data.synthetic import SyntheticShapes
@@ -80,6 +82,8 @@ def _build_format(cfg: DataConfig, split: str) -> Dataset:
                                    f"data.val_annotations=FILE.json")
         return CocoDataset(images_dir=images, annotations=annotations, drop_empty=cfg.drop_empty and train,
                            transform=transform)
+    if cfg.format in SOURCE_FORMATS:
+        return _converted(cfg, split, transform)
     if cfg.format == "pennfudan":
         return PennFudanDataset(root=cfg.root or default_pennfudan_root(), split=split, num_val=cfg.num_val,
                                 split_seed=cfg.split_seed, transform=transform)
@@ -90,6 +94,31 @@ def _build_format(cfg: DataConfig, split: str) -> Dataset:
         return CIS680Dataset(root=cfg.root, split=split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                              transform=transform)
     raise DatasetError(f"data.format: unknown format {cfg.format!r}")
+
+
+def _converted(cfg: DataConfig, split: str, transform: Callable | None) -> CocoDataset:
+    """The annotations of a labelling tool (data.format labelme, yolo-seg, voc, cvat), converted to COCO in memory.
+
+    The source is data.{split}_annotations (a LabelMe folder, a YOLO dataset yaml or folder, a VOC folder, a CVAT
+    XML), whole, or else data.root (yolo-seg, voc) whose part named `split` is read: the yaml's key, the
+    ImageSets/Segmentation list. A dataset yaml always gives its part named `split`. cvat: data.{split}_images is
+    the images' folder (default: images/ beside the XML).
+    """
+    train = split == "train"
+    source = cfg.train_annotations if train else cfg.val_annotations
+    from_root = not source and cfg.format in ("yolo-seg", "voc")
+    source = cfg.root if from_root else source
+    if not source:
+        raise DatasetError(f"data.{split}_annotations is not set: data.format={cfg.format} needs --set "
+                           f"data.train_annotations=SOURCE --set data.val_annotations=SOURCE"
+                           + (" (or data.root=SOURCE with train and val parts)" if cfg.format in ("yolo-seg", "voc")
+                              else ""))
+    yaml_source = cfg.format == "yolo-seg" and not Path(source).is_dir()
+    images = (cfg.train_images if train else cfg.val_images) or None
+    conversion = convert_source(cfg.format, source, split=split if from_root or yaml_source else None,
+                                images_dir=images if cfg.format == "cvat" else None)
+    return CocoDataset(images_dir=conversion.images_dir, annotations=source, drop_empty=cfg.drop_empty and train,
+                       transform=transform, coco_dict=conversion.coco)
 
 
 def dataset_categories(dataset: Dataset) -> list[dict]:

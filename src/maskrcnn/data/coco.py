@@ -219,6 +219,8 @@ class CocoDataset(Dataset):
         annotations: the instances json.
         drop_empty: drop images without a usable annotation (non-crowd, box at least 1 px wide and high).
         transform: optional paired transform applied to (image, target).
+        coco_dict: the json's content, already in memory (another format converted to COCO); `annotations` then
+            only names the source in messages.
 
     Attributes:
         coco: pycocotools `COCO` of the whole json (crowd annotations included, image ids as in the json).
@@ -228,11 +230,11 @@ class CocoDataset(Dataset):
     """
 
     def __init__(self, *, images_dir: str | Path, annotations: str | Path, drop_empty: bool = False,
-                 transform: Callable[[Tensor, dict], tuple[Tensor, dict]] | None = None):
+                 transform: Callable[[Tensor, dict], tuple[Tensor, dict]] | None = None, coco_dict: dict | None = None):
         self.images_dir = Path(images_dir)
         self.annotations_path = path = Path(annotations)
         self.transform = transform
-        data = _load_json(path)
+        data = _load_json(path) if coco_dict is None else coco_dict
 
         if not data["categories"]:
             raise DatasetError(f"{path}: 'categories' is empty; a data set needs at least one category")
