@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.engine.coco_results import masks_to_rle
+from maskrcnn.export.runtime import Predictor
 from maskrcnn.model.mask_rle import BoxMasks, paste_masks_rle, window_rle_counts
 from maskrcnn.model.postprocess import paste_masks, paste_support
 
@@ -135,3 +138,31 @@ def test_trained_model_rle_equals_dense(trained_model):
         assert b["masks"][1].rle() == [r["masks"][1]]
     with pytest.raises(ValueError, match="masks must be one of"):
         trained_model.inference(images, masks="polygons")
+
+
+class _FixedGraph(Predictor):
+    """An exported predictor whose graph returns fixed padded outputs (B = 1, D = 3 slots, 2 filled)."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+        self.info = SimpleNamespace(paste_mode="exact")
+
+    def run(self, images):
+        return self.outputs
+
+
+def test_exported_predictor_rle_equals_its_dense_paste():
+    torch.manual_seed(4)
+    outputs = {"boxes": torch.tensor([[[5.0, 6.0, 40.5, 30.2], [-3.0, 20.0, 70.0, 47.0], [0.0, 0.0, 0.0, 0.0]]]),
+               "scores": torch.tensor([[0.9, 0.4, 0.0]]), "labels": torch.tensor([[1, 2, 0]]),
+               "masks": torch.rand(1, 3, 28, 28), "num_detections": torch.tensor([2])}
+    predictor = _FixedGraph(outputs)
+    image = torch.zeros(3, 48, 64)
+    dense = predictor([image])[0]
+    rle = predictor([image], masks="rle")[0]
+    boxed = predictor([image], masks="boxed")[0]
+    assert dense["masks"].shape == (2, 1, 48, 64)
+    assert rle["masks"] == masks_to_rle((dense["masks"][:, 0] >= 0.5).numpy().astype(np.uint8))
+    assert boxed["masks"].rle() == rle["masks"] and rle["labels"].tolist() == [1, 2]
+    with pytest.raises(ValueError, match="masks must be one of"):
+        predictor([image], masks="png")

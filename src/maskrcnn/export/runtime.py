@@ -18,29 +18,32 @@ from torch import Tensor
 from maskrcnn.export.adapter import OUTPUT_NAMES
 from maskrcnn.export.exporter import METADATA_KEY, PT2_EXTRA_FILE, SUFFIXES, ExportInfo
 from maskrcnn.model.box_head import Detections
-from maskrcnn.model.postprocess import detections_per_image
+from maskrcnn.model.mask_rle import MASK_FORMATS, detections_in_format
 from maskrcnn.model.precision import PrecisionError, cpu_has_bf16
 
 # runtimes of an .onnx file: the first is the default
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
 
 
-def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], paste_mode: str) -> list[dict]:
-    """The graph's padded outputs of one batch -> the eager model's per-image dicts (`detections_per_image`).
+def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], paste_mode: str,
+                     masks: str = "dense") -> list[dict]:
+    """The graph's padded outputs of one batch -> the eager model's per-image dicts (`detections_in_format`).
 
     Args:
         outputs: {"boxes" f32[B, D, 4], "scores" f32[B, D], "labels" i64[B, D], "masks" f32[B, D, M, M],
             "num_detections" i64[B]}.
         image_size: (H, W) of the batch's images.
         paste_mode: "exact" or "torchvision" (`ExportInfo.paste_mode`).
+        masks: "dense", "rle" or "boxed", as `MaskRCNN.inference`.
     Returns:
-        B dicts {"boxes" f32[D_i, 4], "labels" i64[D_i], "scores" f32[D_i], "masks" f32[D_i, 1, H, W]}.
+        B dicts {"boxes" f32[D_i, 4], "labels" i64[D_i], "scores" f32[D_i], "masks"}, "masks" f32[D_i, 1, H, W]
+        (dense), D_i COCO RLE dicts (rle) or a `BoxMasks` (boxed).
     """
     B, D = outputs["scores"].shape
     valid = torch.arange(D)[None, :] < outputs["num_detections"][:, None]  # (B, D), a prefix of every row
     detections = Detections(boxes=outputs["boxes"], scores=outputs["scores"], labels=outputs["labels"], valid=valid,
                             masks=outputs["masks"])
-    return detections_per_image(detections, [tuple(image_size)] * B, paste_mode)
+    return detections_in_format(detections, [tuple(image_size)] * B, paste_mode, masks)
 
 
 def onnx_export_info(metadata: str | None, path: Path) -> ExportInfo:
@@ -59,16 +62,19 @@ class Predictor:
         """f32[B, 3, H, W] -> the graph's padded outputs by name (`graph.OUTPUT_NAMES`), as CPU tensors."""
         raise NotImplementedError
 
-    def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        """Detections of images f32[3, H, W] in 0..1, as the eager model's eval-mode output. Images of one size
-        run as one batch; otherwise one at a time (the graph takes one size per batch)."""
+    def __call__(self, images: Sequence[Tensor], *, masks: str = "dense") -> list[dict]:
+        """Detections of images f32[3, H, W] in 0..1, as the eager model's `inference(images, masks=masks)`:
+        masks "dense" (pasted into the image), "rle" (COCO RLE, never pasted densely) or "boxed" (`BoxMasks`).
+        Images of one size run as one batch; otherwise one at a time (the graph takes one size per batch)."""
+        if masks not in MASK_FORMATS:
+            raise ValueError(f"Predictor: masks must be one of {MASK_FORMATS}, got {masks!r}")
         if not images:
             return []
         sizes = {tuple(image.shape) for image in images}
         if len(sizes) > 1:
-            return [detections for image in images for detections in self([image])]
+            return [detections for image in images for detections in self([image], masks=masks)]
         batch = torch.stack([image.float().cpu() for image in images])
-        return unpad_detections(self.run(batch), tuple(batch.shape[-2:]), self.info.paste_mode)
+        return unpad_detections(self.run(batch), tuple(batch.shape[-2:]), self.info.paste_mode, masks)
 
 
 class OnnxPredictor(Predictor):
