@@ -9,9 +9,10 @@ import torch
 from pycocotools import mask as mask_utils
 
 from maskrcnn.app.pipeline import BatchPredictor
-from maskrcnn.app.results import BoxedDetections, encode_masks
+from maskrcnn.app.results import BoxedDetections
 from maskrcnn.app.tiles import Tiling, join_windows, merge_windows, tile_starts, tile_windows
 from maskrcnn.engine.coco_results import masks_to_rle
+from maskrcnn.model.mask_rle import paste_masks_rle
 
 
 def test_tile_starts_and_windows():
@@ -38,7 +39,7 @@ def test_a_tile_mask_is_encoded_at_the_tiles_offset():
                          [0, 0, 0, 1, 1, 0],
                          [0, 0, 0, 1, 1, 0],
                          [0, 0, 0, 0, 0, 0]], dtype=np.uint8)
-    (rle,) = encode_masks(joined.masks, joined.boxes, (4, 6))
+    (rle,) = paste_masks_rle(joined.masks, joined.boxes, (4, 6))
     assert (mask_utils.decode(rle) == expected).all() and rle == masks_to_rle(expected[None])[0]
 
 

@@ -3,7 +3,7 @@ image's detections out with their box-relative masks (`BoxedDetections`), before
 
 A checkpoint runs `MaskRCNN.detect` (the model's padded outputs, masks still M x M inside their boxes); an exported
 .onnx / .pt2 file runs its graph (`Predictor.run`, the same padded outputs). Pasting and encoding come after, beside
-the model (`results.encode_masks`).
+the model (`model.mask_rle.paste_masks_rle`).
 
 Shape letters: B images, D detections per image (padded), D_i valid ones of image i, M mask size.
 """

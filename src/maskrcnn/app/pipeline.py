@@ -28,10 +28,11 @@ from typing import TypeVar
 
 from torch import Tensor
 
-from maskrcnn.app.results import BoxedDetections, Result, encode_masks
+from maskrcnn.app.results import BoxedDetections, Result
 from maskrcnn.app.sources import Frame
 from maskrcnn.app.tiles import Tiling, join_windows, merge_windows, tile_windows
 from maskrcnn.errors import UserError
+from maskrcnn.model.mask_rle import paste_masks_rle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,7 +90,7 @@ class BatchPredictor:
         """The detections of one image as a `Result` (masks encoded, tiles' duplicates merged); `where` gives
         Result's source / frame / timestamp."""
         size = (int(image.shape[-2]), int(image.shape[-1]))
-        rles = encode_masks(detections.masks, detections.boxes, size, mode=detections.paste_mode)
+        rles = paste_masks_rle(detections.masks, detections.boxes, size, mode=detections.paste_mode)
         boxes, labels, scores = detections.boxes, detections.labels, detections.scores
         if window_of is not None:
             boxes, labels, scores, rles = merge_windows(boxes, labels, scores, rles, window_of,

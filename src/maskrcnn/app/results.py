@@ -2,7 +2,7 @@
 COCO RLE masks in the image's pixels, with dense masks decoded on demand, polygons, COCO results, drawing.
 
 Masks are kept as RLE from the start: a model's box-relative M x M masks are pasted into their boxes and encoded
-directly (`encode_masks`), so no [D, H, W] float mask of a large photo is ever held.
+directly (`model.mask_rle.paste_masks_rle`), so no [D, H, W] float mask of a large photo is ever held.
 
 Shape letters: D detections, M mask size, H/W the image's size.
 """
@@ -17,12 +17,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-from maskrcnn.engine.coco_results import masks_to_rle
 from maskrcnn.errors import UserError
-from maskrcnn.model.postprocess import paste_masks
 
-# Pixels of dense float masks one encoding step holds at most (64 MB): large photos are encoded a few masks at a time.
-ENCODE_CHUNK_PIXELS = 2**24
 FORMATS = ("rle", "polygons")  # the "segmentation" of COCO results: RLE, or polygons from the mask's outlines
 
 
@@ -46,21 +42,6 @@ class BoxedDetections:
         """The detections where bool[D] `keep` is True (or at the i64 indices `keep`)."""
         return BoxedDetections(self.boxes[keep], self.labels[keep], self.scores[keep], self.masks[keep],
                                self.paste_mode)
-
-
-def encode_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], *, mode: str = "exact") -> list[dict]:
-    """f32[D, M, M] box-relative probabilities and their boxes f32[D, 4] -> D COCO RLEs (str counts) of the masks
-    pasted into an image of `image_size` (h, w) and thresholded at 0.5; a few masks at a time, so the dense
-    intermediates stay under ENCODE_CHUNK_PIXELS floats whatever the image size."""
-    height, width = image_size
-    chunk = max(1, ENCODE_CHUNK_PIXELS // max(1, height * width))
-    rles: list[dict] = []
-    for start in range(0, masks.shape[0], chunk):
-        part = slice(start, start + chunk)
-        count = masks[part].shape[0]
-        pasted = paste_masks(masks[part], boxes[part], [count], [image_size], mode=mode)[0]  # (c, 1, h, w)
-        rles += masks_to_rle((pasted[:, 0] >= 0.5).to(torch.uint8).numpy())
-    return rles
 
 
 @dataclass
