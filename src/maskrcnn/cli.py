@@ -14,6 +14,7 @@ import re
 import sys
 import urllib.error
 
+from maskrcnn.cli_serve import add_serve_parser
 from maskrcnn.config import preset_names
 from maskrcnn.errors import UserError
 from maskrcnn.logs import progress_to_terminal
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_training, _add_evaluate, _add_predict, _add_export, _add_data):
+    for add in (_add_training, _add_evaluate, _add_predict, _add_export, add_serve_parser, _add_data):
         add(sub)
     return parser
 
