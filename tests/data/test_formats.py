@@ -264,8 +264,9 @@ def test_voc_colour_outside_the_map(tmp_path):
 CVAT_BREAKS = {
     "runs do not add up": ('width="24" height="20"', 'width="24" height="21"', "image 0 (f1.png): mask 2: rle runs"),
     "unknown label": ('<ellipse label="dog"', '<ellipse label="cow"', "image 0 (f1.png): ellipse 3: label 'cow'"),
-    "bad points": ('points="1.00,1.00;20.00,20.00"></polyline>', 'points="1,1"></polyline><polygon label="dog" '
-                   'points="1,1;2"></polygon>', "image 0 (f1.png): polygon 5: points must be"),
+    "bad points": ('points="1.00,1.00;20.00,20.00"></polyline>',
+                   'points="1,1"></polyline><polygon label="dog" points="1,1;2"></polygon>',
+                   "image 0 (f1.png): polygon 5: points must be"),
     "size differs": (f'name="f2.png" width="{ff.W}"', 'name="f2.png" width="50"', "image 1: says the image is 50"),
     "missing image": ('name="f2.png"', 'name="f3.png"', "f3.png: image file not found"),
     "video": ("</annotations>", '<track id="0" label="cat"></track></annotations>', "CVAT for video"),
