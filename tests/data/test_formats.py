@@ -2,7 +2,9 @@
 the image files, masks within IoU 0.99 of the source rasterised independently (formatfiles.py), and one-line
 errors naming the file and the entry for broken inputs."""
 
+import argparse
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -290,7 +292,7 @@ def test_broken_cvat_is_one_line_naming_image_and_shape(tmp_path, name):
 def test_labelme_mask_patch_is_pasted_at_its_corner(tmp_path):
     """A 2 x 3 patch at (5, 4): pixels x 5..7, y 4..5, read back exactly."""
     ff.write_labelme(tmp_path)
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     Image.fromarray(np.full((2, 3), 255, np.uint8)).save(buffer, format="PNG")
     shape = ff.labelme_shape("cat", [[5.0, 4.0], [7.0, 5.0]], "mask", mask=base64.b64encode(buffer.getvalue()).decode())
     edit_json(tmp_path / "c.json", lambda r: r["shapes"].append(shape))
@@ -317,3 +319,27 @@ def test_config_names_a_yolo_yaml_by_root(tmp_path, tiny_config):
     assert len(build_dataset(cfg.data, "train")) == 1 and len(build_dataset(cfg.data, "val")) == 1
     with pytest.raises(DatasetError, match="data.train_annotations is not set: data.format=cvat"):
         build_dataset(tiny_config(tmp_path / "run", "data.format=cvat").data, "train")
+
+
+def test_converted_labelme_set_trains_in_one_command(tmp_path, tiny_yaml):
+    """`data convert --from labelme` then `train` on the json: 2 iterations of the tiny model, evaluated."""
+    from maskrcnn.cli import main
+    from maskrcnn.cli_data import cmd_data_convert
+
+    ff.write_labelme(tmp_path / "lm")
+    out = tmp_path / "train.json"
+    args = argparse.Namespace(source_format="labelme", src=str(tmp_path / "lm"), out=str(out), split=None,
+                              images=None)
+    assert cmd_data_convert(args) == 0
+    sets = [f"data.{key}={value}" for key, value in (("format", "coco"), ("train_images", tmp_path / "lm"),
+                                                     ("train_annotations", out), ("val_images", tmp_path / "lm"),
+                                                     ("val_annotations", out))]
+    argv = ["train", str(tiny_yaml), "--out", str(tmp_path / "run")]
+    for item in [*sets, "train.max_iters=2", "train.warmup_iters=1"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    import torch
+
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    assert (tmp_path / "run" / "metrics.json").is_file()  # evaluated on the converted images
