@@ -91,7 +91,7 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("train.amp=1", "train.amp"),
         ("model.transform.fixed_canvas=[800]", "model.transform.fixed_canvas"),
         ("model.backbone.depth=42", "model.backbone.depth"),
-        ("data.format=voc", "data.format"),
+        ("data.format=kitti", "data.format"),
         ("train.lr=null", "train.lr"),
         ("train.lr=.nan", "train.lr"),
         ("model=3", "model"),

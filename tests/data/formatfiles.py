@@ -169,11 +169,11 @@ def write_voc(root: Path, rgb: bool = False) -> list[tuple[str, str, np.ndarray]
 
 
 def cvat_runs(patch: np.ndarray) -> str:
-    """CVAT's mask runs of a patch: row-major, a run of 0s first, alternating."""
+    """CVAT's mask runs of a patch: row-major, a run of 0s first, alternating, comma and space between."""
     flat = patch.ravel().astype(np.int8)
     edges = np.flatnonzero(np.diff(flat)) + 1
     runs = np.diff(np.concatenate([[0], edges, [flat.size]]))
-    return ",".join(str(v) for v in ([0] if flat[0] else []) + runs.tolist())
+    return ", ".join(str(v) for v in ([0] if flat[0] else []) + runs.tolist())  # CVAT writes ", "
 
 
 def write_cvat(root: Path) -> list[tuple[str, str, np.ndarray]]:
