@@ -95,6 +95,18 @@ def test_yolo_seg_names_as_list_and_folder_with_class_list(tmp_path):
     assert len(coco["annotations"]) == 4
 
 
+def test_yolo_seg_split_as_a_list_of_images(tmp_path):
+    """A split given as a .txt list (paths relative to the list's folder) and as a list of entries."""
+    expected = ff.write_yolo_seg(tmp_path)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "train.txt").write_text("../images/train/x.png\n")
+    data = yaml.safe_load((tmp_path / "data.yaml").read_text())
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({**data, "train": ["lists/train.txt", "images/val"]}))
+    coco = convert_source("yolo-seg", tmp_path / "data.yaml").coco
+    assert [i["file_name"] for i in coco["images"]] == ["images/train/x.png", "images/val/z.png"]
+    assert_matches(coco, [*expected, ("images/val/z.png", "cat", ff.polygon_mask(ff.PART_A))])
+
+
 @pytest.mark.parametrize("rgb", [False, True], ids=["palette", "colour-map"])
 def test_voc_objects_classes_and_void_border(tmp_path, rgb):
     expected = ff.write_voc(tmp_path, rgb=rgb)
@@ -135,6 +147,14 @@ def test_cvat_box_polygon_mask_ellipse_and_group(tmp_path):
     assert [i["file_name"] for i in coco["images"]] == ["f1.png", "f2.png"]
     assert conversion.images_dir == tmp_path / "images" and conversion.skipped == {"polyline": 1}
     assert_matches(coco, expected)
+
+
+def test_cvat_subset_and_images_folder(tmp_path):
+    ff.write_cvat(tmp_path / "task")
+    xml = tmp_path / "task" / "annotations.xml"
+    xml.write_text(xml.read_text().replace('name="f2.png"', 'name="f2.png" subset="val"'))
+    coco = convert_source("cvat", xml, split="val", images_dir=tmp_path / "task" / "images").coco
+    assert [i["file_name"] for i in coco["images"]] == ["f2.png"] and coco["annotations"] == []
 
 
 def test_ellipse_polygon_keeps_the_area():
