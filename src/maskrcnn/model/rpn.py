@@ -25,18 +25,20 @@ from maskrcnn.structures import ImageBatch
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU shared by all levels, then 1x1 objectness logits and 1x1 box deltas.
+    """3x3 conv + ReLU layers shared by all levels, then 1x1 objectness logits and 1x1 box deltas.
 
-    Parameter names are torchvision's (`conv.0.0.*`, `cls_logits.*`, `bbox_pred.*`), so its weights load as is.
+    Parameter names are torchvision's (`conv.<i>.0.*`, `cls_logits.*`, `bbox_pred.*`), so its weights load as is.
 
     Args:
         in_channels: C, channels of every pyramid level.
         num_anchors: Ak, anchors per location.
+        num_convs: 3x3 conv + ReLU layers (torchvision v1: 1, v2: 2).
     """
 
-    def __init__(self, *, in_channels: int, num_anchors: int) -> None:
+    def __init__(self, *, in_channels: int, num_anchors: int, num_convs: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Sequential(Conv2dNormActivation(in_channels, in_channels, kernel_size=3, norm_layer=None))
+        self.conv = nn.Sequential(*[Conv2dNormActivation(in_channels, in_channels, kernel_size=3, norm_layer=None)
+                                    for _ in range(num_convs)])
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
         for layer in self.modules():
