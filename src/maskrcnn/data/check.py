@@ -114,6 +114,12 @@ def _fatal(problems: list[Problem], kind: str, error: DatasetError | str, **ids)
     problems.append(Problem(kind, str(error), True, **ids))
 
 
+def _integer(record: object, key: str) -> int | None:
+    """record[key] when it is an integer id (a problem names it), else None."""
+    value = record.get(key) if isinstance(record, dict) else None
+    return value if type(value) is int else None
+
+
 def _check_categories(categories: list, path: Path, problems: list[Problem]) -> list[dict]:
     kept: dict[int, dict] = {}
     for category in categories:
@@ -142,7 +148,7 @@ def _check_images(records: list, path: Path, folder: Path, problems: list[Proble
             _require(image, ("id", "file_name", "height", "width"), "image", path)
             _check_image(image, path)
         except DatasetError as error:
-            _fatal(problems, "bad_record", error, image_id=image.get("id") if isinstance(image, dict) else None)
+            _fatal(problems, "bad_record", error, image_id=_integer(image, "id"))
             continue
         image_id = image["id"]
         if image_id in images:
@@ -177,25 +183,13 @@ def _check_annotations(records: list, images: dict, names: dict, path: Path, res
     with_instances: set = set()
     boxes, mask_boxes, owners = [], [], []  # per checked non-crowd annotation: xywh, xywh of its mask, (image, ann)
     for ann in records:
-        ann_id = ann.get("id") if isinstance(ann, dict) else None
-        ids = {"annotation_id": ann_id, "image_id": ann.get("image_id") if isinstance(ann, dict) else None}
-        try:
-            _require(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), "annotation", path)
-            _check_annotation(ann, path)
-            if ann_id in seen:
-                raise DatasetError(f"{path}: duplicate annotation id {ann_id}")
-            seen.add(ann_id)
-            image = images.get(ann["image_id"])
-            if image is None:
-                raise DatasetError(f"{path}: annotation {ann_id} points to unknown image id {ann['image_id']}")
-            if ann["category_id"] not in names:
-                raise DatasetError(f"{path}: annotation {ann_id} has unknown category id {ann['category_id']}")
-            _check_segmentation(ann["segmentation"], (image["height"], image["width"]), ann_id, path)
-        except DatasetError as error:
-            kind = "duplicate_id" if "duplicate" in str(error) else "unknown_id" if "unknown" in str(error) else \
-                "bad_record"
-            _fatal(result.problems, kind, error, **ids)
+        ann_id = _integer(ann, "id")
+        ids = {"annotation_id": ann_id, "image_id": _integer(ann, "image_id")}
+        fault = _record_fault(ann, images, names, seen, path)
+        if fault is not None:
+            _fatal(result.problems, *fault, **ids)
             continue
+        image = images[ann["image_id"]]
         if ann.get("iscrowd"):
             result.crowd_regions += 1
             continue
@@ -208,6 +202,28 @@ def _check_annotations(records: list, images: dict, names: dict, path: Path, res
             with_instances.add(image["id"])
     _box_agreement(np.array(boxes).reshape(-1, 4), np.array(mask_boxes).reshape(-1, 2, 4), owners, path, result)
     result.empty_image_ids = [image_id for image_id in images if image_id not in with_instances]
+
+
+def _record_fault(ann: object, images: dict, names: dict, seen: set, path: Path) -> tuple[str, str] | None:
+    """(kind, message) of what makes CocoDataset refuse an annotation record, or None; adds its id to `seen`."""
+    try:
+        _require(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), "annotation", path)
+        _check_annotation(ann, path)
+    except DatasetError as error:
+        return "bad_record", str(error)
+    if ann["id"] in seen:  # pycocotools would keep only the last of them
+        return "duplicate_id", f"{path}: duplicate annotation id {ann['id']}"
+    seen.add(ann["id"])
+    image = images.get(ann["image_id"])
+    if image is None:
+        return "unknown_id", f"{path}: annotation {ann['id']} points to unknown image id {ann['image_id']}"
+    if ann["category_id"] not in names:
+        return "unknown_id", f"{path}: annotation {ann['id']} has unknown category id {ann['category_id']}"
+    try:
+        _check_segmentation(ann["segmentation"], (image["height"], image["width"]), ann["id"], path)
+    except DatasetError as error:
+        return "bad_record", str(error)
+    return None
 
 
 def _geometry(ann: dict, image: dict, path: Path, problems: list[Problem], boxes: list, mask_boxes: list) -> float:
