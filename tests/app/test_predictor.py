@@ -84,3 +84,20 @@ def test_stream_yields_every_frame_with_its_index(predictor, tmp_path):
     frames = list(predictor.stream(tmp_path / "clip.mp4", every=3))
     assert [(f.frame, f.timestamp) for f in frames] == [(0, 0.0), (3, 0.3)]
     assert all(f.image is not None and f.plot().shape == (3, 48, 64) for f in frames)
+
+
+def test_rle_pixels_read_the_runs():
+    """Both RLE forms give the pixels of a hand-made 5 x 7 mask: its uncompressed counts (column-major runs,
+    zeros first) and pycocotools' compressed string (bytes or str)."""
+    from maskrcnn.viz.draw import rle_pixels
+
+    mask = np.zeros((5, 7), dtype=np.uint8)
+    mask[1:3, 2:6] = 1
+    mask[4, 0] = 1
+    # column 0: rows 0-3 off, row 4 on; column 1 and row 0 of column 2 off (6); then in columns 2-5 rows 1-2 on
+    # and the 3 rows between off; the last 2 rows of column 5 and column 6 off (7)
+    counts = [4, 1, 6, 2, 3, 2, 3, 2, 3, 2, 7]
+    compressed = mask_utils.encode(np.asfortranarray(mask))
+    for rle in ({"size": [5, 7], "counts": counts}, compressed, {**compressed, "counts": compressed["counts"].decode()}):
+        rows, cols = rle_pixels(rle)
+        assert sorted(zip(rows.tolist(), cols.tolist())) == sorted(zip(*np.nonzero(mask)))

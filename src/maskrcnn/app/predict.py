@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from maskrcnn.app import video
@@ -37,7 +36,7 @@ from maskrcnn.engine.checkpoint import check_categories, load_model
 from maskrcnn.errors import UserError
 from maskrcnn.export.exporter import SUFFIXES
 from maskrcnn.fileio import write_text_atomic
-from maskrcnn.viz.draw import save_png
+from maskrcnn.viz.draw import rle_pixels, save_png
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def mask_png(result: Result) -> Image.Image:
     covers it, the higher score winning overlaps; 0 elsewhere. 8-bit, 16-bit beyond 255 detections."""
     ids = np.zeros(result.image_size, dtype=np.uint8 if len(result) <= 255 else np.uint16)
     for k in range(len(result), 0, -1):  # lowest score first, so the best is painted last
-        ids[mask_utils.decode(result.rles[k - 1]).astype(bool)] = k
+        ids[rle_pixels(result.rles[k - 1])] = k
     return Image.fromarray(ids)
 
 

@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from maskrcnn.errors import UserError
+from maskrcnn.viz.draw import draw_rle_detections, rle_pixels, save_png
 
 FORMATS = ("rle", "polygons")  # the "segmentation" of COCO results: RLE, or polygons from the mask's outlines
 
@@ -107,8 +108,6 @@ class Result:
 
     def plot(self, image: Tensor | None = None, *, alpha: float = 0.5) -> Tensor:
         """uint8[3, H, W]: the image (`image`, else the one kept) with the masks, boxes and "name score" labels."""
-        from maskrcnn.viz.draw import draw_rle_detections
-
         image = self.image if image is None else image
         if image is None:
             raise ValueError("Result.plot: no image kept with this result; pass the image")
@@ -117,8 +116,6 @@ class Result:
 
     def save(self, path: str | Path) -> Path:
         """Writes `plot()` as a PNG; returns the path."""
-        from maskrcnn.viz.draw import save_png
-
         return save_png(self.plot(), path)
 
 
@@ -135,10 +132,12 @@ def mask_polygons(rle: dict) -> list[list[float]]:
     """COCO polygons of one RLE mask: the outer outline of every part (OpenCV's findContours), as flat
     [x1, y1, x2, y2, ...] lists in pixel-corner coordinates; parts smaller than a triangle are left out."""
     cv2 = require_opencv()
-    x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
-    if w == 0 or h == 0:
+    rows, cols = rle_pixels(rle)
+    if len(rows) == 0:
         return []
-    crop = np.ascontiguousarray(mask_utils.decode(rle)[y:y + h, x:x + w])  # the mask's bounding box only
+    y, x = int(rows.min()), int(cols.min())
+    crop = np.zeros((int(rows.max()) - y + 1, int(cols.max()) - x + 1), dtype=np.uint8)  # the mask's box only
+    crop[rows - y, cols - x] = 1
     contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     # findContours follows pixel centres; +0.5 puts them on the pixel grid COCO's polygons use
     return [(contour[:, 0, :] + np.array([x, y]) + 0.5).ravel().tolist() for contour in contours if len(contour) >= 3]
