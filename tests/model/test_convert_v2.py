@@ -1,5 +1,5 @@
 """torchvision's `maskrcnn_resnet50_fpn_v2` built from our modules: `from_torchvision` of a v2 model gives its
-detections, and the state dict converts both ways.
+detections, the state dict converts both ways, and the v2 layers train.
 
 Sizes chosen to keep the file at about 20 s on one thread: the v2 heads cost 4 convs of 256 channels per RoI
 (box head at 7x7, mask head at 14x14), so images resized to 256 px (longest side at most 416), 100 proposals and
@@ -11,8 +11,10 @@ from test_convert import assert_same_detections, pennfudan_photos, synthetic_ima
 from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
-from maskrcnn.model import from_torchvision
+from maskrcnn.model import build_model, from_torchvision
 from maskrcnn.model.convert import to_torchvision_state_dict
+from maskrcnn.model.mask_head import MaskHead
+from maskrcnn.model.poolers import LevelRoIAlign
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,39 @@ def test_v2_state_dict_round_trip(torchvision_v2):
         assert torch.equal(back[key], value), key
     # and torchvision takes it back strictly
     maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=3).load_state_dict(back)
+
+
+def test_a_batchnorm_mask_head_in_training_sees_no_padding_rows(monkeypatch):
+    """Under cudnn.benchmark the mask head pads its RoIs to a multiple of 64 with zero rows; those would enter the
+    batch statistics of a training BatchNorm, so with one it pads only in eval mode."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    torch.manual_seed(0)
+    head = MaskHead(pooler=LevelRoIAlign(output_size=14, sampling_ratio=2, aligned=True), in_channels=4,
+                    conv_channels=8, num_convs=2, num_classes=2, norm_layer=nn.BatchNorm2d)
+    seen = []
+    head.convs[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    features = {f"p{k}": torch.randn(1, 4, 64 // 2**k, 64 // 2**k) for k in (2, 3, 4, 5)}
+    rois = torch.tensor([[0.0, 0.0, 0.0, 20.0, 20.0], [0.0, 5.0, 5.0, 60.0, 40.0], [0.0, 1.0, 1.0, 9.0, 9.0]])
+    head.train()(features, rois, torch.tensor([1, 2, 1]))
+    head.eval()(features, rois, torch.tensor([1, 2, 1]))
+    assert seen == [3, 64]
+
+
+def test_the_v2_layout_trains(tiny_config, tmp_path):
+    """Our tiny model with v2's layers (2-conv RPN, convs + BatchNorm + 1 FC box head, BatchNorm mask head and FPN):
+    a training step gives finite losses and moves the heads' batch statistics."""
+    cfg = tiny_config(tmp_path, "model.rpn.num_convs=2", "model.box_head.num_convs=2", "model.box_head.num_fcs=1",
+                      "model.box_head.conv_channels=32", "model.box_head.norm=batch", "model.mask_head.norm=batch",
+                      "model.backbone.fpn_norm=batch").model
+    model = build_model(cfg).train()
+    assert isinstance(model.backbone.fpn.layer_blocks[0][1], nn.BatchNorm2d)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 12:50] = 1
+    target = {"boxes": torch.tensor([[12.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}
+    losses = model(images, [target, target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    assert model.box_head.convs[1].weight.grad is not None and model.mask_head.convs[0].weight.grad is not None
+    assert not torch.equal(model.box_head.norms[0].running_mean, torch.zeros(32))
+    assert not torch.equal(model.mask_head.norms[0].running_var, torch.ones(32))
