@@ -88,6 +88,8 @@ def test_pipes_are_never_read(tmp_path, caplog):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="pipe.png: a named pipe, not a file"):
         collect_inputs([tmp_path / "pipe.png"])
+    with pytest.raises(UserError, match="/dev/null: a character device, not a file"):
+        collect_inputs(["/dev/null"])
     assert [item.path for item in collect_inputs([tmp_path])] == [str(tmp_path / "good.png")]
     assert "skipped 2 file(s) that are not images or videos: " \
            f"{tmp_path / 'notes.txt'} (not an image or video type), {tmp_path / 'pipe.png'} (a named pipe)" in caplog.text
@@ -188,3 +190,18 @@ def test_a_folder_of_tiff_webp_and_gif_is_predicted(tmp_path):
         ("a.tif", 1), ("b.webp", 1), ("c.gif", 1)]
     overlay = np.asarray(Image.open(tmp_path / "pred" / "c.gif_pred.png"))
     assert overlay[0, 0].tolist() == [30, 30, 30]  # the first frame, outside the detection's box
+
+
+def test_an_image_above_the_pixel_limit_asks_for_tiles(tmp_path, monkeypatch):
+    """Over the pixels predicted in one piece (here lowered to 1000), an image is refused from its header with
+    the advice to use --tile; in tiles it is read."""
+    from maskrcnn.app import sources
+
+    monkeypatch.setattr(sources, "UNTILED_MAX_PIXELS", 1000)
+    Image.new("RGB", (50, 40)).save(tmp_path / "big.png")
+    (whole,) = sources.read_frames([sources.Input(str(tmp_path / "big.png"), "image")])
+    assert whole.image is None and whole.error == (f"{tmp_path / 'big.png'}: 50 x 40 pixels is more than the 1000 "
+                                                   "predicted in one piece; predict it in tiles: --tile 1024 "
+                                                   "--overlap 0.2")
+    (tiled,) = sources.read_frames([sources.Input(str(tmp_path / "big.png"), "image")], tiled=True)
+    assert tiled.error is None and tuple(tiled.image.shape) == (3, 40, 50)

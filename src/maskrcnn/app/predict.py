@@ -40,6 +40,10 @@ from maskrcnn.viz.draw import rle_pixels, save_png
 
 log = logging.getLogger(__name__)
 
+# zlib level of overlay PNGs: 1 takes 16 ms for a Penn-Fudan photo where the default 6 takes 46 ms (a tenth of the
+# model's time on 2 cores), for files 2 % larger (418 -> 428 kB)
+OVERLAY_PNG_LEVEL = 1
+
 
 def load_detector(model: str | Path, *, runtime: str | None = None, precision: str | None = None,
                   overrides: list[str] = ()) -> CheckpointDetector | ExportedDetector:
@@ -157,7 +161,7 @@ class PredictionWriter:
             record["masks"] = str(masks)
         overlay = result.plot(frame.image) if self.overlays else None
         if overlay is not None and frame.frame is None:
-            save_png(overlay, self.out / name)
+            save_png(overlay, self.out / name, compress_level=OVERLAY_PNG_LEVEL)
         if self.overlays:
             record["overlay"] = str(name)
         return Written({**record, "detections": len(result)}, detections, overlay if frame.frame is not None else None)
