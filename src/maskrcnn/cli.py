@@ -14,6 +14,7 @@ import re
 import sys
 import urllib.error
 
+from maskrcnn.cli_data import add_data_parsers
 from maskrcnn.cli_serve import add_serve_parser
 from maskrcnn.config import preset_names
 from maskrcnn.errors import UserError
@@ -264,6 +265,7 @@ def _add_data(sub) -> None:
     penn.add_argument("dir", metavar="DIR", help="destination folder")
     penn.add_argument("--source", metavar="ZIP_OR_DIR", help="local PennFudanPed.zip or unpacked folder")
     penn.set_defaults(func=cmd_data_pennfudan)
+    add_data_parsers(data_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

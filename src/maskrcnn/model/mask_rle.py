@@ -32,8 +32,15 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from maskrcnn.model.box_head import Detections
-from maskrcnn.model.postprocess import (PASTE_CHUNK_BYTES, PASTE_MODES, detections_per_image, paste_masks,
-                                        paste_support, paste_weights, unpad)
+from maskrcnn.model.postprocess import (
+    PASTE_CHUNK_BYTES,
+    PASTE_MODES,
+    detections_per_image,
+    paste_masks,
+    paste_support,
+    paste_weights,
+    unpad,
+)
 
 MASK_FORMATS = ("dense", "rle", "boxed")
 # least window side (pixels) a mask is pasted into; see the module docstring

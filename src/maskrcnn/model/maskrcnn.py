@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from maskrcnn.model.box_head import BoxHead, Detections, proposal_rois
 from maskrcnn.model.mask_head import MaskHead
-from maskrcnn.model.poolers import image_index_rois
 from maskrcnn.model.mask_rle import MASK_FORMATS, detections_in_format
+from maskrcnn.model.poolers import image_index_rois
 from maskrcnn.model.postprocess import PASTE_MODES, unpad
 from maskrcnn.model.precision import PrecisionChoice
 from maskrcnn.model.rpn import RPN
