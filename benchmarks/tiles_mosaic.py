@@ -5,7 +5,9 @@ objects are small against the whole image: predicted in one piece, the model's t
 its max_size (4x for the demo preset's 128 px); in tiles of the images' own size it sees them at the scale it
 was trained on. The ground truth is each image's objects moved to its place in the mosaic. Reported: COCO box
 and mask AP, AP small / medium, and duplicates: per ground-truth object, the detections beyond the first whose
-mask has IoU >= 0.5 with it (score >= --dup-score), overall and for the objects that cross a tile border.
+mask has IoU >= 0.5 with it (score >= --dup-score), overall and for the objects that cross a tile border. The
+reference row: the same 16 x --mosaics images predicted one by one (AP at the model's own scale, and the
+duplicates its own NMS leaves).
 
     python benchmarks/tiles_mosaic.py --checkpoint runs/demo/best.pt            # tile 128, overlap 0.25
     python benchmarks/tiles_mosaic.py --checkpoint runs/demo/best.pt --tile 160 --overlap 0.2
@@ -115,12 +117,22 @@ def main() -> None:
         "tiles": evaluate(BatchPredictor(detector, score_thresh=0.0, batch_size=8, tiling=tiling), images, gt,
                           annotations, borders, args.dup_score),
     }
+    # the reference: the same images one by one, at the scale the model was trained on (its own duplicates)
+    singles = [dataset[k % len(dataset)] for k in range(GRID * GRID * args.mosaics)]
+    single_annotations = [{**a, "id": k} for k, a in enumerate(
+        (a for image_id, (_, target) in enumerate(singles, start=1)
+         for a in targets_to_coco_annotations(target, image_id, 1)), start=1)]
+    single_gt = build_coco_ground_truth([{"id": i, "height": int(image.shape[-2]), "width": int(image.shape[-1])}
+                                         for i, (image, _) in enumerate(singles, start=1)], single_annotations,
+                                        list(dataset.class_names))
+    results["images_alone"] = evaluate(BatchPredictor(detector, score_thresh=0.0), [image for image, _ in singles],
+                                       single_gt, single_annotations, set(), args.dup_score)
     results.update(checkpoint=args.checkpoint, mosaics=len(images), mosaic_size=[int(height), int(width)],
                    objects=len(annotations), objects_across_borders=len(borders), tile=tiling.size,
                    overlap=tiling.overlap, windows_per_mosaic=len(windows))
-    for name in ("whole", "tiles"):
+    for name in ("whole", "tiles", "images_alone"):
         r = results[name]
-        print(f"{name:5s}: mask AP {r['mask']['AP']:.3f} (small {r['mask']['APs']}, medium {r['mask']['APm']}), "
+        print(f"{name:12s}: mask AP {r['mask']['AP']:.3f} (small {r['mask']['APs']}, medium {r['mask']['APm']}), "
               f"box AP {r['box']['AP']:.3f} (small {r['box']['APs']}); {r['detections']} detections, "
               f"{r['duplicates']} duplicates ({r['duplicates_across_borders']} of objects across tile borders); "
               f"{r['seconds_per_mosaic']:.2f} s a mosaic")
