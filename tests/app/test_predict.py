@@ -4,12 +4,14 @@ input order, writes its json files when stopped, and records a bad input next to
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from maskrcnn.app import sources
 from maskrcnn.app.pipeline import BatchPredictor
 from maskrcnn.app.predict import (
     PredictionWriter,
@@ -53,7 +55,8 @@ def test_a_checkpoint_predicts_on_files_what_it_scores_in_evaluation(tiny_run, t
     assert [r["file_name"] for r in records] == [str(images / f"val{i}.png") for i in range(len(dataset))]
 
 
-def test_inputs_and_overlay_names(tmp_path):
+def test_inputs_and_overlay_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources.video, "require_pyav", lambda path: None)  # the names, with or without PyAV
     for name in ("b.png", "a.jpg", "notes.txt", "c.tif", "d.webp", "e.gif", "clip.mp4"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
@@ -78,6 +81,16 @@ def test_inputs_and_overlay_names(tmp_path):
         collect_inputs([tmp_path / "empty"])
 
 
+def test_a_video_without_pyav_is_one_line_before_anything_is_read(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    needs_pyav = r"clip.mp4: reading and writing video needs PyAV: pip install maskrcnn\[video\]"
+    with pytest.raises(UserError, match=needs_pyav):
+        collect_inputs([tmp_path])
+    assert len(collect_inputs([tmp_path / "a.png"])) == 1  # images alone do not need it
+
+
 def test_pipes_are_never_read(tmp_path, caplog):
     """A named pipe opened for reading blocks until a writer comes: named, it is refused in one line; in a
     folder it is skipped and listed with the other files that are not images."""
@@ -92,7 +105,7 @@ def test_pipes_are_never_read(tmp_path, caplog):
         collect_inputs(["/dev/null"])
     assert [item.path for item in collect_inputs([tmp_path])] == [str(tmp_path / "good.png")]
     assert "skipped 2 file(s) that are not images or videos: " \
-           f"{tmp_path / 'notes.txt'} (not an image or video type), {tmp_path / 'pipe.png'} (a named pipe)" in caplog.text
+        f"{tmp_path / 'notes.txt'} (not an image or video type), {tmp_path / 'pipe.png'} (a named pipe)" in caplog.text
 
 
 class FakeDetector:

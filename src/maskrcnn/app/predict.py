@@ -28,10 +28,18 @@ from maskrcnn.app import video
 from maskrcnn.app.detectors import CheckpointDetector, ExportedDetector
 from maskrcnn.app.pipeline import BatchPredictor, predict_stream
 from maskrcnn.app.results import FORMATS, Result, require_opencv
-from maskrcnn.app.sources import Frame, Input, collect_inputs, read_frames
+from maskrcnn.app.sources import (
+    UNTILED_MAX_PIXELS,
+    Frame,
+    Input,
+    collect_inputs,
+    image_suffixes,
+    read_frames,
+    read_image,
+)
 from maskrcnn.app.tiles import Tiling
 from maskrcnn.data import read_coco_index
-from maskrcnn.data.common import DatasetError, read_rgb
+from maskrcnn.data.common import DatasetError
 from maskrcnn.engine.checkpoint import check_categories, load_model
 from maskrcnn.errors import UserError
 from maskrcnn.export.exporter import SUFFIXES
@@ -220,15 +228,20 @@ def predict_to_folder(inputs: list[Input], predictor: BatchPredictor, writer: Pr
 
 
 def calibration_images(folder: str | Path) -> list[torch.Tensor]:
-    """The images of a folder (its image files) as f32[3, H, W] in 0..1, to calibrate int8 activation ranges.
+    """The image files of a folder (its videos and other files ignored) as f32[3, H, W] in 0..1, to calibrate int8
+    activation ranges.
 
     Raises:
-        UserError: not a folder, no image in it, or an image that cannot be read.
+        UserError: not a folder, no image file in it, or an image that cannot be read.
     """
-    if not Path(folder).is_dir():
+    folder = Path(folder)
+    if not folder.is_dir():
         raise UserError(f"--int8 {folder}: not a folder (of calibration images)")
+    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in image_suffixes() and path.is_file())
+    if not paths:
+        raise UserError(f"--int8 {folder}: no image files")
     try:
-        return [read_rgb(Path(item.path)).float() / 255.0 for item in collect_inputs([folder]) if item.kind == "image"]
+        return [read_image(str(path), max_pixels=UNTILED_MAX_PIXELS).float() / 255.0 for path in paths]
     except DatasetError as error:
         raise UserError(f"--int8 {folder}: {error}") from None
 
