@@ -5,9 +5,12 @@ objects are small against the whole image: predicted in one piece, the model's t
 its max_size (4x for the demo preset's 128 px); in tiles of the images' own size it sees them at the scale it
 was trained on. The ground truth is each image's objects moved to its place in the mosaic. Reported: COCO box
 and mask AP, AP small / medium, and duplicates: per ground-truth object, the detections beyond the first whose
-mask has IoU >= 0.5 with it (score >= --dup-score), overall and for the objects that cross a tile border. The
-reference row: the same 16 x --mosaics images predicted one by one (AP at the model's own scale, and the
-duplicates its own NMS leaves).
+mask has IoU >= 0.5 with it (score >= --dup-score), of its class ("same_class") or of any ("any_class": the
+model also calls one shape two names), overall and for the objects that cross a tile border (no tile holds their
+box). The reference row: the same 16 x --mosaics images predicted one by one (AP at the model's own scale, and the
+duplicates its own NMS leaves); "beyond_images_alone" counts, per object, only the duplicates beyond those the
+model makes of it on its image alone. Target (issue 32): no same-class duplicate across a tile border.
+Commit, date, machine and `uptime` go into the json.
 
     python benchmarks/tiles_mosaic.py --checkpoint runs/demo/best.pt            # tile 128, overlap 0.25
     python benchmarks/tiles_mosaic.py --checkpoint runs/demo/best.pt --tile 160 --overlap 0.2
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +34,9 @@ from maskrcnn.app.tiles import Tiling, tile_windows
 from maskrcnn.data import build_dataset
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.engine.coco_results import build_coco_ground_truth, coco_stats, targets_to_coco_annotations
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folder is not a package
+from rle_speed import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tiles_mosaic.json"
 GRID = 4
@@ -59,32 +66,47 @@ def crosses_a_border(box: list[float], windows: list[tuple[int, int, int, int]])
     return not any(x0 <= x and y0 <= y and x + w <= x1 and y + h <= y1 for x0, y0, x1, y1 in tiles)
 
 
-def duplicates(detections: list[dict], annotations: list[dict], score: float, borders: set[int]) -> tuple[int, int]:
-    """(duplicates of all objects, of the objects in `borders`): detections beyond the first per object."""
-    total = crossing = 0
+def duplicates(detections: list[dict], annotations: list[dict], score: float, same_class: bool) -> np.ndarray:
+    """Per ground-truth object (in `annotations`' order), the detections beyond the first whose mask has IoU >= 0.5
+    with it and score >= `score` (of its class only, with `same_class`)."""
+    extra = np.zeros(len(annotations), dtype=np.int64)
     for image_id in {a["image_id"] for a in annotations}:
-        objects = [a for a in annotations if a["image_id"] == image_id]
+        rows = [k for k, a in enumerate(annotations) if a["image_id"] == image_id]
         found = [d for d in detections if d["image_id"] == image_id and d["score"] >= score]
         if not found:
             continue
-        ious = mask_utils.iou([d["segmentation"] for d in found], [a["segmentation"] for a in objects],
-                              [0] * len(objects))  # (detections, objects)
-        extra = np.maximum((np.asarray(ious) >= 0.5).sum(axis=0) - 1, 0)
-        total += int(extra.sum())
-        crossing += int(sum(e for e, a in zip(extra, objects) if a["id"] in borders))
-    return total, crossing
+        ious = np.asarray(mask_utils.iou([d["segmentation"] for d in found],
+                                         [annotations[k]["segmentation"] for k in rows], [0] * len(rows)))
+        match = ious >= 0.5  # (detections, objects)
+        if same_class:
+            match &= np.array([d["category_id"] for d in found])[:, None] == \
+                np.array([annotations[k]["category_id"] for k in rows])[None]
+        extra[rows] = np.maximum(match.sum(axis=0) - 1, 0)
+    return extra
 
 
-def evaluate(predictor: BatchPredictor, images: list[torch.Tensor], gt, annotations, borders, score) -> dict:
+def evaluate(predictor: BatchPredictor, images: list[torch.Tensor], gt, annotations, score) -> dict:
     started = time.perf_counter()
     detections = [det for image_id, image in enumerate(images, start=1)
                   for det in predictor.predict([image])[0].to_coco(image_id)]
     seconds = time.perf_counter() - started
     ids = list(range(1, len(images) + 1))
     boxes, masks = (coco_stats(gt, detections, iou_type=kind, image_ids=ids) for kind in ("bbox", "segm"))
-    total, crossing = duplicates(detections, annotations, score, borders)
-    return {"box": boxes, "mask": masks, "detections": len(detections), "duplicates": total,
-            "duplicates_across_borders": crossing, "seconds_per_mosaic": seconds / len(images)}
+    return {"box": boxes, "mask": masks, "detections": len(detections), "seconds_per_image": seconds / len(images),
+            "extra": {same: duplicates(detections, annotations, score, same) for same in (True, False)}}
+
+
+def duplicate_counts(row: dict, alone: dict, borders: np.ndarray) -> dict:
+    """The duplicate counts of a mosaic row against the same objects predicted alone (`alone`'s per-object
+    counts), overall and for the objects across tile borders (bool per object)."""
+    counts = {}
+    for same, name in ((True, "same_class"), (False, "any_class")):
+        extra = row["extra"][same]
+        introduced = np.maximum(extra - alone["extra"][same], 0)  # beyond what the model does on the image alone
+        counts[name] = {"duplicates": int(extra.sum()), "across_borders": int(extra[borders].sum()),
+                        "beyond_images_alone": int(introduced.sum()),
+                        "across_borders_beyond_images_alone": int(introduced[borders].sum())}
+    return counts
 
 
 def main() -> None:
@@ -109,15 +131,15 @@ def main() -> None:
     gt = build_coco_ground_truth([{"id": i, "height": height, "width": width} for i in range(1, len(images) + 1)],
                                  annotations, list(dataset.class_names))
     windows = tile_windows(height, width, tiling)
-    borders = {a["id"] for a in annotations if crosses_a_border(a["bbox"], windows)}
+    borders = np.array([crosses_a_border(a["bbox"], windows) for a in annotations])
     detector = CheckpointDetector(loaded)
     results = {
-        "whole": evaluate(BatchPredictor(detector, score_thresh=0.0), images, gt, annotations, borders,
-                          args.dup_score),
+        "whole": evaluate(BatchPredictor(detector, score_thresh=0.0), images, gt, annotations, args.dup_score),
         "tiles": evaluate(BatchPredictor(detector, score_thresh=0.0, batch_size=8, tiling=tiling), images, gt,
-                          annotations, borders, args.dup_score),
+                          annotations, args.dup_score),
     }
-    # the reference: the same images one by one, at the scale the model was trained on (its own duplicates)
+    # the reference: the same images one by one, at the scale the model was trained on (its own duplicates); their
+    # objects are the mosaics' objects in the same order
     singles = [dataset[k % len(dataset)] for k in range(GRID * GRID * args.mosaics)]
     single_annotations = [{**a, "id": k} for k, a in enumerate(
         (a for image_id, (_, target) in enumerate(singles, start=1)
@@ -126,17 +148,23 @@ def main() -> None:
                                          for i, (image, _) in enumerate(singles, start=1)], single_annotations,
                                         list(dataset.class_names))
     results["images_alone"] = evaluate(BatchPredictor(detector, score_thresh=0.0), [image for image, _ in singles],
-                                       single_gt, single_annotations, set(), args.dup_score)
-    results.update(checkpoint=args.checkpoint, mosaics=len(images), mosaic_size=[int(height), int(width)],
-                   objects=len(annotations), objects_across_borders=len(borders), tile=tiling.size,
-                   overlap=tiling.overlap, windows_per_mosaic=len(windows))
+                                       single_gt, single_annotations, args.dup_score)
     for name in ("whole", "tiles", "images_alone"):
-        r = results[name]
+        results[name]["duplicates"] = duplicate_counts(results[name], results["images_alone"], borders)
+    for name in ("whole", "tiles", "images_alone"):
+        del results[name]["extra"]
+    results = {"benchmark": "tiles_mosaic", **machine(), **results}
+    results.update(checkpoint=args.checkpoint, mosaics=len(images), mosaic_size=[int(height), int(width)],
+                   objects=len(annotations), objects_across_borders=int(borders.sum()), tile=tiling.size,
+                   overlap=tiling.overlap, windows_per_mosaic=len(windows), dup_score=args.dup_score)
+    for name in ("whole", "tiles", "images_alone"):
+        r, same = results[name], results[name]["duplicates"]["same_class"]
         print(f"{name:12s}: mask AP {r['mask']['AP']:.3f} (small {r['mask']['APs']}, medium {r['mask']['APm']}), "
-              f"box AP {r['box']['AP']:.3f} (small {r['box']['APs']}); {r['detections']} detections, "
-              f"{r['duplicates']} duplicates ({r['duplicates_across_borders']} of objects across tile borders); "
-              f"{r['seconds_per_mosaic']:.2f} s a mosaic")
-    print(f"{len(images)} mosaics of {height}x{width}, {len(annotations)} objects ({len(borders)} across tile "
+              f"box AP {r['box']['AP']:.3f} (small {r['box']['APs']}); {r['detections']} detections; same-class "
+              f"duplicates {same['duplicates']} ({same['across_borders']} of objects across tile borders; beyond "
+              f"the images alone: {same['beyond_images_alone']}, across borders "
+              f"{same['across_borders_beyond_images_alone']}); {r['seconds_per_image']:.2f} s an image")
+    print(f"{len(images)} mosaics of {height}x{width}, {len(annotations)} objects ({int(borders.sum())} across tile "
           f"borders), tile {tiling.size} overlap {tiling.overlap}: {len(windows)} windows a mosaic")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

@@ -50,25 +50,61 @@ def rect(x0, y0, x1, y1, size=(10, 20)) -> np.ndarray:
 
 
 def test_duplicates_across_windows_are_merged_and_nothing_else():
-    """An object at x 6..14 cut by the edge of window 0 (x < 12) and of window 1 (x >= 8): the two parts share
-    16 of their 24 pixels (2/3 >= 0.5), so they become one detection with the union of masks and boxes and the
-    better score. Not merged: two overlapping detections of one window (the model's NMS kept both), a detection
-    of another class, and one that touches the object's box but shares no pixel."""
+    """An object at x 6..14 cut by the edge of window 0 (x < 12) and of window 1 (x >= 8): in the columns both
+    windows see (8..11) the two parts are the same 16 pixels, so they become one detection with the union of masks
+    and boxes and the better score. Detection 2 of window 0 agrees with the seed as well (12 of its 12 pixels in
+    columns 8..10) but scores less than detection 0, which is taken. Not merged: two overlapping detections of one
+    window (the model's NMS kept both), a detection of another class, and one that touches the object's box but
+    shares no pixel."""
     masks = [rect(6, 2, 12, 6), rect(8, 2, 14, 6), rect(6, 2, 11, 6), rect(8, 2, 14, 6), rect(14, 2, 16, 6)]
     boxes = torch.tensor([[6, 2, 12, 6], [8, 2, 14, 6], [6, 2, 11, 6], [8, 2, 14, 6], [13, 2, 16, 6]],
                          dtype=torch.float32)
     labels = torch.tensor([1, 1, 1, 2, 1])
     scores = torch.tensor([0.7, 0.9, 0.6, 0.8, 0.5])
     window_of = torch.tensor([0, 1, 0, 1, 1])
-    out_boxes, out_labels, out_scores, out_rles = merge_windows(boxes, labels, scores, masks_to_rle(np.stack(masks)),
-                                                                window_of, merge_overlap=0.5)
-    # seed 1 (0.9, window 1) takes window 0's best match: detection 0 (16/24) rather than 2 (12/20 = 0.6)
+    out_boxes, out_labels, out_scores, out_rles = merge_windows(
+        boxes, labels, scores, masks_to_rle(np.stack(masks)), window_of, [(0, 0, 12, 10), (8, 0, 20, 10)],
+        merge_overlap=0.5)
     assert out_scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.5])
     assert out_boxes.tolist() == [[6, 2, 14, 6], [8, 2, 14, 6], [6, 2, 11, 6], [13, 2, 16, 6]]
     assert out_labels.tolist() == [1, 2, 1, 1]
     assert (mask_utils.decode(out_rles[0]) == rect(6, 2, 14, 6)).all()
     assert [(mask_utils.decode(r) == m).all() for r, m in zip(out_rles[1:], [masks[3], masks[2], masks[4]])] == \
         [True, True, True]
+
+
+def test_parts_are_compared_where_both_windows_see_them():
+    """An object at x 2..17 of a 10 x 20 image, windows x 0..11 and x 8..19: the parts x 2..11 and x 8..17 (40
+    pixels each) share 16 pixels, 0.4 of either part, yet in the columns both windows see (8..11) they are the
+    same 16 pixels (1.0): one detection. Two objects of one class whose parts share no pixel there stay two."""
+    masks = [rect(2, 3, 12, 7), rect(8, 3, 18, 7)]
+    boxes = torch.tensor([[2, 3, 12, 7], [8, 3, 18, 7]], dtype=torch.float32)
+    windows = [(0, 0, 12, 10), (8, 0, 20, 10)]
+    merged = merge_windows(boxes, torch.tensor([1, 1]), torch.tensor([0.9, 0.8]), masks_to_rle(np.stack(masks)),
+                           torch.tensor([0, 1]), windows, merge_overlap=0.5)
+    assert merged[0].tolist() == [[2, 3, 18, 7]] and (mask_utils.decode(merged[3][0]) == rect(2, 3, 18, 7)).all()
+    # a left object ending at x 9 and a right one starting at x 10, both inside the shared columns 8..11
+    masks = [rect(2, 3, 10, 7), rect(10, 3, 18, 7)]
+    boxes = torch.tensor([[2, 3, 10, 7], [10, 3, 18, 7]], dtype=torch.float32)
+    merged = merge_windows(boxes, torch.tensor([1, 1]), torch.tensor([0.9, 0.8]), masks_to_rle(np.stack(masks)),
+                           torch.tensor([0, 1]), windows, merge_overlap=0.5)
+    assert merged[0].tolist() == [[2, 3, 10, 7], [10, 3, 18, 7]]
+
+
+def test_a_group_reaches_a_tile_through_a_third_one():
+    """An L-shaped object in a 16 x 16 image: a band (y 1..2, x 1..14) and a column (x 12..14, y 1..14). Window 0
+    (x, y < 10) sees the band's left part, window 2 (x >= 6, y < 10) the band's right part and the column's top,
+    window 1 (x, y >= 6) the column's bottom only. Window 1 is visited first and shares no pixel with window 0's
+    part; once window 2's part has joined, it shares the column's rows 6..9 with the group: all three are one."""
+    l_shape = np.maximum(rect(1, 1, 15, 3, size=(16, 16)), rect(12, 1, 15, 15, size=(16, 16)))
+    windows = [(0, 0, 10, 10), (6, 6, 16, 16), (6, 0, 16, 10)]
+    masks = [l_shape * rect(x0, y0, x1, y1, size=(16, 16)) for x0, y0, x1, y1 in windows]
+    boxes = torch.tensor([[1, 1, 10, 3], [12, 6, 15, 15], [6, 1, 15, 10]], dtype=torch.float32)
+    boxes_out, _, scores_out, rles_out = merge_windows(
+        boxes, torch.tensor([1, 1, 1]), torch.tensor([0.9, 0.7, 0.8]), masks_to_rle(np.stack(masks)),
+        torch.tensor([0, 1, 2]), windows, merge_overlap=0.5)
+    assert boxes_out.tolist() == [[1, 1, 15, 15]] and scores_out.tolist() == pytest.approx([0.9])
+    assert (mask_utils.decode(rles_out[0]) == l_shape).all()
 
 
 class SquareFinder:

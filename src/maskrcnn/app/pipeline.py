@@ -93,7 +93,8 @@ class BatchPredictor:
         rles = paste_masks_rle(detections.masks, detections.boxes, size, mode=detections.paste_mode)
         boxes, labels, scores = detections.boxes, detections.labels, detections.scores
         if window_of is not None:
-            boxes, labels, scores, rles = merge_windows(boxes, labels, scores, rles, window_of,
+            windows = tile_windows(size[0], size[1], self.tiling)
+            boxes, labels, scores, rles = merge_windows(boxes, labels, scores, rles, window_of, windows,
                                                         merge_overlap=self.tiling.merge_overlap)
         return Result(boxes=boxes, labels=labels, scores=scores, rles=rles, image_size=size,
                       class_names=self.class_names, image=image if keep_image else None, **where)
