@@ -36,7 +36,7 @@ from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.engine.coco_results import build_coco_ground_truth, coco_stats, targets_to_coco_annotations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folder is not a package
-from rle_speed import machine  # noqa: E402
+from rle_speed import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tiles_mosaic.json"
 GRID = 4

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ class VideoWriter:
         self._container.close()
         self._container = None
 
-    def __enter__(self) -> VideoWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
