@@ -1,6 +1,6 @@
 """Video: `maskrcnn predict CKPT clip.mp4` writes an overlay video with every frame predicted and results per
 frame (index and time); --every N; a corrupt frame is skipped with a warning; an unreadable video or a missing
-PyAV is one line naming the file."""
+PyAV is one line naming the file; a stopped run keeps the frames done, its overlay video finished."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+from maskrcnn.app.pipeline import BatchPredictor
+from maskrcnn.app.predict import PredictionWriter, output_names, predict_to_folder
+from maskrcnn.app.results import BoxedDetections
+from maskrcnn.app.sources import collect_inputs
 from maskrcnn.app.video import read_video
 from maskrcnn.cli import main
 
@@ -87,3 +92,35 @@ def test_unreadable_video_and_missing_pyav_are_one_line(tiny_run, tmp_path, caps
     assert capsys.readouterr().err.strip() == (f"maskrcnn: error: {tmp_path / 'clip.mp4'}: reading and writing video "
                                                f"needs PyAV: pip install maskrcnn[video]")
     assert not (tmp_path / "q").exists()
+
+
+class StopsAtCall:
+    """A stand-in model: one full-mask detection in box (2, 1)-(5, 3) per frame; KeyboardInterrupt at call `stop_at`
+    (as Ctrl-C during the model)."""
+
+    class_names = ("thing",)
+
+    def __init__(self, stop_at: int) -> None:
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return [BoxedDetections(torch.tensor([[2.0, 1.0, 5.0, 3.0]]), torch.tensor([1]), torch.tensor([0.9]),
+                                torch.ones(1, 4, 4)) for _ in images]
+
+
+def test_a_stopped_video_run_keeps_the_frames_done(tmp_path):
+    """Batches of 2 frames of a 5-frame video, stopped in the model's 2nd call: frames 0 and 1 are in both json
+    files, and the overlay video is finished, playable, with those 2 frames."""
+    write_video(tmp_path / "clip.mp4", "libx264", frames=5)
+    inputs = collect_inputs([tmp_path / "clip.mp4"])
+    writer = PredictionWriter(tmp_path / "p", [{"id": 3, "name": "thing"}], output_names(inputs))
+    with pytest.raises(KeyboardInterrupt):
+        predict_to_folder(inputs, BatchPredictor(StopsAtCall(stop_at=2), batch_size=2), writer, progress=False)
+    assert [r["frame"] for r in json.loads((tmp_path / "p" / "images.json").read_text())] == [0, 1]
+    predictions = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert [(p["frame"], p["category_id"], p["bbox"]) for p in predictions] == [
+        (0, 3, [2.0, 1.0, 3.0, 2.0]), (1, 3, [2.0, 1.0, 3.0, 2.0])]
+    assert count_frames(tmp_path / "p" / "clip.mp4_pred.mp4") == 2
