@@ -6,9 +6,13 @@ same image files through `predict`'s whole pipeline (decode, the model in the sa
 drawn and saved as PNG, the json files), the model loaded beforehand. Both are measured in alternating rounds
 (model, predict, model, predict, ...: a shared machine's load changes by the minute), each round's ratio taken
 against the mean of the model passes just before and after it; the median ratio is reported (target >= 0.9).
+--posts names the pipeline's schedules to measure, each in every round: "auto" (what `maskrcnn predict` does),
+"between" (encoding and drawing between model calls) and "beside" (beside them); see `app.pipeline`.
+Commit, date, machine and `uptime` (before and after) go into the json.
 
     python benchmarks/predict_throughput.py                          # Penn-Fudan photos, pennfudan-lite sized model
     python benchmarks/predict_throughput.py --checkpoint run/best.pt --images 32
+    python benchmarks/predict_throughput.py --posts auto beside                    # both schedules, same rounds
     python benchmarks/predict_throughput.py --set model.box_head.detections_per_img=100 \
         --set model.box_head.score_thresh=0 --score-thresh 0         # 100 detections an image to encode and draw
 
@@ -22,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +45,11 @@ from maskrcnn.data.common import read_rgb
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.model import build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folder is not a package
+from rle_speed import machine
+
 WARM_UP_BATCHES = 3
+POSTS = {"auto": None, "between": True, "beside": False}  # --posts: BatchPredictor's posts_between_calls
 RESULTS = Path(__file__).resolve().parent / "results" / "predict_throughput.json"
 
 
@@ -81,11 +89,12 @@ def model_rate(detector: CheckpointDetector, images: list[torch.Tensor], batch_s
 
 
 def predict_rate(detector: CheckpointDetector, paths: list[Path], out: Path, *, batch_size: int, score_thresh: float,
-                 overlays: bool) -> tuple[float, int]:
+                 overlays: bool, posts: str) -> tuple[float, int]:
     """Images per second of predict's pipeline over the files, and the detections it wrote."""
     inputs = collect_inputs(paths)
     writer = PredictionWriter(out, detector.categories, output_names(inputs), overlays=overlays)
-    predictor = BatchPredictor(detector, score_thresh=score_thresh, batch_size=batch_size)
+    predictor = BatchPredictor(detector, score_thresh=score_thresh, batch_size=batch_size,
+                               posts_between_calls=POSTS[posts])
     started = time.perf_counter()
     predict_to_folder(inputs, predictor, writer, progress=False)
     seconds = time.perf_counter() - started
@@ -102,8 +111,11 @@ def main() -> None:
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--no-overlays", action="store_true", help="predict writes the json files only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--posts", nargs="+", choices=sorted(POSTS), default=["auto"],
+                        help="pipeline schedules to measure, each in every round")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    before = machine()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -113,27 +125,34 @@ def main() -> None:
         images = [read_rgb(path) for path in paths]
         for _ in range(WARM_UP_BATCHES):  # model.precision auto times bf16 against fp32 on its first calls
             detector(images[:args.batch_size])
-        model, predict, detections = [model_rate(detector, images, args.batch_size)], [], 0
+        model, predict, detections = [model_rate(detector, images, args.batch_size)], {p: [] for p in args.posts}, 0
         for round_index in range(args.rounds):
-            rate, detections = predict_rate(detector, paths, tmp / f"pred{round_index}", batch_size=args.batch_size,
-                                            score_thresh=args.score_thresh, overlays=not args.no_overlays)
-            predict.append(rate)
+            for posts in args.posts:
+                rate, detections = predict_rate(detector, paths, tmp / f"pred{round_index}{posts}",
+                                                batch_size=args.batch_size, score_thresh=args.score_thresh,
+                                                overlays=not args.no_overlays, posts=posts)
+                predict[posts].append(rate)
             model.append(model_rate(detector, images, args.batch_size))
-    ratios = [rate / statistics.mean(model[k:k + 2]) for k, rate in enumerate(predict)]
+    ratios = {posts: [rate / statistics.mean(model[k:k + 2]) for k, rate in enumerate(rates)]
+              for posts, rates in predict.items()}
     result = {
-        "model_images_per_s": statistics.median(model), "predict_images_per_s": statistics.median(predict),
-        "ratio": statistics.median(ratios), "rounds": {"model": model, "predict": predict, "ratios": ratios},
+        "benchmark": "predict_throughput", **before, "uptime_after": machine()["uptime"],
+        "model_images_per_s": statistics.median(model),
+        "predict_images_per_s": {posts: statistics.median(rates) for posts, rates in predict.items()},
+        "ratio": {posts: statistics.median(r) for posts, r in ratios.items()},
+        "posts_between_calls_auto": BatchPredictor(detector).posts_between_calls,
+        "rounds": {"model": model, "predict": predict, "ratios": ratios},
         "images": len(paths), "source": "Penn-Fudan PNGImages" if pennfudan_images() else "generated 480x640",
         "detections_written": detections, "batch_size": args.batch_size, "overlays": not args.no_overlays,
         "score_thresh": args.score_thresh, "checkpoint": args.checkpoint or f"{args.config} (random weights)",
-        "overrides": args.set, "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "device": str(detector.device),
+        "overrides": args.set, "torch_threads": torch.get_num_threads(), "device": str(detector.device),
     }
-    print(f"ratios per round: {', '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"model alone: {result['model_images_per_s']:.2f} images/s; predict (decode, model, RLE, "
-          f"{'overlays, ' if result['overlays'] else ''}json): {result['predict_images_per_s']:.2f} images/s; "
-          f"median ratio {result['ratio']:.3f} (target >= 0.9); {len(paths)} images, batch {args.batch_size}, "
-          f"{detections} detections")
+    for posts in args.posts:
+        print(f"{posts}: ratios per round {', '.join(f'{r:.3f}' for r in ratios[posts])}; predict (decode, model, "
+              f"RLE, {'overlays, ' if result['overlays'] else ''}json) {result['predict_images_per_s'][posts]:.2f} "
+              f"images/s; median ratio {result['ratio'][posts]:.3f} (target >= 0.9)")
+    print(f"model alone: {result['model_images_per_s']:.2f} images/s; {len(paths)} images, batch {args.batch_size}, "
+          f"{detections} detections; posts between calls under auto: {result['posts_between_calls_auto']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 
