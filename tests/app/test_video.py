@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from maskrcnn.app.pipeline import BatchPredictor
 from maskrcnn.app.predict import PredictionWriter, output_names, predict_to_folder
 from maskrcnn.app.results import BoxedDetections
-from maskrcnn.app.sources import collect_inputs
+from maskrcnn.app.sources import collect_inputs, read_frames
 from maskrcnn.app.video import read_video
 from maskrcnn.cli import main
 
@@ -124,3 +125,21 @@ def test_a_stopped_video_run_keeps_the_frames_done(tmp_path):
     assert [(p["frame"], p["category_id"], p["bbox"]) for p in predictions] == [
         (0, 3, [2.0, 1.0, 3.0, 2.0]), (1, 3, [2.0, 1.0, 3.0, 2.0])]
     assert count_frames(tmp_path / "p" / "clip.mp4_pred.mp4") == 2
+
+
+def test_a_camera_device_is_a_live_video_opened_with_v4l2(monkeypatch):
+    """/dev/video<N> is a video input (not refused as a character device), named like a stream in the outputs and
+    opened with FFmpeg's v4l2 input; one that does not open is one line naming it, as any video."""
+    (camera,) = collect_inputs(["/dev/video7"])
+    assert (camera.path, camera.kind) == ("/dev/video7", "video")
+    assert output_names([camera]) == {"/dev/video7": Path("stream1_pred.mp4")}
+    opened = []
+
+    def fake_open(path, **kwargs):
+        opened.append((path, kwargs["format"]))
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(av, "open", fake_open)
+    (frame,) = read_frames([camera])
+    assert opened == [("/dev/video7", "v4l2")]
+    assert frame.image is None and frame.error.startswith("/dev/video7: cannot open video (")

@@ -74,12 +74,13 @@ def load_detector(model: str | Path, *, runtime: str | None = None, precision: s
 def output_names(inputs: list[Input]) -> dict[str, Path]:
     """Overlay file of every input, relative to the output folder: the file's path below the deepest folder that
     holds all of them, its whole name kept (a/x.jpg -> a/x.jpg_pred.png, clip.mp4 -> clip.mp4_pred.mp4), so that
-    a/x.jpg and b/x.jpg, or y.jpg and y.png, never write the same overlay; stream k: stream<k>_pred.mp4."""
-    files = [Path(os.path.abspath(item.path)) for item in inputs if not video.is_stream_url(item.path)]
+    a/x.jpg and b/x.jpg, or y.jpg and y.png, never write the same overlay; the k-th stream URL or camera:
+    stream<k>_pred.mp4."""
+    files = [Path(os.path.abspath(item.path)) for item in inputs if not video.is_live(item.path)]
     common = Path(os.path.commonpath([p.parent for p in files])) if files else Path("/")
     names, streams = {}, 0
     for item in inputs:
-        if video.is_stream_url(item.path):
+        if video.is_live(item.path):
             streams += 1
             names[item.path] = Path(f"stream{streams}_pred.mp4")
         else:

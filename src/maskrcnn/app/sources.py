@@ -1,8 +1,9 @@
-"""What prediction reads: image files, folders (optionally recursive), glob patterns, video files and stream URLs,
-turned into one sequence of frames (an image is a frame of its own).
+"""What prediction reads: image files, folders (optionally recursive), glob patterns, video files, stream URLs and
+camera devices (/dev/video<N>), turned into one sequence of frames (an image is a frame of its own).
 
-Only regular files are read: a named pipe, device or socket would block or never end, so one named on the command
-line is refused with one line, and one inside a folder is skipped and listed. A folder yields every image type
+Only regular files are read (and cameras named /dev/video<N>, which FFmpeg's v4l2 input reads): a named pipe,
+device or socket would block or never end, so one named on the command line is refused with one line, and one
+inside a folder is skipped and listed. A folder yields every image type
 Pillow reads and every video type, and lists in a warning what else it held.
 """
 
@@ -104,7 +105,7 @@ def _folder_entries(paths: Iterable[Path], skipped: list[str]) -> list[Input]:
 
 
 def _one_input(text: str, recursive: bool, skipped: list[str]) -> list[Input]:
-    if video.is_stream_url(text):
+    if video.is_live(text):  # a stream URL or a camera device: FFmpeg opens it (or says why not)
         return [Input(text, "video")]
     path = Path(text)
     if path.is_dir():
@@ -145,7 +146,7 @@ def collect_inputs(inputs: Iterable[str | Path], *, recursive: bool = False) -> 
     seen: set[str] = set()
     unique = []
     for item in found:  # a file named twice (or named and inside a named folder) is predicted once
-        key = item.path if video.is_stream_url(item.path) else os.path.abspath(item.path)
+        key = item.path if video.is_live(item.path) else os.path.abspath(item.path)
         if key not in seen:
             seen.add(key)
             unique.append(item)

@@ -1,5 +1,6 @@
 """Video in and out with PyAV (FFmpeg), the optional extra `maskrcnn[video]`: frames of a file or stream URL as
 uint8 [3, H, W] tensors with their index and time, and an overlay video written at the source's frame rate.
+Files, stream URLs (rtsp://, http://, ...) and V4L2 cameras (/dev/video0) are read alike, where FFmpeg opens them.
 
 A corrupt packet is skipped with a warning and the frames after it still decoded; a file FFmpeg cannot open or
 decode (no video stream, an unknown codec) is a `VideoError` naming it.
@@ -8,6 +9,7 @@ decode (no video stream, an unknown codec) is a `VideoError` naming it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -37,6 +39,16 @@ def is_stream_url(text: str) -> bool:
     return text.lower().startswith(STREAM_SCHEMES)
 
 
+def is_camera(text: str) -> bool:
+    """A V4L2 camera device (/dev/video0, ...), opened with FFmpeg's v4l2 input."""
+    return re.fullmatch(r"/dev/video\d+", text) is not None
+
+
+def is_live(text: str) -> bool:
+    """A stream URL or a camera: a video without a file (named stream<k> in outputs)."""
+    return is_stream_url(text) or is_camera(text)
+
+
 def require_pyav(path: str):
     """The `av` module, or a UserError naming the video and the install command."""
     try:
@@ -49,7 +61,8 @@ def require_pyav(path: str):
 def _open(path: str):
     av = require_pyav(path)
     try:
-        container = av.open(path, options={"rw_timeout": "30000000"} if is_stream_url(path) else None)
+        container = av.open(path, format="v4l2" if is_camera(path) else None,
+                            options={"rw_timeout": "30000000"} if is_stream_url(path) else None)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
         raise VideoError(f"{path}: cannot open video ({' '.join(str(error).split())})") from None
     if not container.streams.video:
