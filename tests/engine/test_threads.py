@@ -73,7 +73,10 @@ def test_candidates_are_the_cores_of_the_process_not_the_count_an_earlier_probe_
 
 
 def test_auto_threads_in_training_logs_the_choice(tmp_path, tiny_config, caplog, monkeypatch):
-    cfg = tiny_config(tmp_path / "run", "train.num_threads=auto", "train.max_iters=22", "train.log_period=22")
+    # 1 untimed step, then 2 timed steps with 2 threads and 2 with 1: the choice is made at iteration 4 of 6
+    monkeypatch.setattr(ThreadProbe, "SKIP_ITERS", 1)
+    monkeypatch.setattr(ThreadProbe, "PROBE_ITERS", 2)
+    cfg = tiny_config(tmp_path / "run", "train.num_threads=auto", "train.max_iters=6", "train.log_period=6")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores on any machine
     with caplog.at_level("INFO", logger="maskrcnn"):
         train(cfg, progress=False)
