@@ -56,9 +56,10 @@ class CheckpointDetector:
     @torch.no_grad()
     def __call__(self, images: list[Tensor]) -> list[BoxedDetections]:
         """uint8 [3, H_i, W_i] images -> their detections, in each image's pixels."""
-        inputs = images_to_model(images, self.device)
         with autocast(self.device, self.amp):
-            detections = self.model.detect(inputs)
+            # the transform on its own: the float copies of the full-size images are freed once resized, before
+            # the backbone runs (a 4000 x 3000 photo's peak: 157 MB less)
+            detections = self.model.detect(self.model.transform(images_to_model(images, self.device))[0])
         counts = detections.valid.sum(dim=1).tolist()  # the one host sync of the batch
         return split_padded(detections.boxes, detections.scores, detections.labels, detections.masks, counts,
                             self.paste_mode)

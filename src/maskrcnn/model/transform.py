@@ -141,8 +141,10 @@ class ImageTransform(nn.Module):
         return batch, targets_out
 
     def _normalise(self, images: Tensor) -> Tensor:
-        """f32[b, 3, H, W] in 0..1 -> normalised by the channel mean and std."""
-        return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+        """f32[b, 3, H, W] in 0..1 -> normalised by the channel mean and std. The division in place: one copy of
+        the full-size images instead of two (144 MB less at the peak of a 4000 x 3000 photo's prediction, the same
+        bits: both steps are single IEEE operations)."""
+        return torch.sub(images, self.image_mean.to(images.dtype)).div_(self.image_std.to(images.dtype))
 
     def _resize(self, images: Tensor) -> Tensor:
         """Resizes normalised images f32[b, 3, H, W] -> f32[b, 3, h, w] as torchvision does (normalised first,
