@@ -6,6 +6,7 @@ and gives the exit status.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 SOURCE_FORMATS = ("labelme", "yolo-seg", "voc", "cvat")  # maskrcnn.data.formats.SOURCE_FORMATS, without importing it
 
@@ -21,11 +22,29 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Exit status 1 when a problem would fail training (with --strict: any problem), else 0."""
     from maskrcnn.app import data_tools
+    from maskrcnn.errors import UserError
 
+    page = args.page
+    if page is None and args.out is not None and not args.no_page:
+        page = Path(args.out).with_suffix(".html")  # beside the summary
+    if page is not None and args.out is not None and Path(page).resolve() == Path(args.out).resolve():
+        raise UserError(f"--page and --out name the same file {args.out}")
     result = data_tools.check(args.json, args.images, args.out, box_iou_threshold=args.box_iou,
                               decode_images=not args.headers_only)
     print("\n".join(result.lines()) + (f"\nwrote {args.out}" if args.out else ""))
+    if page is not None:
+        print(data_tools.ground_truth_page(result, page, limit=args.page_limit))
     return 1 if result.fails_training or (args.strict and result.problems) else 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
@@ -65,7 +84,8 @@ def add_data_parsers(data_sub) -> None:
     check = data_sub.add_parser(
         "check", help="count and check a COCO json and its images",
         description="Count images, instances per class, sizes, empty images and crowd regions; list every problem "
-                    "with its id. Exit status 1 when a problem would fail training.")
+                    "with its id; with --page (or --out) write a page of the ground truth to browse. Exit status 1 when "
+                    "a problem would fail training.")
     check.add_argument("json", metavar="JSON", help="COCO instances json")
     check.add_argument("--images", required=True, metavar="DIR", help="folder its file_names are relative to")
     check.add_argument("--out", metavar="SUMMARY_JSON", help="also write the counts and problems as JSON")
@@ -75,6 +95,13 @@ def add_data_parsers(data_sub) -> None:
                        help="read image headers only (faster; misses truncated files)")
     check.add_argument("--strict", action="store_true", help="exit status 1 on any problem, not only on those that "
                                                              "would fail training")
+    pages = check.add_mutually_exclusive_group()
+    pages.add_argument("--page", metavar="PAGE_HTML",
+                       help="write a page of the ground truth to browse: one self-contained HTML file (default with "
+                            "--out: SUMMARY_JSON's name with .html)")
+    pages.add_argument("--no-page", action="store_true", help="no page, even with --out")
+    check.add_argument("--page-limit", type=_positive, default=300, metavar="N",
+                       help="images pictured on the page at most, those with problems first (default 300)")
     check.set_defaults(func=cmd_data_check)
 
     split = data_sub.add_parser("split", help="split a COCO json into train.json and val.json by image",

@@ -13,7 +13,7 @@ Shape letters: M annotations.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,10 @@ class DataCheck:
     empty_image_ids: list  # images without any non-crowd annotation
     box_iou_threshold: float  # box_mask_disagree: box-to-mask-box IoU under this
     problems: list[Problem] = field(default_factory=list)
+    # What training would read, for a page of the ground truth (not in the JSON summary): image id -> its record
+    # (well-formed, the first of a duplicated id), and the annotation records CocoDataset takes.
+    checked_images: dict = field(default_factory=dict, repr=False)
+    checked_annotations: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def fails_training(self) -> bool:
@@ -70,7 +74,8 @@ class DataCheck:
         return grouped
 
     def to_json(self) -> str:
-        values = asdict(self)
+        values = asdict(replace(self, checked_images={}, checked_annotations=[]))
+        del values["checked_images"], values["checked_annotations"]
         values["fails_training"] = self.fails_training
         values["empty_images"] = len(self.empty_image_ids)
         return json.dumps(values, indent=2, default=str) + "\n"
@@ -105,7 +110,8 @@ def check_dataset(json_path: str | Path, images_dir: str | Path, *, box_iou_thre
     result = DataCheck(json_path=str(json_path), images_dir=str(images_dir), images=len(data["images"]),
                        annotations=len(data["annotations"]), categories=categories,
                        instances_per_class={c["name"]: 0 for c in categories}, sizes=dict.fromkeys(AREA_RANGES, 0),
-                       crowd_regions=0, empty_image_ids=[], box_iou_threshold=box_iou_threshold, problems=problems)
+                       crowd_regions=0, empty_image_ids=[], box_iou_threshold=box_iou_threshold, problems=problems,
+                       checked_images=images)
     _check_annotations(data["annotations"], images, {c["id"]: c["name"] for c in categories}, json_path, result)
     return result
 
@@ -189,6 +195,7 @@ def _check_annotations(records: list, images: dict, names: dict, path: Path, res
         if fault is not None:
             _fatal(result.problems, *fault, **ids)
             continue
+        result.checked_annotations.append(ann)
         image = images[ann["image_id"]]
         if ann.get("iscrowd"):
             result.crowd_regions += 1
