@@ -169,6 +169,7 @@ def draw_rle_detections(
     for top in range(0, image.shape[-2], BLEND_ROWS):  # its float blend, a band of rows at a time
         band = slice(top, top + BLEND_ROWS)
         out[:, band] = (image[:, band] * (1 - alpha) + painted[:, band] * alpha).to(torch.uint8)
+    del painted, covered  # before draw_bounding_boxes makes its PIL copies of the image (60 MB for 12 MP)
     names = [f"{class_names[int(label) - 1]} {score:.2f}" for label, score in zip(labels, scores.tolist())]
     return draw_bounding_boxes(out, boxes.float(), labels=names, colors=item_colors, width=width, **_font(image),
                                **LABEL_STYLE)
