@@ -1,5 +1,5 @@
 """The prediction pipeline's scheduling: where the model takes every core of the CPU, the posts (encoding, drawing,
-saving) run between model calls, never beside one; elsewhere beside it."""
+saving) and the reading run between model calls, never beside one; elsewhere beside it."""
 
 from __future__ import annotations
 
@@ -33,29 +33,35 @@ class SlowDetector:
                                 torch.ones(1, 4, 4)) for _ in images]
 
 
-def posts_during_model_calls(between: bool) -> tuple[int, list[int]]:
-    """(posts that ran while the model computed, frame numbers in the order yielded) of 6 frames in batches of 2."""
+def work_during_model_calls(between: bool) -> tuple[int, int, list[int]]:
+    """(posts, reads that ran while the model computed; frame numbers in the order yielded) of 6 frames in
+    batches of 2."""
     detector = SlowDetector()
-    frames = [Frame("x.png", number, torch.zeros(3, 6, 8, dtype=torch.uint8)) for number in range(1, 7)]
-    overlapping = []
+    in_post, in_read = [], []
+
+    def frames():
+        for number in range(1, 7):
+            time.sleep(STEP_SECONDS / 4)
+            in_read.append(detector.running.is_set())
+            yield Frame("x.png", number, torch.zeros(3, 6, 8, dtype=torch.uint8))
 
     def post(frame, result):
         time.sleep(STEP_SECONDS / 2)
-        overlapping.append(detector.running.is_set())
+        in_post.append(detector.running.is_set())
         time.sleep(STEP_SECONDS / 2)
         return frame.number
 
     predictor = BatchPredictor(detector, batch_size=2, posts_between_calls=between)
-    order = list(predict_stream(frames, predictor, post, workers=2))
-    return sum(overlapping), order
+    order = list(predict_stream(frames(), predictor, post, workers=2))
+    return sum(in_post), sum(in_read), order
 
 
-def test_posts_run_between_model_calls_or_beside_them():
-    """Between: not one of the 6 posts runs during a model call. Beside: the 2 posts of a batch run during the next
-    batch's call (both take STEP_SECONDS), so some do. Both keep the input order."""
-    assert posts_during_model_calls(between=True) == (0, [1, 2, 3, 4, 5, 6])
-    overlapping, order = posts_during_model_calls(between=False)
-    assert overlapping > 0 and order == [1, 2, 3, 4, 5, 6]
+def test_posts_and_reading_run_between_model_calls_or_beside_them():
+    """Between: not one of the 6 posts or reads runs during a model call. Beside: the 2 posts of a batch run during
+    the next batch's call (both take STEP_SECONDS), so some do. Both keep the input order."""
+    assert work_during_model_calls(between=True) == (0, 0, [1, 2, 3, 4, 5, 6])
+    posts, _, order = work_during_model_calls(between=False)
+    assert posts > 0 and order == [1, 2, 3, 4, 5, 6]
 
 
 def test_which_models_take_every_core(monkeypatch):

@@ -9,12 +9,14 @@ model is never waiting and always sees batches.
 PyTorch, FFmpeg, Pillow's decoders and zlib release the GIL, so the stages overlap on the CPU's cores. Queues are
 bounded (a few batches), so memory does not grow with the input.
 
-Where the model computes on the CPU with a thread per core (`model_takes_every_core`), the posts of a batch run
-between model calls instead, the model waiting for them: a post thread that takes a core from one of the model's
-OpenMP threads stalls the others at their next barrier, so beside the model it cost 1.6x its own time (once, on
-the shared 2-core VM: a batch of 4 Penn-Fudan photos, model 1.27 s alone, 1.55 s with 4 posts of 44 ms beside
-it); between calls, on the 2 pool threads, it costs its time over 2. Reading still runs beside the model (a few ms an image). Stopping early (an exception in any stage, or
-Ctrl-C in the caller) stops the threads; what the caller has received so far is done.
+Where the model computes on the CPU with a thread per core (`model_takes_every_core`), the posts of a batch and
+the reading run between model calls instead, the model waiting for the posts: a thread that takes a core from one
+of the model's OpenMP threads stalls the others at their next barrier, so beside the model a post cost 1.6x its
+own time (once, on the shared 2-core VM: a batch of 4 Penn-Fudan photos, model 1.27 s alone, 1.55 s with 4 posts
+of 44 ms beside it); between calls, on the 2 pool threads and the reader, it costs its time over 2.
+
+Stopping early (an exception in any stage, or Ctrl-C in the caller) stops the threads; what the caller has
+received so far is done.
 
 `BatchPredictor.predict` is the same work without threads: a list of images in, a list of `Result`s out (the entry
 point of a server that batches requests itself).
@@ -24,6 +26,7 @@ Shape letters: D detections, H/W an image's size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -66,8 +69,8 @@ class BatchPredictor:
         score_thresh: detections scoring below this are dropped (before their masks are encoded).
         batch_size: images (or tiles of one image) per model call.
         tiling: cut each image into tiles (`tiles.Tiling`), None: whole images.
-        posts_between_calls: `predict_stream` runs the posts between model calls, not beside them (see the module
-            docstring); None: where `model_takes_every_core`.
+        posts_between_calls: `predict_stream` runs the posts and the reading between model calls, not beside them
+            (see the module docstring); None: where `model_takes_every_core`.
     """
 
     def __init__(self, detector: Callable[[list[Tensor]], list[BoxedDetections]], *, score_thresh: float = 0.5,
@@ -144,9 +147,21 @@ def _put(target: queue.Queue, item: object, stop: threading.Event) -> bool:
     return False
 
 
-def _read(frames: Iterable[Frame], out: queue.Queue, stop: threading.Event) -> None:
+def _read(frames: Iterable[Frame], out: queue.Queue, stop: threading.Event, compute: threading.Lock | None) -> None:
+    """The reader thread: frames into `out`; each read holding `compute` (never while the model computes), if given."""
     try:
-        for frame in frames:
+        iterator = iter(frames)
+        while True:
+            while compute is not None and not compute.acquire(timeout=POLL_SECONDS):
+                if stop.is_set():
+                    return
+            try:
+                frame = next(iterator, _END)
+            finally:
+                if compute is not None:
+                    compute.release()
+            if frame is _END:
+                break
             if not _put(out, frame, stop):
                 return
         _put(out, _END, stop)
@@ -197,9 +212,9 @@ def _checked(predictor: BatchPredictor, frame: Frame) -> Frame:
 
 
 def _run_model(predictor: BatchPredictor, frames: queue.Queue, jobs: queue.Queue, pool: ThreadPoolExecutor,
-               post: Callable, keep_images: bool, stop: threading.Event) -> None:
+               post: Callable, keep_images: bool, stop: threading.Event, compute: threading.Lock | None) -> None:
     """The model thread: batches of frames through the model, one post job per frame queued in input order; with
-    `predictor.posts_between_calls`, the model waits for the posts of the batch before to end."""
+    `compute` (`predictor.posts_between_calls`), each call waits for the posts of the batch before and holds it."""
     try:
         ended, posting = False, []
         while not ended and not stop.is_set():
@@ -208,9 +223,10 @@ def _run_model(predictor: BatchPredictor, frames: queue.Queue, jobs: queue.Queue
                 raise batch[-1]
             batch = [_checked(predictor, frame) for frame in batch if frame is not _END]
             readable = [frame for frame in batch if frame.image is not None]
-            if predictor.posts_between_calls and readable:
+            if compute is not None and readable:
                 futures.wait(posting)
-            detections = iter(predictor.detect([frame.image for frame in readable]) if readable else ())
+            with compute or contextlib.nullcontext():
+                detections = iter(predictor.detect([frame.image for frame in readable]) if readable else ())
             posting = []
             for frame in batch:
                 posting.append(pool.submit(_finish, predictor, post, frame,
@@ -241,9 +257,11 @@ def predict_stream(frames: Iterable[Frame], predictor: BatchPredictor,
     frame_queue: queue.Queue = queue.Queue(maxsize=depth)
     job_queue: queue.Queue = queue.Queue(maxsize=depth)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="maskrcnn-post")
-    threading.Thread(target=_read, args=(frames, frame_queue, stop), daemon=True, name="maskrcnn-read").start()
-    threading.Thread(target=_run_model, args=(predictor, frame_queue, job_queue, pool, post, keep_images, stop),
-                     daemon=True, name="maskrcnn-model").start()
+    compute = threading.Lock() if predictor.posts_between_calls else None  # held by a model call, or by a read
+    threading.Thread(target=_read, args=(frames, frame_queue, stop, compute), daemon=True,
+                     name="maskrcnn-read").start()
+    threading.Thread(target=_run_model, args=(predictor, frame_queue, job_queue, pool, post, keep_images, stop,
+                                              compute), daemon=True, name="maskrcnn-model").start()
     try:
         while (job := job_queue.get()) is not _END:
             yield job.result()
