@@ -14,7 +14,7 @@ convolutions at inference like the Lite's): median of 5 calls after 2 warm-up ca
 detections per image forced by a zero score threshold, random weights (the time does not depend on them); wall-clock
 ms and the CPU ms of the process (with `--threads 1`, a figure that a loaded machine inflates little). With
 `--picture CHECKPOINT IMAGE PNG`, draws the masks a trained run predicts on one (held-out) photo, one colour per
-pedestrian: the README's picture.
+pedestrian.
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    format: str = "synthetic"  # synthetic | coco | pennfudan | cis680
+    # synthetic | coco | pennfudan | cis680, or a tool's annotations converted to COCO in memory:
+    # labelme | yolo-seg | voc | cvat
+    format: str = "synthetic"
     root: str = ""  # pennfudan: the PennFudanPed folder; cis680: the folder of the h5/npy files; coco: unused
     train_images: str = ""  # coco: folder of the training images
     train_annotations: str = ""  # coco: instances json of the training images

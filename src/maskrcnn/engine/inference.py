@@ -1,6 +1,7 @@
 """The inference loop of evaluation: batches through the model, each image's detections as COCO results, the
 ground truth collected from the targets when the data set has no COCO json, the first images kept with their
-outputs for the report; and its distributed gather. Prediction shares its one step, `detect_batch`.
+outputs for the report; and its distributed gather. Prediction (app/detectors.py) calls the model's
+`MaskRCNN.detect` itself, on images it has read and resized in its own pipeline.
 
 Shape letters: D detections of one image, N ground-truth objects, P proposals, H/W original image size.
 """
