@@ -9,6 +9,9 @@ Shape letters: B images, D detections per image (padded), D_i detections of imag
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,12 +20,31 @@ from torch import Tensor
 
 from maskrcnn.export.adapter import OUTPUT_NAMES
 from maskrcnn.export.exporter import METADATA_KEY, PT2_EXTRA_FILE, SUFFIXES, ExportInfo
+from maskrcnn.export.pt2_check import check_pt2_archive
 from maskrcnn.model.box_head import Detections
 from maskrcnn.model.mask_rle import MASK_FORMATS, detections_in_format
 from maskrcnn.model.precision import PrecisionError, cpu_has_bf16
 
 # runtimes of an .onnx file: the first is the default
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
+# the loggers torch.export.load writes a failed load's traceback to (the error itself is raised as one line)
+_TORCH_EXPORT_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
+
+
+@contextlib.contextmanager
+def torch_export_logs_off():
+    """Silences torch.export's loggers and warnings for the duration: a file that does not load is one line."""
+    loggers = [logging.getLogger(name) for name in _TORCH_EXPORT_LOGGERS]
+    disabled = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, was in zip(loggers, disabled):
+            logger.disabled = was
 
 
 def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], paste_mode: str,
@@ -181,11 +203,13 @@ class ProgramPredictor(Predictor):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ExportedProgram not found: {path}")
+        check_pt2_archive(path)  # torch.export.load would run the code a crafted file holds
         extra = {PT2_EXTRA_FILE: ""}
         try:
-            program = torch.export.load(path, extra_files=extra)
+            with torch_export_logs_off():
+                program = torch.export.load(path, extra_files=extra)
         except Exception as error:  # torch raises several types for a corrupt or foreign archive
-            raise ValueError(f"{path}: not a loadable ExportedProgram ({error})") from None
+            raise ValueError(f"{path}: not a loadable ExportedProgram ({str(error).splitlines()[0][:200]})") from None
         if not extra[PT2_EXTRA_FILE]:
             raise ValueError(f"{path}: no {PT2_EXTRA_FILE}; it was not written by `maskrcnn export`")
         return cls(program, ExportInfo.from_json(extra[PT2_EXTRA_FILE], str(path)), device=device)
