@@ -86,3 +86,32 @@ def test_load_model_gives_the_checkpoints_weights_in_eval_mode(tiny_run):
 def test_load_model_refuses_a_config_its_weights_do_not_fit(tiny_run):
     with pytest.raises(CheckpointError, match=f"{tiny_run / 'last.pt'}: weights do not fit"):
         load_model(tiny_run / "last.pt", overrides=["model.mask_head.conv_channels=16"])
+
+
+@pytest.mark.parametrize("categories, message", [
+    ([], "its categories (0) do not give the 2 classes"),
+    ([{"id": 1, "name": "circle"}], "its categories (1) do not give the 2 classes"),
+    ([{"id": 1}, {"id": 2}], "category 0 is {'id': 1}, not an integer id with a name"),
+    ([{"id": 1, "name": "circle"}, {"id": 2, "name": "  "}], "category 1 is"),
+    ([{"id": "1", "name": "circle"}, {"id": 2, "name": "square"}], "category 0 is"),
+    ([{"id": 1, "name": "circle"}, {"id": 1, "name": "square"}], "its categories repeat an id"),
+    ("person", "its categories (str) do not give"),
+])
+def test_checkpoint_categories_are_checked_when_it_is_loaded(tiny_run, tmp_path, categories, message):
+    """Every field a checkpoint gives is checked at load: categories without names, of the wrong type, fewer or
+    more than the model's classes are one CheckpointError naming the file (not a KeyError where they are used)."""
+    state = load_checkpoint(tiny_run / "last.pt")
+    assert state["config"]["model"]["num_classes"] == 2 and len(state["categories"]) == 2
+    path = tmp_path / "edited.pt"
+    torch.save({**state, "model": dict(state["model"]), "categories": categories}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+
+
+def test_a_checkpoint_whose_config_is_not_a_dict_is_refused(tiny_run, tmp_path):
+    state = load_checkpoint(tiny_run / "last.pt")
+    path = tmp_path / "edited.pt"
+    torch.save({**state, "model": dict(state["model"]), "config": "tiny"}, path)
+    with pytest.raises(CheckpointError, match=f"{path}: its config is a str, not a dict of settings"):
+        load_model(path)

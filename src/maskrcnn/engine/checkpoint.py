@@ -128,6 +128,8 @@ def load_model(path: str | Path, *, data_config: str | Path | None = None, overr
     if "config" not in state:
         raise CheckpointError(f"{path}: checkpoint has no config; it was not written by `maskrcnn train`")
     values = state["config"]
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: its config is a {type(values).__name__}, not a dict of settings")
     if data_config is not None:
         if "data" not in read_config_file(data_config):
             raise ConfigError(f"--data-config {data_config}: the file has no 'data' section to evaluate on")
@@ -141,9 +143,26 @@ def load_model(path: str | Path, *, data_config: str | Path | None = None, overr
         raise CheckpointError(str(error)) from None
     device = resolve_device(cfg.eval.device, key="eval.device")
     model.to(device).eval()
-    categories = state.get("categories") or [{"id": k, "name": f"class {k}"}
-                                             for k in range(1, cfg.model.num_classes + 1)]
-    return LoadedModel(config=cfg, model=model, device=device, categories=categories)
+    return LoadedModel(config=cfg, model=model, device=device,
+                       categories=checked_categories(state.get("categories"), cfg.model.num_classes, path))
+
+
+def checked_categories(categories, num_classes: int, path: str | Path) -> list[dict]:
+    """A checkpoint's "categories" as [{"id": int, "name": str}] of labels 1..num_classes, checked when it is
+    loaded (None: it has none, named "class k"); a CheckpointError naming `path` for anything else."""
+    if categories is None:
+        return [{"id": k, "name": f"class {k}"} for k in range(1, num_classes + 1)]
+    if not isinstance(categories, list) or len(categories) != num_classes:
+        count = len(categories) if isinstance(categories, list) else type(categories).__name__
+        raise CheckpointError(f"{path}: its categories ({count}) do not give the {num_classes} classes of its "
+                              f"model.num_classes")
+    for index, category in enumerate(categories):
+        if not (isinstance(category, dict) and type(category.get("id")) is int
+                and isinstance(category.get("name"), str) and category["name"].strip()):
+            raise CheckpointError(f"{path}: category {index} is {str(category)[:80]}, not an integer id with a name")
+    if len({c["id"] for c in categories}) != num_classes:
+        raise CheckpointError(f"{path}: its categories repeat an id")
+    return [{"id": c["id"], "name": c["name"]} for c in categories]
 
 
 def load_torchvision_model(path: str | Path) -> torch.nn.Module:
