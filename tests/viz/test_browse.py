@@ -1,14 +1,15 @@
 """The browsable page in a real browser (headless Chromium driven by Playwright): the score slider, the toggles and
-the filters change what is drawn. Skips where no Chromium or no Playwright is installed."""
+the filters change what is drawn. Skips where no Chromium or no Playwright is installed, unless
+MASKRCNN_REQUIRE_BROWSER is 1 (then it fails: tests/browser.py)."""
 
 from __future__ import annotations
 
 import io
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from browser import chromium
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -16,12 +17,6 @@ from maskrcnn.engine.views import ImageView
 from maskrcnn.viz.browse import write_browse_page
 from maskrcnn.viz.draw import class_colors
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHROMIUM = next((path for path in map(shutil.which, BROWSERS) if path is not None), None)
-playwright = pytest.importorskip("playwright.sync_api",
-                                 reason="the browser test needs Playwright: pip install playwright")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium to open the report in: install one, e.g. "
-                                "`sudo apt-get install chromium` (the test uses the system browser, not a download)")
 SIDE = 40  # the page enlarges the 40 px images to 384 px (scale 10)
 
 
@@ -52,13 +47,11 @@ def page(tmp_path_factory):
     ]
     path = write_browse_page(folder / "browse_val.html", views, class_names=["cat", "dog"], title="tiny",
                              score_thresh=0.5)
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as browser:
         tab = browser.new_page()
         tab.goto(path.as_uri())
         tab.wait_for_selector("body[data-ready=yes]", timeout=20_000)
         yield tab
-        browser.close()
 
 
 def shown(page, image_id: int) -> dict:
