@@ -14,7 +14,10 @@ import io
 import json
 import re
 import signal
+import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,9 +27,12 @@ from serving import serving
 
 pytest.importorskip("fastapi", reason="maskrcnn serve needs the serve extra: pip install 'maskrcnn[serve]'")
 
+import uvicorn  # noqa: E402
+
 from maskrcnn.app.predict import PredictOptions, run_prediction  # noqa: E402
-from maskrcnn.app.serve import check_access  # noqa: E402
+from maskrcnn.app.serve import ModelServer, bind, check_access  # noqa: E402
 from maskrcnn.app.serve_settings import ServeSettings  # noqa: E402
+from maskrcnn.cli import main  # noqa: E402
 from maskrcnn.errors import UserError  # noqa: E402
 
 MAX_WAIT_MS = 800
@@ -144,7 +150,13 @@ def test_the_api_key_is_required_except_for_the_page_and_health(server):
     assert info["classes"] == ["circle", "square"] and info["precision"] == "fp32" and info["api_key_required"]
 
 
-def test_an_address_beyond_loopback_needs_an_api_key_or_no_api_key():
+def test_an_address_beyond_loopback_needs_an_api_key_or_no_api_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MASKRCNN_API_KEY", raising=False)
+    # refused before the model is read (the file does not exist) and before anything listens
+    assert main(["serve", str(tmp_path / "missing.pt"), "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "maskrcnn: error: --host 0.0.0.0: the service would be open to the network; give --api-key KEY (or "
+        "$MASKRCNN_API_KEY) to require a key, or --no-api-key to serve without one")
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         check_access(ServeSettings(host=host))
     with pytest.raises(UserError, match="--host 0.0.0.0: the service would be open to the network; give --api-key"):
@@ -173,3 +185,56 @@ def test_sigterm_answers_the_requests_in_flight_refuses_new_ones_and_exits_0(tin
         assert server.process.wait(timeout=30) == 0
     assert [a.status for a in answers] == [200, 200] and all(a.json()["detections"] for a in answers)
     assert "serve: stopped" in (tmp_path / "serve.log").read_text()
+
+
+class WarmingModel:
+    """A stand-in for `ServedModel` whose warm-up lasts until `warmed` is set."""
+
+    info = {"model": "warming.pt", "runtime": "none", "precision": "fp32", "classes": ["thing"]}
+
+    def __init__(self) -> None:
+        self.warmed = threading.Event()
+
+    def warm_up(self, max_batch: int) -> None:
+        assert self.warmed.wait(timeout=30)
+
+    def detect(self, images: list) -> list:
+        raise AssertionError("no request may reach the model before it is warmed up")
+
+
+def get(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "image/png"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_health_is_ready_only_once_the_model_is_warmed_up():
+    model = WarmingModel()
+    server = ModelServer(model, ServeSettings(port=0))
+    sock = bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    running = uvicorn.Server(uvicorn.Config(server.app, log_config=None, access_log=False, lifespan="on"))
+    thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        while not running.started:
+            time.sleep(0.02)
+        status, _, body = get(url + "/health")
+        assert (status, json.loads(body)) == (503, {"status": "warming up"})
+        status, headers, body = get(url + "/predict", "POST", png(64, 64, 0))
+        assert (status, json.loads(body)["error"], headers["retry-after"]) == (
+            503, "the model is still warming up", "1")
+        assert re.search(r"^maskrcnn_ready 0\.0$", get(url + "/metrics")[2].decode(), re.MULTILINE)
+        model.warmed.set()
+        deadline = time.monotonic() + 10
+        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert json.loads(get(url + "/health")[2]) == {"status": "ready"}
+        assert re.search(r"^maskrcnn_ready 1\.0$", get(url + "/metrics")[2].decode(), re.MULTILINE)
+    finally:
+        model.warmed.set()
+        running.should_exit = True
+        thread.join(timeout=30)
