@@ -420,3 +420,87 @@ def test_a_bug_is_reported_as_one_and_debug_shows_the_traceback(tmp_path, capsys
     monkeypatch.setenv("MASKRCNN_DEBUG", "1")
     with pytest.raises(type(bug), match="a bug"):
         main(argv)
+
+
+# ------------------------------------------------------------------------------------ data at the boundary
+
+
+def _box_annotation(ann_id: int, image_id: int, box: list[float], crowd: int = 0) -> dict:
+    x, y, w, h = box
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": crowd, "bbox": box, "area": w * h,
+            "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+
+
+def _coco_set(root: Path, annotations: list[dict], sizes=((64, 64), (64, 64))) -> Path:
+    """A COCO json of images 1.. of `sizes` (written as files) with `annotations` of one category "thing"."""
+    root.mkdir(parents=True, exist_ok=True)
+    images = []
+    for image_id, (height, width) in enumerate(sizes, start=1):
+        write_image(root / f"{image_id}.png", height, width, seed=image_id)
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": height, "width": width})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+def test_a_training_set_left_empty_once_crowd_regions_are_removed_names_the_file(tmp_path):
+    path = _coco_set(tmp_path, [_box_annotation(1, 1, [4, 4, 20, 20], crowd=1),
+                                _box_annotation(2, 2, [8, 8, 0.5, 9])])  # a crowd region and a degenerate box
+    with pytest.raises(DatasetError) as info:
+        CocoDataset(images_dir=tmp_path, annotations=path, drop_empty=True)
+    assert str(info.value) == f"{path}: no image is left to train on: none of its 2 images has an annotation that " \
+                              f"is not a crowd region (1 of them) with a box of at least 1 x 1 pixel"
+    assert len(CocoDataset(images_dir=tmp_path, annotations=path, drop_empty=False)) == 2  # evaluation keeps them
+
+
+def test_an_image_that_resizes_to_a_zero_side_is_named_by_its_id_in_training():
+    """2 x 300 pixels at the tiny model's 64-pixel max_size resize to 0 x 64: one line with the image id (training)
+    or its place in the batch, not interpolate's internal error."""
+    from maskrcnn.model.transform import ImageTooThinError, ImageTransform
+
+    transform = ImageTransform(min_size=64, max_size=64, size_divisible=32, fixed_canvas=None,
+                               image_mean=(0.5, 0.5, 0.5), image_std=(0.2, 0.2, 0.2)).train()
+    images = [torch.rand(3, 40, 40), torch.rand(3, 2, 300)]
+    targets = [{"boxes": torch.zeros(0, 4), "image_id": 5}, {"boxes": torch.zeros(0, 4), "image_id": 17}]
+    with pytest.raises(ImageTooThinError, match=r"^image id 17: 300 x 2 pixels resizes to 64 x 0 for the model"):
+        transform(images, targets)
+    with pytest.raises(ImageTooThinError, match=r"^image 1 of the batch: 300 x 2 pixels"):
+        transform.eval()(images)
+    batch, _ = transform.eval()([torch.rand(3, 40, 40), torch.rand(3, 5, 300)])  # 5 x 300 -> 1 x 64: taken
+    assert batch.image_sizes.tolist() == [[64, 64], [1, 64]]
+
+
+class _CountedId(int):
+    """An integer id that counts the comparisons made with it: the work of checking a json's categories."""
+
+    comparisons = 0
+
+    def __eq__(self, other):
+        _CountedId.comparisons += 1
+        return int(self) == int(other)
+
+    def __lt__(self, other):
+        _CountedId.comparisons += 1
+        return int(self) < int(other)
+
+    __hash__ = int.__hash__
+
+
+@pytest.mark.parametrize("read", ["dataset", "check"])
+def test_a_json_with_many_categories_is_checked_in_linear_work(tmp_path, monkeypatch, read):
+    """5,000 categories: the comparisons of their ids grow as K log K (sorting), not K^2 (a duplicate search by
+    list.count made 25 million of them; the bound is 20 per category)."""
+    from maskrcnn.data import check
+
+    count = 5_000
+    data = {"images": [], "annotations": [],
+            "categories": [{"id": _CountedId(k), "name": f"c{k}"} for k in range(count, 0, -1)]}
+    monkeypatch.setattr(_CountedId, "comparisons", 0)
+    if read == "dataset":
+        dataset = CocoDataset(images_dir=tmp_path, annotations=tmp_path / "x.json", coco_dict=data)
+        assert dataset.class_names[:2] == ["c1", "c2"] and len(dataset.class_names) == count
+    else:
+        monkeypatch.setattr(check, "_load_json", lambda path: data)
+        assert len(check.check_dataset(tmp_path / "x.json", tmp_path).categories) == count
+    assert 0 < _CountedId.comparisons <= 20 * count, _CountedId.comparisons

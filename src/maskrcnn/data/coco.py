@@ -10,6 +10,7 @@ Shape letters: N objects of one image, H/W image size.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -244,7 +245,7 @@ class CocoDataset(Dataset):
             if not isinstance(category["name"], str):
                 raise DatasetError(f"{path}: category {category['id']}: name must be a string")
         category_ids = sorted(c["id"] for c in data["categories"])
-        duplicates = sorted({cid for cid in category_ids if category_ids.count(cid) > 1})
+        duplicates = sorted(cid for cid, count in collections.Counter(category_ids).items() if count > 1)
         if duplicates:
             raise DatasetError(f"{path}: duplicate category id(s) {duplicates[:10]}")
         names = {c["id"]: c["name"] for c in data["categories"]}
@@ -307,6 +308,11 @@ class CocoDataset(Dataset):
             if drop_empty and not rows:
                 continue
             self._records.append((image, xyxy[rows], labels_array[rows], [segmentations[m] for m in rows]))
+        if drop_empty and not self._records:
+            crowd = len(data["annotations"]) - len(owners)
+            raise DatasetError(f"{path}: no image is left to train on: none of its {len(images)} images has an "
+                               f"annotation that is not a crowd region ({crowd} of them) with a box of at least "
+                               f"1 x 1 pixel")
         self.image_ids = [record[0]["id"] for record in self._records]
 
     def __len__(self) -> int:

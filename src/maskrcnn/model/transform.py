@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskrcnn.errors import UserError
 from maskrcnn.structures import ImageBatch
+
+
+class ImageTooThinError(UserError, ValueError):
+    """An image whose resize for the model has a side of zero pixels; the message names its id."""
 
 
 class ImageTransform(nn.Module):
@@ -122,6 +127,7 @@ class ImageTransform(nn.Module):
                 raise ValueError(f"ImageTransform: image {index} must be [3, H, W], got {tuple(group.shape[1:])}")
             if not group.is_floating_point():
                 raise TypeError(f"ImageTransform: image {index} must be float in 0..1, got {group.dtype}")
+        self._check_resizable(groups, targets)
         resized = [self._resize(self._normalise(group)) for group in groups]  # each f32[b, 3, h, w]
         canvas_h, canvas_w = self.canvas_size(max(r.shape[-2] for r in resized), max(r.shape[-1] for r in resized))
         padded = [F.pad(r, (0, canvas_w - r.shape[-1], 0, canvas_h - r.shape[-2])) for r in resized]
@@ -139,6 +145,23 @@ class ImageTransform(nn.Module):
             target["boxes"] = _scale_boxes(target["boxes"], original, resized_size)
             targets_out.append(target)
         return batch, targets_out
+
+    def _check_resizable(self, groups: list[Tensor], targets: Sequence[dict] | None) -> None:
+        """Raises an ImageTooThinError for an image whose resize has a side of zero pixels (2 x 3000 at max_size
+        1333), named by its target's "image_id" (training) or its place in the batch. Concrete sizes only: an
+        exported graph's symbolic sizes take no Python branch."""
+        position = 0
+        for group in groups:
+            height, width = group.shape[-2], group.shape[-1]
+            resized = self.resized_size(height, width)
+            if all(isinstance(side, int) for side in resized) and min(resized) < 1:
+                image_id = targets[position].get("image_id") if targets is not None and len(targets) > position \
+                    else None
+                which = f"image id {image_id}" if image_id is not None else f"image {position} of the batch"
+                raise ImageTooThinError(f"{which}: {width} x {height} pixels resizes to {resized[1]} x {resized[0]} "
+                                        f"for the model (model.transform min_size / max_size): too thin; remove or "
+                                        f"crop it")
+            position += group.shape[0]
 
     def _normalise(self, images: Tensor) -> Tensor:
         """f32[b, 3, H, W] in 0..1 -> normalised by the channel mean and std. The division in place: one copy of
