@@ -171,6 +171,7 @@ class TrainConfig:
     seed: int = 0  # seed of every random generator
     log_period: int = 10  # iterations between log lines (terminal, log.txt, metrics.jsonl, TensorBoard)
     eval_period: int = 0  # iterations between evaluations; 0: only at the end
+    patience: int | None = None  # early stopping: after this many evaluations in a row without a better validation mask AP, the schedule anneals over a short tail (a tenth of the iterations trained) and the run stops; best.pt keeps the best; 0 or None: off (needs eval_period)
     checkpoint_period: int = 500  # iterations between checkpoints (last.pt); the end always writes one
     out_dir: str = "runs/default"  # run directory: checkpoints, metrics, figures, report
     sync_batchnorm: bool = False  # torchrun: BatchNorm statistics over every process's images (trainable BatchNorm only)
@@ -308,6 +309,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.num_threads": _at_least(1),
     "train.log_period": _at_least(1),
     "train.eval_period": _at_least(0),
+    "train.patience": _at_least(0),
     "train.checkpoint_period": _at_least(0),
     "eval.batch_size": _at_least(1),
     "eval.iou_thresh": _FRACTION,
@@ -361,6 +363,9 @@ def check_config(config: Config) -> Config:
     steps = config.train.steps
     if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
         raise ConfigError(f"train.steps: must be increasing, got {list(steps)}")
+    if config.train.patience and not config.train.eval_period:
+        raise ConfigError(f"train.patience: {config.train.patience} counts evaluations on the way, but "
+                          f"train.eval_period is 0 (only the end evaluates): set train.eval_period or patience 0")
     if isinstance(config.train.num_threads, str) and config.train.num_threads != "auto":
         raise ConfigError(f"train.num_threads: must be a number of threads, auto or null, got "
                           f"{config.train.num_threads!r:.80}")

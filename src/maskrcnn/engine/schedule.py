@@ -1,14 +1,17 @@
-"""The optimiser and the learning-rate schedule of training, and the time budget that fits the schedule's length
-to the measured speed (`train.max_minutes`).
+"""The optimiser and the learning-rate schedule of training, the time budget that fits the schedule's length to
+the measured speed (`train.max_minutes`), and early stopping, which ends it sooner (`train.patience`).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import time
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(
@@ -83,6 +86,7 @@ class TimeBudget:
         self.started = time.perf_counter()
         self.steady = False  # the marks start at a steady iteration
         self.marks: collections.deque[tuple[int, float]] = collections.deque()  # (iteration, time) per log period
+        self.end: int | None = None  # the iteration early stopping ends the schedule at (`end_at`); None: not ended
 
     def start(self, iteration: int) -> None:
         """Starts the clock at `iteration`, the first one of this process."""
@@ -123,13 +127,66 @@ class TimeBudget:
         self.planned_iters = max(iteration, min(self.max_iters, fits))  # no time left: the schedule ends here
         self.planned_steady = self.steady
 
+    def end_at(self, iteration: int) -> None:
+        """Ends the schedule at `iteration` at the latest (early stopping, `Patience`): the plan shrinks to it, so that
+        the schedule anneals by then, as when the time runs out, and no later refit plans past it. A plan that ends
+        sooner already stays as it is: this never makes a plan longer."""
+        self.end = iteration if self.end is None else min(self.end, iteration)
+        self.max_iters = min(self.max_iters, iteration)
+        self.planned_iters = min(self.planned_iters, iteration)
+
     def state_dict(self) -> dict:
-        return {"spent": self.elapsed(), "planned_iters": self.planned_iters}
+        state = {"spent": self.elapsed(), "planned_iters": self.planned_iters}
+        return state if self.end is None else state | {"end": self.end}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues a run: the time it spent and, under a budget, its plan (at most this run's max_iters; a run
-        resumed with a larger max_iters and no budget trains to that)."""
+        resumed with a larger max_iters and no budget trains to that), and the end early stopping set, if any."""
         self.spent = float(state["spent"])
         if self.seconds is not None:
             self.planned_iters = min(int(state["planned_iters"]), self.max_iters)
             self.planned_steady = True
+        if "end" in state:
+            self.end_at(int(state["end"]))
+
+
+class Patience:
+    """Early stopping, `train.patience`: counts the evaluations since the best validation mask AP (the one best.pt
+    holds) and, when `patience` of them in a row brought no better one, ends the schedule after a short tail through
+    `TimeBudget.end_at`. The run does not stop at the learning rate it had: the schedule is refitted to the shorter
+    length, as the time budget refits it, so the cosine anneals to 0 (the steps fall) by the tail's end.
+
+    `patience` 0 or None: off (the evaluations are counted, the schedule is left alone).
+    """
+
+    # The tail, as a share of the iterations trained: the last step of the 1x schedule (lr x 0.01) is 1/9 of it
+    TAIL = 0.1
+
+    def __init__(self, patience: int | None, *, eval_period: int, budget: TimeBudget, best: dict | None = None,
+                 iteration: int = 0) -> None:
+        """`best`: a resumed run's best.pt ({"best_ap", "iteration", ...}; None: no evaluation yet) and `iteration`
+        the one it resumes at: the evaluations since best.pt's (every `eval_period`) count as without improvement."""
+        self.patience, self.budget = patience or 0, budget
+        self.best_ap = -1.0 if best is None else float(best["best_ap"])
+        self.best_iter = None if best is None else int(best["iteration"])
+        self.waited = 0  # evaluations since the best one
+        if best is not None and eval_period:
+            self.waited = iteration // eval_period - self.best_iter // eval_period
+
+    def record(self, ap: float, iteration: int) -> bool:
+        """Counts the evaluation at `iteration` with mask AP `ap`; when patience runs out with it, ends the schedule
+        after a tail of TAIL x `iteration` (at least 1) and logs why (not at the final evaluation of a run that the
+        time budget stopped: it has ended). Returns True when `ap` is the best so far (the model best.pt should
+        hold)."""
+        if ap > self.best_ap:
+            self.best_ap, self.best_iter, self.waited = ap, iteration, 0
+            return True
+        self.waited += 1
+        end = iteration + max(1, int(self.TAIL * iteration))
+        ran_out = bool(self.patience) and self.waited >= self.patience and not self.budget.out_of_time()
+        if ran_out and end < self.budget.planned_iters:
+            self.budget.end_at(end)
+            log.info(f"early stopping (train.patience {self.patience}): {self.waited} evaluations without a better "
+                     f"mask AP than {self.best_ap:.4f} of iteration {self.best_iter}; the schedule anneals to its "
+                     f"end at iteration {end}, where the run stops")
+        return False

@@ -25,7 +25,7 @@ from maskrcnn.engine.common import (autocast, cuda_autocast, images_to_model, re
 from maskrcnn.engine.distributed import sync_batchnorm, unwrap
 from maskrcnn.engine.evaluate import EvalResult, evaluate_dataset
 from maskrcnn.engine.run_folder import RunFolder
-from maskrcnn.engine.schedule import TimeBudget, build_optimizer, lr_factor
+from maskrcnn.engine.schedule import Patience, TimeBudget, build_optimizer, lr_factor
 from maskrcnn.engine.stop_signals import StopSignals
 from maskrcnn.engine.threads import ThreadProbe
 from maskrcnn.engine.train_log import MetricsLogger, announce, format_duration, progress_line
@@ -126,7 +126,8 @@ class Trainer:
         # the first iteration that runs as training goes on, after both probes: the budget measures from there
         precision_probe = 0 if self.precision.chosen is not None else 2 * (skip + probe)
         self.steady_iter = max(self.threads.steady_iter, self.start_iter + precision_probe)
-        self.best_ap = self._best_ap() if resume else -1.0
+        self.patience = Patience(tc.patience, eval_period=tc.eval_period, budget=self.budget,
+                                 best=self._best() if resume else None, iteration=self.start_iter)
         if self.main:  # only now: a failed check or resume leaves the run folder as it was
             prepare_run_folder(cfg)
         self.saved_at = self.start_iter if resume else None  # the iteration last.pt holds
@@ -183,10 +184,10 @@ class Trainer:
                                   f"({str(error).strip().splitlines()[-1].strip()[:200]})") from None
         return int(state["iteration"])
 
-    def _best_ap(self) -> float:
-        """The mask AP of the run's best.pt (-1 without one): a resumed run replaces it only by a better model."""
+    def _best(self) -> dict | None:
+        """The run's best.pt (None without one): a resumed run replaces it only by a better model (`Patience`)."""
         path = self.folder.best
-        return float(load_checkpoint(path)["best_ap"]) if self.main and path.is_file() else -1.0
+        return load_checkpoint(path) if self.main and path.is_file() else None
 
     def _state(self, iteration: int) -> dict:
         """What every checkpoint holds: weights, iteration, config and the classes as [{"id", "name"}] per label
@@ -204,8 +205,9 @@ class Trainer:
         self.saved_at = iteration
 
     def evaluate(self, iteration: int) -> EvalResult | None:
-        """Evaluates on the validation set, sharded across the ranks (rank 0 gathers and scores), logs the metrics
-        and writes best.pt when the mask AP improved. Returns the evaluation (None on the other ranks)."""
+        """Evaluates on the validation set, sharded across the ranks (rank 0 gathers and scores), logs the metrics,
+        writes best.pt when the mask AP improved and ends the schedule early when train.patience ran out (`Patience`;
+        every rank follows). Returns the evaluation (None on the other ranks)."""
         ec = self.cfg.eval
         result = evaluate_dataset(
             unwrap(self.model), self.val_set, batch_size=ec.batch_size, device=self.device,
@@ -215,10 +217,9 @@ class Trainer:
         )
         if self.main:
             self.logger.log({"iteration": iteration, "eval": result.metrics})
-            if mask_ap(result) > self.best_ap:
-                self.best_ap = mask_ap(result)
-                save_checkpoint(self._state(iteration) | {"best_ap": self.best_ap}, self.folder.best)
-        distributed.barrier()
+            if self.patience.record(mask_ap(result), iteration):
+                save_checkpoint(self._state(iteration) | {"best_ap": self.patience.best_ap}, self.folder.best)
+        self.budget.planned_iters = int(self.agreed(self.budget.planned_iters, "MIN"))  # rank 0's end; a barrier too
         return result
 
     def step(self, iteration: int) -> dict[str, float]:
@@ -268,10 +269,7 @@ class Trainer:
                   **reduced, "time": self.budget.elapsed()}
         self.logger.log(record)
         self.budget.refit(iteration)
-        if distributed.get_world_size() > 1:  # every rank must follow the same schedule: the shortest plan
-            planned = torch.tensor(self.budget.planned_iters, device=self.device)
-            torch.distributed.all_reduce(planned, op=torch.distributed.ReduceOp.MIN)
-            self.budget.planned_iters = int(planned.item())
+        self.budget.planned_iters = int(self.agreed(self.budget.planned_iters, "MIN"))  # one schedule: the shortest
         if self.main:
             log.info(self.progress_line(record))
 
@@ -284,11 +282,15 @@ class Trainer:
     def should_stop(self, stop: StopSignals) -> bool:
         """True when a signal asked to stop or the time budget is spent, on every rank alike."""
         flag = self.budget.out_of_time() or stop.received is not None
-        if distributed.get_world_size() > 1:  # every rank must stop at the same iteration
-            reduced = torch.tensor(float(flag), device=self.device)
-            torch.distributed.all_reduce(reduced)
-            flag = bool(reduced.item())
-        return flag
+        return bool(self.agreed(float(flag), "SUM"))  # every rank stops at the same iteration
+
+    def agreed(self, value: float, op: str) -> float:
+        """`value` reduced over the ranks by `torch.distributed.ReduceOp.<op>`, on every rank; in one process itself."""
+        if distributed.get_world_size() == 1:
+            return value
+        reduced = torch.tensor(value, device=self.device)
+        torch.distributed.all_reduce(reduced, op=getattr(torch.distributed.ReduceOp, op))
+        return reduced.item()
 
     def checkpoint_and_evaluate(self, iteration: int) -> None:
         """The periodic work after an iteration: last.pt every checkpoint period and, saved first so that a failing
