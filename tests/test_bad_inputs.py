@@ -504,3 +504,15 @@ def test_a_json_with_many_categories_is_checked_in_linear_work(tmp_path, monkeyp
         monkeypatch.setattr(check, "_load_json", lambda path: data)
         assert len(check.check_dataset(tmp_path / "x.json", tmp_path).categories) == count
     assert 0 < _CountedId.comparisons <= 20 * count, _CountedId.comparisons
+
+
+@pytest.mark.parametrize("threshold", [math.nan, -0.1, 1.5, math.inf])
+def test_a_score_threshold_outside_0_1_is_refused_through_the_api_too(tmp_path, threshold):
+    """The command line refuses it in its parser; the use case behind it too (NaN would silently keep nothing)."""
+    from maskrcnn.app.predict import PredictOptions, run_prediction
+    from maskrcnn.errors import UserError
+
+    with pytest.raises(UserError, match=f"--score-thresh {threshold}: must be a number between 0 and 1"):
+        run_prediction(tmp_path / "none.pt", [str(tmp_path)], tmp_path / "out",
+                       options=PredictOptions(score_thresh=threshold))
+    assert not (tmp_path / "out").exists()

@@ -264,6 +264,8 @@ class PredictOptions:
 
 
 def _check_options(options: PredictOptions) -> Tiling | None:
+    if not 0 <= options.score_thresh <= 1:  # NaN too: it would silently keep nothing
+        raise UserError(f"--score-thresh {options.score_thresh}: must be a number between 0 and 1")
     for name, value in (("--batch-size", options.batch_size), ("--every", options.every)):
         if value < 1:
             raise UserError(f"{name} {value}: must be at least 1")

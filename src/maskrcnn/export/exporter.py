@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from maskrcnn.errors import UserError
 from maskrcnn.export.adapter import OUTPUT_NAMES, DetectAdapter
 from maskrcnn.model.maskrcnn import MaskRCNN
 
@@ -49,10 +51,16 @@ class ExportInfo:
     @classmethod
     def from_json(cls, text: str, source: str) -> ExportInfo:
         try:
-            return cls(**json.loads(text))
-        except (TypeError, ValueError) as error:
+            info = cls(**json.loads(text))
+        except (TypeError, ValueError, RecursionError) as error:
             raise ValueError(f"{source}: its {METADATA_KEY!r} metadata is not what `maskrcnn export` writes "
-                             f"({error})") from None
+                             f"({str(error)[:200]})") from None
+        names_ok = isinstance(info.class_names, list) and all(isinstance(n, str) for n in info.class_names)
+        sizes_ok = all(type(v) is int and v > 0 for v in (info.detections_per_img, info.mask_size))
+        if not (names_ok and info.class_names and sizes_ok and info.paste_mode in ("exact", "torchvision")):
+            raise ValueError(f"{source}: its {METADATA_KEY!r} metadata is not what `maskrcnn export` writes "
+                             f"({text[:120]})")
+        return info
 
 
 def contract(info: ExportInfo) -> str:
@@ -136,10 +144,19 @@ def save_program(program: torch.export.ExportedProgram, info: ExportInfo, path: 
 
 
 def _check_target(path: str | Path, opset: int) -> None:
-    if Path(path).suffix not in SUFFIXES:
+    """Before the trace (tens of seconds): a known suffix, opset 16 or later, and a folder a file can be written
+    into (created if missing), else a one-line error naming the file."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
         raise ValueError(f"export: {path}: the file name must end in .onnx (ONNX) or .pt2 (torch.export)")
     if opset < 16:
         raise ValueError(f"export: opset {opset} < 16 has no half-pixel RoiAlign; use 16 or later")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise UserError(f"export: {path}: cannot be written in {path.parent} ({error.strerror or error})") from None
 
 
 # ops through which a size computed from the input's shape flows to the Floor of the resized size

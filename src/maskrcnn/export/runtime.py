@@ -27,24 +27,46 @@ from maskrcnn.model.precision import PrecisionError, cpu_has_bf16
 
 # runtimes of an .onnx file: the first is the default
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
-# the loggers torch.export.load writes a failed load's traceback to (the error itself is raised as one line)
+# the loggers torch.export.load writes a failed load's traceback to (kept off the terminal: one line instead)
 _TORCH_EXPORT_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
 
 
+class _Collected(logging.Handler):
+    """Keeps the records logged to it instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def torch_export_logs_off():
-    """Silences torch.export's loggers and warnings for the duration: a file that does not load is one line."""
+def torch_export_logs_kept():
+    """Keeps what torch.export's loggers and warnings say for the duration off the terminal: a file that does not
+    load is one line. Yields the handler holding the log records (a failed load logs its cause there)."""
     loggers = [logging.getLogger(name) for name in _TORCH_EXPORT_LOGGERS]
-    disabled = [logger.disabled for logger in loggers]
-    for logger in loggers:
-        logger.disabled = True
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    collected = _Collected()
+    for logger in loggers:  # torch attaches its own terminal handler to some of them
+        logger.handlers, logger.propagate = [collected], False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            yield collected
     finally:
-        for logger, was in zip(loggers, disabled):
-            logger.disabled = was
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def _load_failure(error: Exception, collected: _Collected) -> str:
+    """The first line of why torch.export.load failed: the error it logged (its own message then points to the
+    warnings it printed), else the error it raised."""
+    causes = [record.exc_info[1] for record in collected.records if record.exc_info and record.exc_info[1]]
+    cause = causes[-1] if causes else error
+    lines = str(cause).strip().splitlines()
+    return (lines[0] if lines else type(cause).__name__)[:200]
 
 
 def unpad_detections(outputs: dict[str, Tensor], image_size: tuple[int, int], paste_mode: str,
@@ -73,6 +95,15 @@ def onnx_export_info(metadata: str | None, path: Path) -> ExportInfo:
     if metadata is None:
         raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; it was not written by `maskrcnn export`")
     return ExportInfo.from_json(metadata, str(path))
+
+
+def check_graph_names(inputs: list[str], outputs: list[str], path: Path) -> None:
+    """Raises ValueError naming `path` unless the graph takes "images" and gives every one of OUTPUT_NAMES (a
+    graph with our metadata and other names would fail at its first run)."""
+    missing = [name for name in OUTPUT_NAMES if name not in outputs]
+    if inputs != ["images"] or missing:
+        raise ValueError(f"{path}: a graph of inputs {inputs} and outputs {outputs}; `maskrcnn export` writes input "
+                         f"['images'] and outputs {list(OUTPUT_NAMES)}")
 
 
 class Predictor:
@@ -138,6 +169,8 @@ class OnnxPredictor(Predictor):
         except Exception as error:  # ONNX Runtime raises its own exception types for unreadable / invalid files
             raise ValueError(f"{path}: not a loadable ONNX model ({error})") from None
         self.info = onnx_export_info(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)
+        check_graph_names([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()],
+                          path)
 
     def run(self, images: Tensor) -> dict[str, Tensor]:
         values = self.session.run(list(OUTPUT_NAMES), {"images": images.float().contiguous().numpy()})
@@ -178,6 +211,8 @@ class OpenVinoPredictor(Predictor):
         # OpenVINO keeps an ONNX file's metadata_props under the "framework" runtime-info section
         key = ["framework", METADATA_KEY]
         self.info = onnx_export_info(model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None, path)
+        check_graph_names([i.get_any_name() for i in model.inputs],
+                          [name for output in model.outputs for name in output.get_names()], path)
         config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
@@ -205,13 +240,19 @@ class ProgramPredictor(Predictor):
             raise FileNotFoundError(f"ExportedProgram not found: {path}")
         check_pt2_archive(path)  # torch.export.load would run the code a crafted file holds
         extra = {PT2_EXTRA_FILE: ""}
-        try:
-            with torch_export_logs_off():
+        with torch_export_logs_kept() as collected:
+            try:
                 program = torch.export.load(path, extra_files=extra)
-        except Exception as error:  # torch raises several types for a corrupt or foreign archive
-            raise ValueError(f"{path}: not a loadable ExportedProgram ({str(error).splitlines()[0][:200]})") from None
+            except Exception as error:  # torch raises several types for a corrupt or foreign archive
+                raise ValueError(f"{path}: not a loadable ExportedProgram ({_load_failure(error, collected)})") \
+                    from None
         if not extra[PT2_EXTRA_FILE]:
             raise ValueError(f"{path}: no {PT2_EXTRA_FILE}; it was not written by `maskrcnn export`")
+        signature = program.graph_signature
+        if len(signature.user_inputs) != 1 or len(signature.user_outputs) != len(OUTPUT_NAMES):
+            raise ValueError(f"{path}: a program of {len(signature.user_inputs)} inputs and "
+                             f"{len(signature.user_outputs)} outputs; `maskrcnn export` writes 1 input (images) and "
+                             f"{len(OUTPUT_NAMES)} outputs ({', '.join(OUTPUT_NAMES)})")
         return cls(program, ExportInfo.from_json(extra[PT2_EXTRA_FILE], str(path)), device=device)
 
     @torch.no_grad()
