@@ -516,3 +516,26 @@ def test_a_score_threshold_outside_0_1_is_refused_through_the_api_too(tmp_path, 
         run_prediction(tmp_path / "none.pt", [str(tmp_path)], tmp_path / "out",
                        options=PredictOptions(score_thresh=threshold))
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_on_a_folder_holding_a_named_pipe_does_not_hang(tiny_run, tmp_path):
+    """In a process of its own, with a deadline: a named pipe (opened for reading, it blocks until a writer comes)
+    in a folder is skipped and listed, the image beside it predicted; named on the command line it is one line."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "good.png", 40, 48)
+    os.mkfifo(folder / "pipe.png")
+    command = [sys.executable, "-m", "maskrcnn", "predict", str(tiny_run / "last.pt"), "--out", str(tmp_path / "p"),
+               "--no-overlays"]
+    done = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{folder / 'pipe.png'} (a named pipe)" in done.stderr
+    records = json.loads((tmp_path / "p" / "images.json").read_text())
+    assert [Path(r["file_name"]).name for r in records] == ["good.png"] and "error" not in records[0]
+    refused = subprocess.run([*command, str(folder / "pipe.png")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith(f"maskrcnn: error: {folder / 'pipe.png'}: a named pipe, not a file; ")
