@@ -1,5 +1,5 @@
-"""What the export tests share: real photos in batches of one size, and the comparison of exported detections
-with the eager model's."""
+"""What the export tests share: generated images (always there) and Penn-Fudan photos (skipped without them), in
+batches of one size, and the comparison of exported detections with the eager model's."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torchvision.ops import box_iou
@@ -14,31 +15,36 @@ from torchvision.ops import box_iou
 from maskrcnn.export import OUTPUT_NAMES
 from maskrcnn.model import MaskRCNN
 
-PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] / "shared/data/PennFudanPed"))
-PHOTO_SIZE = (240, 320)  # (H, W): one size per batch; Penn-Fudan photos are resized to it
+IMAGE_SIZE = (240, 320)  # (H, W): one size per batch; Penn-Fudan photos are resized to it
 
 
-def photos() -> list[torch.Tensor]:
-    """3 real street photos f32[3, 240, 320] (Penn-Fudan when present, else generated smooth blobs)."""
-    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:3] if PENNFUDAN.is_dir() else []
+def generated_images() -> list[torch.Tensor]:
+    """3 generated images f32[3, 240, 320] of smooth 20-pixel blobs: stand-ins for photos that need no data."""
+    generator = torch.Generator().manual_seed(0)
+    blobs = torch.rand(3, 3, IMAGE_SIZE[0] // 20, IMAGE_SIZE[1] // 20, generator=generator)
+    return list(blobs.repeat_interleave(20, 2).repeat_interleave(20, 3))
+
+
+def penn_fudan_photos(count: int = 3) -> list[torch.Tensor]:
+    """The first `count` Penn-Fudan street photos resized to f32[3, 240, 320]; skips the test without them
+    (tests/conftest.py sets MASKRCNN_PENNFUDAN when ../shared/data/PennFudanPed exists)."""
+    root = os.environ.get("MASKRCNN_PENNFUDAN")
+    files = sorted((Path(root) / "PNGImages").glob("*.png"))[:count] if root else []
     if not files:
-        generator = torch.Generator().manual_seed(0)
-        blobs = torch.rand(3, 3, PHOTO_SIZE[0] // 20, PHOTO_SIZE[1] // 20, generator=generator)
-        return list(blobs.repeat_interleave(20, 2).repeat_interleave(20, 3))
+        pytest.skip("no Penn-Fudan photos: set MASKRCNN_PENNFUDAN to the PennFudanPed folder")
     images = []
     for file in files:
         image = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
-        images.append(torch.nn.functional.interpolate(image[None], size=PHOTO_SIZE, mode="bilinear")[0])
+        images.append(torch.nn.functional.interpolate(image[None], size=IMAGE_SIZE, mode="bilinear")[0])
     return images
 
 
-def batches(odd_size: tuple[int, int] = (200, 307)) -> dict[str, list[torch.Tensor]]:
-    """Batches of 1 and 3 images of one size, the blank image alone and among photos, and 2 photos of
-    `odd_size`: a size whose resized size floor(side * scale) differs between float64 (eager) and float32."""
-    images = photos()
-    blank = torch.zeros(3, *PHOTO_SIZE)
+def batches(images: list[torch.Tensor], odd_size: tuple[int, int] = (200, 307)) -> dict[str, list[torch.Tensor]]:
+    """Batches of 3 `images` f32[3, 240, 320]: the first alone, all 3, the blank image alone and among them, and
+    2 of `odd_size`: a size whose resized size floor(side * scale) differs between float64 (eager) and float32."""
+    blank = torch.zeros(3, *IMAGE_SIZE)
     odd = [torch.nn.functional.interpolate(image[None], size=odd_size, mode="bilinear")[0] for image in images[1:]]
-    return {"photo": images[:1], "blank": [blank], "three": images, "two_and_blank": [images[0], blank, images[2]],
+    return {"one": images[:1], "blank": [blank], "three": images, "two_and_blank": [images[0], blank, images[2]],
             "odd": odd}
 
 
@@ -121,3 +127,25 @@ def spread_scores(model: MaskRCNN, seed: int, class_std: float) -> MaskRCNN:
         model.rpn.head.cls_logits.weight.normal_(std=0.1)
         model.box_head.cls_score.weight.normal_(std=class_std)
     return model.eval()
+
+
+def pooled_feature_maps(path: Path, images: list[torch.Tensor]) -> list[np.ndarray]:
+    """The feature maps that the RoiAlign nodes of the ONNX model `path` pool (the FPN's outputs, f32[B, C, h, w]
+    per level, in the graph's order), computed by ONNX Runtime on one batch of `images` of one size: what int8
+    quantisation of the backbone and FPN changes, before the proposals' order does."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(str(path))
+    names = list(dict.fromkeys(node.input[0] for node in model.graph.node if node.op_type == "RoiAlign"))
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(names, {"images": torch.stack(images).numpy()})
+
+
+def relative_error(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """||actual - expected|| / ||expected|| over all the arrays together (L2, as one vector)."""
+    squared = sum(float(np.square(a - e).sum()) for e, a in zip(expected, actual, strict=True))
+    return (squared / sum(float(np.square(e).sum()) for e in expected)) ** 0.5

