@@ -539,3 +539,21 @@ def test_predict_on_a_folder_holding_a_named_pipe_does_not_hang(tiny_run, tmp_pa
     refused = subprocess.run([*command, str(folder / "pipe.png")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert refused.stderr.startswith(f"maskrcnn: error: {folder / 'pipe.png'}: a named pipe, not a file; ")
+
+
+def test_degenerate_boxes_dropped_for_training_do_not_break_the_report(tmp_path, capsys, tiny_values):
+    """Boxes under a pixel, of zero size, outside the image or on its border, in the training and the validation
+    json: training drops them (with a warning), the run ends with status 0 and writes its report."""
+    annotations = [_box_annotation(1, 1, [4, 4, 20, 20]), _box_annotation(2, 2, [10, 10, 30, 20]),
+                   _box_annotation(3, 2, [40, 40, 0.4, 10]), _box_annotation(4, 2, [70, 70, 5, 5]),
+                   _box_annotation(5, 1, [10, 10, 0, 0]), _box_annotation(6, 1, [63.5, 20, 3, 3])]
+    path = _coco_set(tmp_path / "data", annotations)
+    data = {"format": "coco", "train_images": str(path.parent), "train_annotations": str(path),
+            "val_images": str(path.parent), "val_annotations": str(path)}
+    values = {**tiny_values, "data": data, "model": {**tiny_values["model"], "num_classes": 1},
+              "train": {**tiny_values["train"], "max_iters": 2}, "eval": {"batch_size": 2, "num_vis": 2}}
+    config = tmp_path / "coco.yaml"
+    config.write_text(yaml.safe_dump(values))
+    with pytest.warns(UserWarning, match="degenerate box"):
+        assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "report.html").is_file()
