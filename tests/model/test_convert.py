@@ -15,7 +15,8 @@ from maskrcnn.model import build_model, from_torchvision
 from maskrcnn.model.convert import from_torchvision_state_dict, to_torchvision_state_dict
 from maskrcnn.model.pretrained import WeightsError, torchvision_compatible_config
 
-PENNFUDAN = Path(os.environ.get("MASKRCNN_PENNFUDAN", Path(__file__).parents[3] / "shared/data/PennFudanPed"))
+# set by tests/conftest.py when ../shared/data/PennFudanPed exists; the real-photo test skips without it
+PENNFUDAN = Path(os.environ["MASKRCNN_PENNFUDAN"]) if os.environ.get("MASKRCNN_PENNFUDAN") else None
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,12 @@ def synthetic_images():
 
 def pennfudan_photos(count=2):
     """The first `count` Penn-Fudan photos at half their size, or [] when the data are absent."""
-    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:count] if PENNFUDAN.is_dir() else []
+    files = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[:count] if PENNFUDAN else []
     images = []
     for file in files:
         image = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
         images.append(torch.nn.functional.interpolate(image[None], scale_factor=0.5, mode="bilinear")[0])
     return images
-
-
-def _photos():
-    return pennfudan_photos() or synthetic_images()
 
 
 def _mask_iou(a, b):
@@ -84,13 +81,14 @@ def assert_same_detections(expected, got, *, every_mask):
 
 @pytest.fixture(scope="module")
 def torchvision_outputs(torchvision_model):
-    images = _photos()
+    """torchvision's detections of the synthetic images."""
+    images = synthetic_images()
     with torch.no_grad():
         return images, torchvision_model(images)
 
 
 @pytest.mark.parametrize("cpu_speedups", [False, True], ids=["plain", "cpu-speedups-default"])
-def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, cpu_speedups):
+def test_same_detections_as_torchvision_on_synthetic_images(torchvision_model, torchvision_outputs, cpu_speedups):
     # False: torchvision's memory layout and unfused BatchNorm, the same float operations in the same order
     ours = from_torchvision(torchvision_model, cpu_speedups=cpu_speedups)
     assert ours.transform.min_size == 320 and ours.transform.max_size == 512
@@ -101,6 +99,16 @@ def test_same_detections_as_torchvision(torchvision_model, torchvision_outputs, 
     # with the speed layer, NHWC convolutions and folded BatchNorm round differently: boxes move by ~1e-4 px,
     # which can flip torchvision's integer rounding of the paste box and shift a tiny mask by one pixel
     assert_same_detections(expected, got, every_mask=not cpu_speedups)
+
+
+def test_same_detections_as_torchvision_on_a_penn_fudan_photo(torchvision_model):
+    """One street photo at half size (skipped without Penn-Fudan), with the speed layer on (the default)."""
+    images = pennfudan_photos(1)
+    if not images:
+        pytest.skip("no Penn-Fudan photos: set MASKRCNN_PENNFUDAN to the PennFudanPed folder")
+    ours = from_torchvision(torchvision_model)
+    with torch.no_grad():
+        assert_same_detections(torchvision_model(images), ours(images), every_mask=False)
 
 
 def test_state_dict_round_trip(torchvision_model):
