@@ -118,9 +118,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # synthetic | coco | pennfudan | cis680, or a tool's annotations converted to COCO in memory:
-    # labelme | yolo-seg | voc | cvat
-    format: str = "synthetic"
+    # annotations converted to COCO in memory by their tool's reader (labelme | yolo-seg | voc | cvat) or read as is:
+    format: str = "synthetic"  # synthetic | coco | pennfudan | cis680 | labelme | yolo-seg | voc | cvat
     root: str = ""  # pennfudan: the PennFudanPed folder; cis680: the folder of the h5/npy files; coco: unused
     train_images: str = ""  # coco: folder of the training images
     train_annotations: str = ""  # coco: instances json of the training images
