@@ -9,6 +9,9 @@ the table shows what the heads cost. Prints one table and writes JSON.
     python benchmarks/compare_torchvision.py --without fold_batchnorm   # ours without one trick of the CPU layer
     python benchmarks/compare_torchvision.py --without all              # ours without the CPU layer
 
+The GPU figures of RESULTS.md come from `gpu_protocol.py` (a stated number of detections per image, both cudnn.benchmark
+settings, a process per case); here a GPU run has 100 detections per image and `--cudnn-benchmark` for both.
+
 Ours runs with its CPU speed layer (`model/cpu_speedups.py`, on by default); `--without` takes parts of it away,
 to measure what each is worth on the machine at hand.
 """
@@ -121,13 +124,9 @@ def backbone_fn(model, images, autocast_dtype, device):
 
 
 def measure(name: str, device: torch.device, modes: list[str], num_classes: int, *, batch_sizes: list[int],
-            dtypes: list[str], warmup: int, iters: int, without: list[str]) -> list[dict]:
+            dtypes: list[str], warmup: int, iters: int, without: list[str], cudnn_benchmark: bool) -> list[dict]:
     """Times one model ("torchvision" or "ours", the same seeded weights) in every mode, batch size and dtype."""
-    if device.type == "cuda":
-        # each at its own default for images of one size: ours tunes (what `maskrcnn train` does with a fixed canvas;
-        # its mask head rounds the RoI count for it), torchvision does not (the default, as its users run it: with
-        # benchmark on, its mask head's RoI count, new at nearly every step, is tuned again each time)
-        torch.backends.cudnn.benchmark = name == "ours"
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # the same for both models (GPU only)
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
     if name == "ours":
@@ -173,6 +172,8 @@ def main() -> None:
                         help="run ours without these parts of its CPU speed layer")
     parser.add_argument("--models", nargs="+", default=["torchvision", "ours"], choices=["torchvision", "ours"],
                         help="the models to time (ratios need both)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark on for both models (GPU; default off, torchvision's)")
     parser.add_argument("--worker", choices=["torchvision", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -185,7 +186,8 @@ def main() -> None:
         "iters": args.iters if args.iters is not None else (20 if on_gpu else 5),
     }
     if args.worker:
-        print(json.dumps(measure(args.worker, device, args.modes, args.num_classes, without=args.without, **settings)))
+        print(json.dumps(measure(args.worker, device, args.modes, args.num_classes, without=args.without,
+                                 cudnn_benchmark=args.cudnn_benchmark, **settings)))
         return
 
     # Each model and mode is measured in a fresh process of its own. Measured in one process, whatever ran before
@@ -210,6 +212,8 @@ def main() -> None:
                            "--warmup", str(settings["warmup"]), "--iters", str(settings["iters"])]
                 if args.without:
                     command += ["--without", *args.without]
+                if args.cudnn_benchmark:
+                    command.append("--cudnn-benchmark")
                 output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
                 for row in json.loads(output.strip().splitlines()[-1]):
                     print(json.dumps({"round": round_index, **row}), flush=True)  # kept if a later run fails
@@ -237,7 +241,8 @@ def main() -> None:
         print(f"| {row['mode']} | {row['batch']} | {row['dtype']} | {' | '.join(cells)} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rounds": args.rounds,
-                                     "keep_heap": args.keep_heap, "without": args.without, "rows": rows}, indent=2))
+                                     "keep_heap": args.keep_heap, "without": args.without,
+                                     "cudnn_benchmark": args.cudnn_benchmark, "rows": rows}, indent=2))
     print(f"\nwrote {args.json}")
 
 

@@ -1,11 +1,12 @@
 """Where a GPU step of ours goes: torch.profiler over a few training steps and inference calls, batch 8, bf16.
 
-Same seeded weights and Penn-Fudan images as `compare_torchvision.py`. For each mode prints the ops with the most
-CUDA time and the wall time per call against the GPU's busy time per call: a wide gap means the GPU waits on the
-host (Python, kernel launches, host-device synchronisation), a narrow one that the kernels themselves are the cost.
+The weights, D detections per image and Penn-Fudan images of `gpu_protocol.py`. For each mode prints the ops with
+the most CUDA time and the wall time per call against the GPU's busy time per call: a wide gap means the GPU waits
+on the host (Python, kernel launches, host-device synchronisation), a narrow one that the kernels themselves are the
+cost.
 
-    python benchmarks/gpu_profile.py --device cuda                 # batch 8, bf16
-    python benchmarks/gpu_profile.py --device cpu --batch 1 --steps 1   # the script itself, on a CPU
+    python benchmarks/gpu_profile.py --device cuda                 # batch 8, bf16, cudnn.benchmark on
+    python benchmarks/gpu_profile.py --device cpu --batch 1 --steps 1 --height 64 --width 96   # the script, on a CPU
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from compare_torchvision import inference_fn, load_batch, synchronize, train_step_fn
-from maskrcnn.model import from_torchvision
+from compare_torchvision import HEIGHT, WIDTH, inference_fn, load_batch, synchronize, train_step_fn
+from gpu_protocol import build_models, device_name, run_info
 
 
 def profile_calls(fn, device: torch.device, steps: int, rows: int) -> dict:
@@ -51,15 +51,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="profiled calls per mode")
     parser.add_argument("--rows", type=int, default=25, help="ops printed per mode")
+    parser.add_argument("--height", type=int, default=HEIGHT)
+    parser.add_argument("--width", type=int, default=WIDTH)
+    parser.add_argument("--detections", type=int, default=8, help="D, detections per image (gpu_protocol.py's)")
+    parser.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/gpu_profile.json"))
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    model = from_torchvision(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)).to(device)
-    images, targets = load_batch(args.batch, device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
+    model = build_models(args.detections, args.height, args.width)["ours"].to(device)
+    images, targets = load_batch(args.batch, device, args.height, args.width)
     results = {}
     for mode in ("train", "infer"):
         print(f"\n## ours, {mode}, batch {args.batch}, bf16 autocast\n", flush=True)
@@ -68,7 +70,10 @@ def main() -> None:
         results[mode] = profile_calls(fn, device, args.steps, args.rows)
         print(json.dumps({mode: results[mode]}), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": str(device), "batch": args.batch, "steps": args.steps, **results}, indent=2))
+    settings = {key: getattr(args, key)
+                for key in ("batch", "steps", "height", "width", "detections", "cudnn_benchmark")}
+    args.json.write_text(json.dumps({**run_info(), "device": device_name(device), "settings": settings, **results},
+                                    indent=2))
     print(f"\nwrote {args.json}")
 
 

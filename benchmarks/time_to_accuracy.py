@@ -4,6 +4,9 @@ Both train from scratch (random init, no pretrained backbone) on the Penn-Fudan 
 figures: `torch.randperm(170, generator=torch.Generator().manual_seed(1))`, the last 50 images are the test set.
 Same recipe for both: SGD lr 0.02, momentum 0.9, weight decay 1e-4, linear warm-up, horizontal flip, batch 8
 (2 on CPU), bf16 autocast on GPU. Each model then is COCO-evaluated on the 50 test images with the same code.
+torchvision runs with cudnn.benchmark off (its default), ours on a GPU with one fixed canvas and benchmark on; the
+JSON records both, the trained models' detections per image, commit, date and device, and is rewritten after each
+model. `gpu_protocol.py` runs it once per model, each in a process of its own.
 
     python benchmarks/time_to_accuracy.py --device cuda --budget 200
     python benchmarks/time_to_accuracy.py --device cpu --budget 300 --min-size 320 --max-size 544   # CPU-sized
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
+from gpu_protocol import device_name, run_info
 from maskrcnn.config import DataConfig, ModelConfig, TransformConfig
 from maskrcnn.data import build_dataset
 from maskrcnn.data.loader import build_train_loader
@@ -77,6 +81,24 @@ def train_for(model, loader, *, budget_s: float, lr: float, warmup_iters: int, d
             "diverged_at": diverged_at}
 
 
+def build(name: str, args: argparse.Namespace, datasets: list, on_gpu: bool):
+    """The seeded model to train and the fixed canvas it pads to (None: each batch to its largest image); sets
+    cudnn.benchmark for it. torchvision runs at its default, benchmark off (with variable image sizes it would
+    re-tune every batch); ours on a GPU with one static canvas, so that benchmark tunes once and then helps. On
+    CPU padding every batch to the largest image only adds work (measured: 59 instead of 86+ iterations in 240 s
+    at 320/544 px)."""
+    torch.manual_seed(0)
+    canvas = fixed_canvas(datasets, args.min_size, args.max_size) if name == "ours" and on_gpu else None
+    torch.backends.cudnn.benchmark = canvas is not None
+    if name == "torchvision":
+        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=args.min_size,
+                                      max_size=args.max_size)
+    else:
+        transform = TransformConfig(min_size=args.min_size, max_size=args.max_size, fixed_canvas=canvas)
+        model = build_model(ModelConfig(num_classes=1, transform=transform))
+    return model, canvas
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,6 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
     batch_size = args.batch_size or (8 if device.type == "cuda" else 2)
     # Without workers the GPU would wait while the main process decodes each batch's photos.
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
@@ -101,27 +124,21 @@ def main() -> None:
 
     results = {}
     for name in args.models:
-        torch.manual_seed(0)
-        if name == "torchvision":
-            model = maskrcnn_resnet50_fpn(
-                weights=None, weights_backbone=None, num_classes=2, min_size=args.min_size, max_size=args.max_size
-            )
-            # torchvision's default: cudnn.benchmark off (with variable image sizes it re-tunes every batch).
-            torch.backends.cudnn.benchmark = False
-        else:
-            # On GPU one static canvas lets cudnn.benchmark tune once and then help; on CPU padding every batch to
-            # the largest image only adds work (measured: 59 instead of 86+ iterations in 240 s at 320/544 px).
-            on_gpu = device.type == "cuda"
-            canvas = fixed_canvas([train_set, test_set], args.min_size, args.max_size) if on_gpu else None
-            transform = TransformConfig(min_size=args.min_size, max_size=args.max_size, fixed_canvas=canvas)
-            model = build_model(ModelConfig(num_classes=1, transform=transform))
-            torch.backends.cudnn.benchmark = on_gpu
+        model, canvas = build(name, args, [train_set, test_set], on_gpu)
         model.to(device)
         loader = build_train_loader(train_set, batch_size=batch_size, num_workers=workers, seed=0)
         trained = train_for(model, loader, budget_s=args.budget, lr=args.lr, warmup_iters=args.warmup_iters, device=device)
         evaluation = evaluate_dataset(model, test_set, batch_size=batch_size, device=device).metrics
-        results[name] = {**trained, "bbox": evaluation["bbox"], "segm": evaluation["segm"]}
+        results[name] = {**trained, "bbox": evaluation["bbox"], "segm": evaluation["segm"],
+                         "detections_per_image": evaluation["num_detections"] / evaluation["num_images"],
+                         "cudnn_benchmark": torch.backends.cudnn.benchmark, "fixed_canvas": canvas}
         print(json.dumps({name: results[name]}), flush=True)
+        # after each model, so that a run cut off keeps the first
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**run_info(), "device": str(device), "device_name": device_name(device),
+                                         "budget_s": args.budget, "batch_size": batch_size, "workers": workers,
+                                         "min_size": args.min_size, "max_size": args.max_size, "results": results},
+                                        indent=2))
 
     print(f"\n{device}; budget {args.budget:.0f} s; batch {batch_size}; {workers} loader workers; "
           f"min/max size {args.min_size}/{args.max_size}\n")
@@ -130,9 +147,6 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['iterations']} | {r['diverged_at'] or '-'} | {r['bbox']['AP']:.3f} | {r['bbox']['AP50']:.3f} "
               f"| {r['segm']['AP']:.3f} | {r['segm']['AP50']:.3f} |")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": str(device), "budget_s": args.budget, "batch_size": batch_size,
-                                     "workers": workers, "results": results}, indent=2))
     print(f"\nwrote {args.json}")
 
 
