@@ -34,12 +34,12 @@ TINY = {
 }
 
 
-# The slowest test files (about 40-90 s each on 2 cores: they export models or train in subprocesses), slowest
+# The slowest test files (about 25-110 s each on 2 cores: they export models or train in subprocesses), slowest
 # first. `make test` runs files on 2 processes (pytest-xdist --dist loadfile --no-loadscope-reorder), which take
 # files in collection order: started first, the long files run beside the many short ones instead of after them.
-SLOWEST_FILES = ("tests/export/test_export_trained.py", "tests/export/test_export_lite.py",
-                 "tests/export/test_export_seed.py", "tests/export/test_export_torchvision.py",
-                 "tests/engine/test_train.py", "tests/test_cli.py", "tests/model/test_convert.py",
+SLOWEST_FILES = ("tests/export/test_export_trained.py", "tests/export/test_export_seed.py",
+                 "tests/engine/test_train.py", "tests/test_cli.py", "tests/export/test_export_torchvision.py",
+                 "tests/app/test_serve.py", "tests/export/test_export_lite.py", "tests/model/test_convert.py",
                  "tests/engine/test_distributed.py")
 
 

@@ -1,6 +1,7 @@
 """Export of the `seed` preset's shape family: the fixed canvas turned for portrait batches, with an RPN score
-threshold; the exported graph gives the eager model's detections on landscape, portrait and mixed generated images,
-and on a Penn-Fudan photo."""
+threshold; the ONNX graph gives the eager model's detections on landscape, portrait and mixed generated images, and
+on a Penn-Fudan photo. ONNX only: it is the translation of the ExportedProgram, so it holds the program's mistakes and
+its own; the .pt2 runtime is tested with the trained, lite and torchvision models."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from exported import assert_contract, assert_same_detections, generated_images, 
 
 import maskrcnn
 from maskrcnn.config import load_config
-from maskrcnn.export import OnnxPredictor, ProgramPredictor, export_program
+from maskrcnn.export import OnnxPredictor, export_program
 from maskrcnn.export.exporter import export_info, save_program
 from maskrcnn.model import build_model
 
@@ -28,30 +29,33 @@ def resized(images: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Ten
 
 @pytest.fixture(scope="module")
 def seed_family(tmp_path_factory):
-    """The `seed` preset's model: the fixed 800x1088 canvas (turned to 1088x800 for portrait batches), min 800 / max
-    1066 px, its RPN and box-head settings; on a thin ResNet-18 with trainable BatchNorm (folded into the convs
-    at inference), with rpn.score_thresh 0.55, which drops about half of the proposals. Exported once."""
+    """The `seed` preset's model with its sizes scaled down about 4x (the graph is the same; the images cost 13x
+    less): a fixed 224x288 canvas for the preset's 800x1088 (turned to 288x224 for portrait batches), min 200 /
+    max 266 px for its 800 / 1066, its box-head settings; on a thin ResNet-18 with trainable BatchNorm (folded into the convs at inference), with
+    rpn.score_thresh 0.55, which drops about a third of the proposals of these images, and 450 proposals kept after
+    NMS: about 520 pass it without the threshold, 365-385 with it. Exported to ONNX once."""
     cfg = load_config(PRESETS / "seed.yaml", ["model.backbone.depth=18", "model.backbone.weights=none",
                                               "model.backbone.fpn_channels=32", "model.rpn.score_thresh=0.55",
-                                              "model.box_head.detections_per_img=20"]).model
+                                              "model.box_head.detections_per_img=20", "model.transform.min_size=200",
+                                              "model.transform.max_size=266", "model.transform.fixed_canvas=[224,288]",
+                                              "model.rpn.post_nms_top_n_test=450"]).model
     torch.manual_seed(0)
     model = spread_scores(build_model(cfg), seed=1, class_std=0.1)
-    program, info = export_program(model), export_info(model)
     path = tmp_path_factory.mktemp("seed") / "seed.onnx"
-    save_program(program, info, path)
-    return model, {"onnx": OnnxPredictor(path), "pt2": ProgramPredictor(program, info)}
+    save_program(export_program(model), export_info(model), path)
+    return model, OnnxPredictor(path)
 
 
 @pytest.fixture(scope="module")
 def seed_eager(seed_family):
-    """The eager model's detections of generated images, computed once for both runtimes: {"landscape" /
+    """The eager model's detections of generated images: {"landscape" /
     "portrait" / "mixed": (images, detections)}; landscape and portrait batches are checked to land on their canvas
     and to lose proposals to the RPN score threshold."""
     model, _ = seed_family
     landscape, portrait = resized(generated_images()[:2], (300, 400)), resized(generated_images()[:2], (400, 300))
     expected = {}
     with torch.no_grad():
-        for name, images, canvas in (("landscape", landscape, (800, 1088)), ("portrait", portrait, (1088, 800))):
+        for name, images, canvas in (("landscape", landscape, (224, 288)), ("portrait", portrait, (288, 224))):
             assert tuple(model.transform(images)[0].tensor.shape[-2:]) == canvas
             proposals = model.inference(images, return_proposals=True)
             assert all(len(p["proposals"]) < model.rpn.post_nms_top_n_test for p in proposals)  # the filter acts
@@ -63,10 +67,8 @@ def seed_eager(seed_family):
     return expected
 
 
-@pytest.mark.parametrize("runtime", ["onnx", "pt2"])
-def test_seed_preset_exports_equal_eager_on_landscape_portrait_and_mixed_generated_images(seed_family, seed_eager,
-                                                                                          runtime):
-    predictor = seed_family[1][runtime]
+def test_seed_preset_exports_equal_eager_on_landscape_portrait_and_mixed_generated_images(seed_family, seed_eager):
+    predictor = seed_family[1]
     for name, (images, expected) in seed_eager.items():
         assert_same_detections(expected, predictor(images))
         if name != "mixed":
@@ -74,11 +76,10 @@ def test_seed_preset_exports_equal_eager_on_landscape_portrait_and_mixed_generat
 
 
 def test_seed_preset_exports_equal_eager_on_a_penn_fudan_photo(seed_family):
-    """One street photo (skipped without Penn-Fudan) on the landscape canvas, both runtimes."""
-    model, predictors = seed_family
+    """One street photo (skipped without Penn-Fudan) on the landscape canvas."""
+    model, predictor = seed_family
     photo = resized(penn_fudan_photos(1), (300, 400))
     with torch.no_grad():
         expected = model(photo)
     assert len(expected[0]["boxes"]) > 0
-    for predictor in predictors.values():
-        assert_same_detections(expected, predictor(photo))
+    assert_same_detections(expected, predictor(photo))

@@ -25,6 +25,10 @@ def torchvision_model():
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).eval()
     model.transform.min_size = (320,)
     model.transform.max_size = 512
+    # fewer proposals and detections than torchvision's 1000 / 1000 / 100: the same operations, a fifth of the
+    # box and mask heads' time (they took most of it)
+    model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = 300, 150
+    model.roi_heads.detections_per_img = 20
     with torch.no_grad():
         # random-init mask logits saturate: sigmoid is exactly 1.0 inside and the padded paste puts pixels at
         # exactly 0.5 on the border, where float rounding order decides the threshold. Milder logits keep the
@@ -59,16 +63,18 @@ def _mask_iou(a, b):
 
 
 def assert_same_detections(expected, got, *, every_mask):
-    """Every torchvision detection has one of ours of its label with box IoU >= 0.99 and a score within 1e-3, and
-    as many of each; masks IoU >= 0.98: every mask (`every_mask`), or those of 100+ pixels and all pixels of the
-    image together (one-pixel shifts of tiny masks: rounding of torchvision's integer paste box)."""
+    """Every torchvision detection has one of ours of its label with box IoU >= 0.99 (or every coordinate within
+    0.01 px: a sliver 0.13 px high at the image border falls to IoU 0.979 by a 0.003 px rounding) and a score
+    within 1e-3, and as many of each; masks IoU >= 0.98: every mask (`every_mask`), or those of 100+ pixels and all
+    pixels of the image together (one-pixel shifts of tiny masks: rounding of torchvision's integer paste box)."""
     for theirs, mine in zip(expected, got):
         assert mine["boxes"].shape == theirs["boxes"].shape and theirs["boxes"].shape[0] > 0
         # match every torchvision detection to ours of the same label by box IoU
         iou = box_iou(theirs["boxes"], mine["boxes"])
         iou[theirs["labels"][:, None] != mine["labels"][None, :]] = 0
         best_iou, match = iou.max(dim=1)
-        assert best_iou.min().item() >= 0.99
+        within_rounding = (theirs["boxes"] - mine["boxes"][match]).abs().amax(dim=1) <= 0.01
+        assert ((best_iou >= 0.99) | within_rounding).all(), best_iou.min().item()
         assert (theirs["scores"] - mine["scores"][match]).abs().max().item() <= 1e-3
         mask_iou = _mask_iou(theirs["masks"], mine["masks"][match])
         if every_mask:

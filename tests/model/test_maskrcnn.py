@@ -127,7 +127,9 @@ def test_bf16_autocast_trains_and_infers_in_float32_outputs(model):
     the same dtypes as in fp32 with masks pasted in float32, and the fp32 run's numbers within bf16's precision.
 
     bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 = 0.4 % of it. Allowed: each loss
-    within 1 % of fp32's (0.19 % seen: a loss averages many rounded terms); the RPN head's gradients (its sampled
+    within 1 % of fp32's (0.19 % seen: a loss averages many rounded terms), but the box regression within 10 %: it
+    averages the few foreground proposals, which bf16 moves (2.4-4.5 % seen over four seeds on a CPU with AMX bf16
+    units, whose kernels round otherwise than the emulation on a CPU without them); the RPN head's gradients (its sampled
     anchors are the same in both runs; the box and mask heads sample proposals, which bf16 moves) within 5 % in
     L2 norm (1.5 % seen, through a few convolutions); the detection scores, sorted (order-free: this random-init
     model's ~100 scores per image are near-ties at 0.35, whose order bf16 changes), within 0.01 (0.005 seen; the
@@ -138,7 +140,7 @@ def test_bf16_autocast_trains_and_infers_in_float32_outputs(model):
     assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in losses.values())
     assert all(torch.isfinite(gradient).all() for gradient in gradients.values())
     for name, value in losses.items():
-        assert abs(value.item() / fp32_losses[name].item() - 1) <= 0.01, name
+        assert abs(value.item() / fp32_losses[name].item() - 1) <= (0.1 if name == "loss_box_reg" else 0.01), name
     rpn = [name for name in fp32_gradients if name.startswith("rpn.")]
     expected, got = (torch.cat([g[name].flatten() for name in rpn]) for g in (fp32_gradients, gradients))
     assert (got - expected).norm() <= 0.05 * expected.norm() and expected.norm() > 0
