@@ -41,3 +41,31 @@ def test_top_per_image_pads_short_rows_and_zeroes_them():
     torch.testing.assert_close(top_scores, torch.tensor([[0.9, 0.5, 0.1, 0.0], [0.2, 0.0, 0.0, 0.0]]))
     assert top_boxes[0, 0].tolist() == [4.0, 5.0, 6.0, 7.0] and top_boxes[1, 0].tolist() == [16.0, 17.0, 18.0, 19.0]
     assert top_boxes[0, 3].eq(0).all() and top_boxes[1, 1:].eq(0).all()
+
+
+def _many_pairs(pairs_per_image: int):
+    """2 images of `pairs_per_image` groups, each a pair at the same place in every group: [0, 0, 10, 10] and
+    [1, 0, 11, 10] (IoU 90 / 110 = 0.82), the first scored higher except in every third pair; the last pair of
+    each image not selectable. Returns boxes, scores, groups, selectable ([2, N], N = 2 * pairs) and the
+    expected keep mask: the better box of every selectable pair."""
+    N = 2 * pairs_per_image
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0]]).repeat(pairs_per_image, 1).expand(2, N, 4)
+    pair = torch.arange(N) // 2  # (N,)
+    second_better = pair % 3 == 0
+    first = torch.arange(N) % 2 == 0
+    scores = torch.where(first ^ second_better, 0.9, 0.8).expand(2, N)
+    groups = torch.arange(2)[:, None] * pairs_per_image + pair[None]  # (2, N): one group per pair and image
+    selectable = (pair < pairs_per_image - 1).expand(2, N)
+    expected = (first ^ second_better) & selectable
+    return boxes, scores, groups, selectable, expected
+
+
+def test_nms_mask_of_thousands_of_groups_eagerly_and_as_exported(monkeypatch):
+    """5,996 candidates, above the 4,000 where torchvision's batched_nms runs one NMS per group (the eager path),
+    and the single NMS of groups moved apart that an exported graph holds: both keep the better box of each pair
+    and nothing across groups is suppressed (every group's boxes lie on the same place)."""
+    boxes, scores, groups, selectable, expected = _many_pairs(1500)
+    assert selectable.sum() == 5996
+    assert torch.equal(nms_mask(boxes, scores, groups, selectable, 0.5), expected)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(nms_mask(boxes, scores, groups, selectable, 0.5), expected)
