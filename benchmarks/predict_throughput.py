@@ -44,11 +44,14 @@ from maskrcnn.config import config_to_dict, load_config
 from maskrcnn.data.common import read_rgb
 from maskrcnn.engine.checkpoint import load_model
 from maskrcnn.model import build_model
+from maskrcnn.model.precision import PrecisionChoice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folder is not a package
 from rle_speed import machine
 
-WARM_UP_BATCHES = 3
+# model.precision auto times fp32 and bf16 on its first calls (each: SKIP_CALLS untimed, PROBE_CALLS timed): the
+# measured passes start once it has chosen
+WARM_UP_BATCHES = 2 * (PrecisionChoice.SKIP_CALLS + PrecisionChoice.PROBE_CALLS)
 POSTS = {"auto": None, "between": True, "beside": False}  # --posts: BatchPredictor's posts_between_calls
 RESULTS = Path(__file__).resolve().parent / "results" / "predict_throughput.json"
 
@@ -123,7 +126,7 @@ def main() -> None:
         detector = CheckpointDetector(load_model(checkpoint, overrides=args.set))
         paths = image_files(args.images, tmp)
         images = [read_rgb(path) for path in paths]
-        for _ in range(WARM_UP_BATCHES):  # model.precision auto times bf16 against fp32 on its first calls
+        for _ in range(WARM_UP_BATCHES):
             detector(images[:args.batch_size])
         model, predict, detections = [model_rate(detector, images, args.batch_size)], {p: [] for p in args.posts}, 0
         for round_index in range(args.rounds):
@@ -146,6 +149,7 @@ def main() -> None:
         "detections_written": detections, "batch_size": args.batch_size, "overlays": not args.no_overlays,
         "score_thresh": args.score_thresh, "checkpoint": args.checkpoint or f"{args.config} (random weights)",
         "overrides": args.set, "torch_threads": torch.get_num_threads(), "device": str(detector.device),
+        "precision": detector.model.precision.chosen,
     }
     for posts in args.posts:
         print(f"{posts}: ratios per round {', '.join(f'{r:.3f}' for r in ratios[posts])}; predict (decode, model, "
