@@ -212,6 +212,24 @@ def _to_rle(segmentation: list | dict, height: int, width: int) -> dict:
     return segmentation
 
 
+def _categories(categories: list[dict], path: Path) -> tuple[dict[int, int], list[str]]:
+    """The json's categories checked (at least one; id and name; ids unique), as labels 1..K in category-id order:
+    ({label: category id}, [name of label 1, ..., name of label K])."""
+    if not categories:
+        raise DatasetError(f"{path}: 'categories' is empty; a data set needs at least one category")
+    for category in categories:
+        _require(category, ("id", "name"), "category", path)
+        _check_id(category, "id", "category", path)
+        if not isinstance(category["name"], str):
+            raise DatasetError(f"{path}: category {category['id']}: name must be a string")
+    category_ids = sorted(c["id"] for c in categories)
+    duplicates = sorted(cid for cid, count in collections.Counter(category_ids).items() if count > 1)
+    if duplicates:
+        raise DatasetError(f"{path}: duplicate category id(s) {duplicates[:10]}")
+    names = {c["id"]: c["name"] for c in categories}
+    return dict(enumerate(category_ids, start=1)), [names[cid] for cid in category_ids]
+
+
 class CocoDataset(Dataset):
     """A COCO-format instance segmentation data set.
 
@@ -237,21 +255,8 @@ class CocoDataset(Dataset):
         self.transform = transform
         data = _load_json(path) if coco_dict is None else coco_dict
 
-        if not data["categories"]:
-            raise DatasetError(f"{path}: 'categories' is empty; a data set needs at least one category")
-        for category in data["categories"]:
-            _require(category, ("id", "name"), "category", path)
-            _check_id(category, "id", "category", path)
-            if not isinstance(category["name"], str):
-                raise DatasetError(f"{path}: category {category['id']}: name must be a string")
-        category_ids = sorted(c["id"] for c in data["categories"])
-        duplicates = sorted(cid for cid, count in collections.Counter(category_ids).items() if count > 1)
-        if duplicates:
-            raise DatasetError(f"{path}: duplicate category id(s) {duplicates[:10]}")
-        names = {c["id"]: c["name"] for c in data["categories"]}
-        self.label_to_category_id = {label: cid for label, cid in enumerate(category_ids, start=1)}
+        self.label_to_category_id, self.class_names = _categories(data["categories"], path)
         self.category_id_to_label = {cid: label for label, cid in self.label_to_category_id.items()}
-        self.class_names = [names[cid] for cid in category_ids]
 
         images = {}
         for image in data["images"]:
