@@ -34,13 +34,16 @@ TINY = {
 }
 
 
-# The slowest test files (about 25-110 s each on 2 cores: they export models or train in subprocesses), slowest
-# first. `make test` runs files on 2 processes (pytest-xdist --dist loadfile --no-loadscope-reorder), which take
-# files in collection order: started first, the long files run beside the many short ones instead of after them.
-SLOWEST_FILES = ("tests/export/test_export_trained.py", "tests/export/test_export_seed.py",
-                 "tests/engine/test_train.py", "tests/test_cli.py", "tests/export/test_export_torchvision.py",
-                 "tests/app/test_serve.py", "tests/export/test_export_lite.py", "tests/model/test_convert.py",
-                 "tests/engine/test_distributed.py")
+# The slowest test files (about 10-110 s each on 2 cores: they export models, train in subprocesses or start
+# servers), slowest first. `make test` runs files on 2 processes (pytest-xdist --dist loadfile
+# --no-loadscope-reorder), which take files in collection order: longest first, the many short files fill the gaps
+# at the end (greedy longest-first scheduling) instead of a long one starting last.
+SLOWEST_FILES = ("tests/export/test_export_trained.py", "tests/engine/test_train.py", "tests/test_cli.py",
+                 "tests/export/test_export_seed.py", "tests/export/test_export_torchvision.py",
+                 "tests/export/test_export_lite.py", "tests/app/test_serve.py", "tests/model/test_convert_v2.py",
+                 "tests/model/test_convert.py", "tests/engine/test_distributed.py", "tests/test_bad_inputs.py",
+                 "tests/app/test_concurrent_runs.py", "tests/model/test_maskrcnn.py", "tests/app/test_serve_page.py",
+                 "tests/model/test_finetune.py")
 
 
 # Penn-Fudan beside the repository (the project's machines); elsewhere set MASKRCNN_PENNFUDAN or the real-photo
