@@ -31,9 +31,10 @@ def resized(images: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Ten
 def seed_family(tmp_path_factory):
     """The `seed` preset's model with its sizes scaled down about 4x (the graph is the same; the images cost 13x
     less): a fixed 224x288 canvas for the preset's 800x1088 (turned to 288x224 for portrait batches), min 200 /
-    max 266 px for its 800 / 1066, its box-head settings; on a thin ResNet-18 with trainable BatchNorm (folded into the convs at inference), with
-    rpn.score_thresh 0.55, which drops about a third of the proposals of these images, and 450 proposals kept after
-    NMS: about 520 pass it without the threshold, 365-385 with it. Exported to ONNX once."""
+    max 266 px for its 800 / 1066, its box-head settings; on a thin ResNet-18 with trainable BatchNorm (folded
+    into the convs at inference), with rpn.score_thresh 0.55, which drops about a third of the proposals of these
+    images, and 450 proposals kept after NMS: about 520 pass it without the threshold, 365-385 with it. Exported
+    to ONNX once."""
     cfg = load_config(PRESETS / "seed.yaml", ["model.backbone.depth=18", "model.backbone.weights=none",
                                               "model.backbone.fpn_channels=32", "model.rpn.score_thresh=0.55",
                                               "model.box_head.detections_per_img=20", "model.transform.min_size=200",
@@ -48,9 +49,9 @@ def seed_family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seed_eager(seed_family):
-    """The eager model's detections of generated images: {"landscape" /
-    "portrait" / "mixed": (images, detections)}; landscape and portrait batches are checked to land on their canvas
-    and to lose proposals to the RPN score threshold."""
+    """The eager model's detections of generated images: {"landscape" / "portrait" / "mixed": (images,
+    detections)}; landscape and portrait batches are checked to land on their canvas and to lose proposals to the
+    RPN score threshold."""
     model, _ = seed_family
     landscape, portrait = resized(generated_images()[:2], (300, 400)), resized(generated_images()[:2], (400, 300))
     expected = {}

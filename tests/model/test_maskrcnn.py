@@ -129,8 +129,8 @@ def test_bf16_autocast_trains_and_infers_in_float32_outputs(model):
     bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 = 0.4 % of it. Allowed: each loss
     within 1 % of fp32's (0.19 % seen: a loss averages many rounded terms), but the box regression within 10 %: it
     averages the few foreground proposals, which bf16 moves (2.4-4.5 % seen over four seeds on a CPU with AMX bf16
-    units, whose kernels round otherwise than the emulation on a CPU without them); the RPN head's gradients (its sampled
-    anchors are the same in both runs; the box and mask heads sample proposals, which bf16 moves) within 5 % in
+    units, whose kernels round otherwise than the emulation on a CPU without them); the RPN head's gradients (its
+    sampled anchors are the same in both runs; the box and mask heads sample proposals, which bf16 moves) within 5 % in
     L2 norm (1.5 % seen, through a few convolutions); the detection scores, sorted (order-free: this random-init
     model's ~100 scores per image are near-ties at 0.35, whose order bf16 changes), within 0.01 (0.005 seen; the
     bf16 step of a score of 0.35 is 2^-9 = 0.002)."""

@@ -2,9 +2,10 @@
 "score filter -> NMS per group -> top-k per image" that turns scored candidates into padded outputs.
 
 The selection keeps fixed shapes: the candidates stay on a [B, N] grid from start to end, NMS marks which of them
-survive (`nms_mask`), and one `topk` per image picks the best survivors (`top_per_image`). The only data-dependent size is the number of
-candidates that enter the NMS (one `nonzero`, which NMS needs anyway: a host sync on CUDA, an unbacked size for
-torch.export, a NonZero for ONNX), so the same code runs eagerly and as an exported graph.
+survive (`nms_mask`), and one `topk` per image picks the best survivors (`top_per_image`). The only data-dependent
+size is the number of candidates that enter the NMS (one `nonzero`, which NMS needs anyway: a host sync on CUDA, an
+unbacked size for torch.export, a NonZero for ONNX), so the same code runs eagerly and as an exported graph, but for
+the NMS itself: torchvision's `batched_nms` eagerly, one NMS of the groups moved apart when exporting.
 
 Shape letters: B images, N candidates per image, S candidates of the batch that enter the NMS, P kept per image.
 """
@@ -38,34 +39,37 @@ def nms_mask(boxes: Tensor, scores: Tensor, groups: Tensor, selectable: Tensor, 
         bool[B, N]: the selectable candidates that the NMS kept.
     """
     rows = torch.nonzero(selectable.flatten()).squeeze(1)  # (B*N,) -> (S,)
+    # (B, N, 4) -> (S, 4); (B, N) -> (S,) twice
+    candidates = boxes.flatten(0, 1)[rows], scores.flatten()[rows], groups.flatten()[rows]
+    end = selectable.numel()
     if torch.compiler.is_exporting():
-        return _exportable_nms_mask(boxes, scores, groups, selectable, rows, iou_threshold)
-    # eagerly, torchvision's own: one NMS of groups moved apart up to 4000 candidates, one NMS per group above
-    # (one NMS of all groups costs S^2 where few are suppressed: 1000 proposals x 90 classes at score 0, 15-18 s)
-    kept = batched_nms(boxes.flatten(0, 1)[rows], scores.flatten()[rows], groups.flatten()[rows], iou_threshold)
-    keep = torch.zeros(selectable.numel(), dtype=torch.bool, device=selectable.device)
-    return keep.index_fill(0, rows[kept], True).view_as(selectable)
+        # the maximum over all candidates, not the selected ones, is defined when S = 0
+        kept_rows = _exportable_kept_rows(*candidates, rows, boxes.max() + 1, end, iou_threshold)
+    else:
+        # eagerly, torchvision's own: one NMS of groups moved apart up to 4000 candidates, one NMS per group above
+        # (one NMS of all groups costs S^2 where few are suppressed: 1000 proposals x 90 classes at score 0, 15-18 s)
+        kept_rows = rows[batched_nms(*candidates, iou_threshold)]
+    # two rows past the grid, where the exported NMS marks its two extra boxes, cut off again; a scalar fill: a
+    # value tensor of the kept count would be checked against the index's size when exported
+    keep = torch.zeros(end + 2, dtype=torch.bool, device=selectable.device).index_fill(0, kept_rows, True)
+    return keep[:end].view_as(selectable)
 
 
-def _exportable_nms_mask(boxes: Tensor, scores: Tensor, groups: Tensor, selectable: Tensor, rows: Tensor,
-                         iou_threshold: float) -> Tensor:
-    """`nms_mask` as one NMS, the form an exported graph holds (no loop over a data-dependent group count); rows
-    i64[S] are the selectable candidates' flat indices."""
+def _exportable_kept_rows(boxes: Tensor, scores: Tensor, groups: Tensor, rows: Tensor, coordinate_bound: Tensor,
+                          end: int, iou_threshold: float) -> Tensor:
+    """The NMS of `nms_mask` as one NMS, the form an exported graph holds (no loop over a data-dependent group
+    count): boxes f32[S, 4] (>= 0), scores f32[S], groups i64[S] of the candidates at flat grid indices rows i64[S]
+    -> i64[S' + 2], the kept candidates' grid indices and two indices past the grid's `end`."""
     # groups moved apart by more than the largest coordinate: one nms is then a per-group nms (torchvision's
-    # coordinate trick). The maximum over all candidates, not the selected ones, is defined when S = 0
-    offsets = groups.flatten()[rows].to(boxes.dtype) * (boxes.max() + 1)  # (S,)
-    flat_boxes = boxes.flatten(0, 1)[rows] + offsets[:, None]  # (B, N, 4) -> (S, 4), all coordinates >= 0
+    # coordinate trick)
+    shifted = boxes + (groups.to(boxes.dtype) * coordinate_bound)[:, None]  # (S, 4)
     # two boxes at negative coordinates, apart from every other and scored below them, which NMS always keeps:
     # torchvision's registration of nms for torch.export declares at least 2 kept boxes, and an exported graph
     # asserts it (a level or an image keeping a single box would fail)
     extra = torch.tensor([[-4.0, -4.0, -3.0, -3.0], [-2.0, -2.0, -1.0, -1.0]], dtype=boxes.dtype, device=boxes.device)
-    kept = nms(torch.cat([flat_boxes, extra]), torch.cat([scores.flatten()[rows], scores.new_tensor([-1.0, -2.0])]),
+    kept = nms(torch.cat([shifted, extra]), torch.cat([scores, scores.new_tensor([-1.0, -2.0])]),
                iou_threshold)  # (S' + 2,) indices into rows, then the two extra rows
-    end = selectable.numel()  # the extra boxes mark two rows past the grid, cut off below
-    rows = torch.cat([rows, torch.arange(end, end + 2, device=rows.device)])
-    # a scalar fill: a value tensor of the kept count would be checked against the index's size when exported
-    keep = torch.zeros(end + 2, dtype=torch.bool, device=selectable.device).index_fill(0, rows[kept], True)
-    return keep[:end].view_as(selectable)
+    return torch.cat([rows, torch.arange(end, end + 2, device=rows.device)])[kept]
 
 
 def top_per_image(boxes: Tensor, scores: Tensor, keep: Tensor, count: int,
